@@ -1,0 +1,89 @@
+"""Which ready files go out together. Pure logic, no I/O.
+
+A batch is planned only when a transfer slot is free. Files that became ready while every slot
+was busy therefore leave together in the next batch: at idle a file leaves alone and at once,
+under load batches grow by themselves, and no fixed delay is ever added.
+
+All files of a batch share one relative directory, because the transfer command has one
+``{dest}`` and a flat staging directory: two files with one basename never meet there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A ready file: its path relative to the buffer, its size and when it became ready."""
+
+    rel: str
+    size: int
+    since: float
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(self.rel)
+
+
+def arg_budget(env_bytes: int | None = None) -> int:
+    """Bytes of argv one command may use: half of ARG_MAX less the environment, for safety."""
+    try:
+        arg_max = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        arg_max = 128 * 1024
+    if env_bytes is None:
+        env_bytes = sum(len(k) + len(v) + 2 for k, v in os.environb.items())
+    return max(16 * 1024, arg_max // 2 - env_bytes - 4096)
+
+
+class ReadyQueue:
+    """Ready files per directory, oldest first, with the batch planner on top."""
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, dict[str, Candidate]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self._by_dir.get(os.path.dirname(rel), {})
+
+    def add(self, item: Candidate) -> None:
+        files = self._by_dir.setdefault(item.directory, {})
+        if item.rel not in files:
+            self._count += 1
+        files[item.rel] = item
+
+    def remove(self, rel: str) -> None:
+        directory = os.path.dirname(rel)
+        files = self._by_dir.get(directory)
+        if files is not None and files.pop(rel, None) is not None:
+            self._count -= 1
+            if not files:
+                del self._by_dir[directory]
+
+    def take_batch(self, *, chunk_size: int, budget: int, path_bytes: int) -> list[Candidate]:
+        """Remove and return the next batch: the oldest file and its oldest siblings.
+
+        ``budget`` is the argv space for file arguments and ``path_bytes`` the length of the
+        absolute prefix each relative path gets; the batch stops before either limit.
+        """
+        if not self._by_dir:
+            return []
+        directory = min(self._by_dir, key=lambda d: next(iter(self._by_dir[d].values())).since)
+        files = self._by_dir[directory]
+        ordered = sorted(files.values(), key=lambda c: c.since)
+        batch: list[Candidate] = []
+        used = 0
+        for item in ordered:
+            cost = path_bytes + len(item.rel.encode("utf-8", "surrogateescape")) + 1 + 8
+            if batch and (len(batch) >= chunk_size or used + cost > budget):
+                break
+            batch.append(item)
+            used += cost
+        for item in batch:
+            self.remove(item.rel)
+        return batch

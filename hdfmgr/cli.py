@@ -1,0 +1,228 @@
+"""hdfmgr: move files from a handoff buffer to an endpoint buffer, atomically and verified.
+
+Usage:
+  hdfmgr run CONFIG
+  hdfmgr rescan [--wait=SECONDS] CONFIG
+  hdfmgr initdb CONFIG
+  hdfmgr dropdb --yes CONFIG
+  hdfmgr validate CONFIG
+  hdfmgr status [--json] [--all] CONFIG
+  hdfmgr -h | --help
+  hdfmgr --version
+
+Commands:
+  run       Watch the buffer and deliver every file until SIGTERM (same as hdfmgr-watch).
+  rescan    One pass: deliver what is waiting, then exit (same as hdfmgr-rescan). If a watcher
+            runs on the same buffer, ask it to rescan (SIGUSR1) and wait for the files instead.
+  initdb    Create the database schema (run and rescan also create it when missing).
+  dropdb    Drop the schema and the whole audit trail (asks for --yes).
+  validate  Check the configuration and print the effective settings.
+  status    Files by state, backlog, last success and recent failures.
+
+Options:
+  --wait=SECONDS  How long rescan waits for a running watcher to deliver [default: 600].
+  --json          Machine-readable output.
+  --all           Status of every source in the database, not only this buffer's.
+  -h --help       Show this text.
+  --version       Show the version.
+
+Exit status: 0 success; 64 usage error; 65 rescan left files undelivered; 69 the running
+watcher could not be signalled; 70 internal error; 73 database cannot be opened; 75 another
+process holds this buffer; 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from docopt import DocoptExit, docopt
+
+from . import __version__, logs
+from . import config as config_mod
+from . import db as dbm
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+log = logging.getLogger("hdfmgr")
+
+WATCH_USAGE = """hdfmgr-watch: watch the handoff buffer and deliver every file until SIGTERM.
+
+Usage:
+  hdfmgr-watch CONFIG
+  hdfmgr-watch -h | --help
+  hdfmgr-watch --version
+"""
+
+RESCAN_USAGE = """hdfmgr-rescan: one pass over the handoff buffer: deliver what is waiting, then exit.
+
+Usage:
+  hdfmgr-rescan [--wait=SECONDS] CONFIG
+  hdfmgr-rescan -h | --help
+  hdfmgr-rescan --version
+
+Options:
+  --wait=SECONDS  How long to wait for a running watcher to deliver [default: 600].
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _main(__doc__ or "", argv)
+
+
+def watch_main(argv: Sequence[str] | None = None) -> int:
+    return _main(WATCH_USAGE, argv, command="run")
+
+
+def rescan_main(argv: Sequence[str] | None = None) -> int:
+    return _main(RESCAN_USAGE, argv, command="rescan")
+
+
+def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> int:
+    try:
+        args = docopt(doc, argv=list(argv) if argv is not None else None, version=__version__)
+    except DocoptExit as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_USAGE
+    if command is None:
+        command = next(c for c in ("run", "rescan", "initdb", "dropdb", "validate", "status") if args.get(c))
+    try:
+        return _dispatch(command, args)
+    except config_mod.ConfigError as exc:
+        print(f"hdfmgr: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+def _dispatch(command: str, args: dict) -> int:
+    path = args["CONFIG"]
+    config = config_mod.load(path)
+    if command == "validate":
+        return _validate(config)
+    if command in ("run", "rescan"):
+        logs.setup(config.logging)
+    try:
+        database = dbm.connect(config)
+    except Exception as exc:  # peewee wraps the driver's errors in many types
+        print(f"hdfmgr: cannot open database {dbm.database_location(config)}: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    if command == "initdb":
+        dbm.create_schema(database)
+        print(f"database ready: {dbm.database_location(config)}")
+        return EX_OK
+    if command == "dropdb":
+        dbm.drop_schema(database)
+        print(f"database schema dropped: {dbm.database_location(config)}")
+        return EX_OK
+    if command == "status":
+        return _status(config, database, as_json=args["--json"], everything=args["--all"])
+    database.close()
+    wait = _seconds(args.get("--wait") or "600")
+    return _run(config, once=command == "rescan", wait=wait)
+
+
+def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
+    from .lock import LockBusy
+    from .pipeline import Outcome, Pipeline
+
+    pipeline = Pipeline(config, once=once)
+    try:
+        outcome = pipeline.run()
+    except LockBusy as busy:
+        if not once:
+            print(
+                f"hdfmgr: another hdfmgr (pid {busy.pid}) is already running on {config.buffer}",
+                file=sys.stderr,
+            )
+            return EX_TEMPFAIL
+        return _delegate_rescan(config, busy.pid, wait)
+    except Exception:
+        log.exception("internal error")
+        return EX_SOFTWARE
+    if once:
+        undelivered = pipeline._undelivered()
+        print(
+            f"rescan: {pipeline.counters.delivered} delivered ({pipeline.counters.bytes / 1e6:.1f} MB), "
+            f"{len(undelivered)} undelivered"
+        )
+        return EX_OK if outcome is Outcome.DRAINED else EX_DATAERR
+    return EX_OK
+
+
+def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) -> int:
+    """A watcher owns the buffer: ask it to rescan and wait for what is waiting now."""
+    from .detect import scan
+
+    if pid is None:
+        print("hdfmgr: the buffer is locked by a process whose pid is unknown", file=sys.stderr)
+        return EX_UNAVAILABLE
+    buffer = os.fspath(config.buffer)
+    waiting = {rel for rel, snap in scan(buffer) if snap is not None and not config.excluded(rel)}
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        print(f"hdfmgr: cannot signal the running watcher (pid {pid}): {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print(f"rescan: watcher pid {pid} is running; asked it to rescan, waiting for {len(waiting)} file(s)")
+    deadline = time.monotonic() + wait
+    while waiting and time.monotonic() < deadline:
+        waiting = {rel for rel in waiting if os.path.lexists(os.path.join(buffer, rel))}
+        if waiting:
+            time.sleep(0.2)
+    if waiting:
+        print(f"rescan: {len(waiting)} file(s) still in the buffer after {wait:.0f} s", file=sys.stderr)
+        return EX_DATAERR
+    print("rescan: every waiting file was delivered by the watcher")
+    return EX_OK
+
+
+def _status(config: config_mod.Config, database: object, *, as_json: bool, everything: bool) -> int:
+    from . import status
+
+    if not dbm.schema_exists(database):  # type: ignore[arg-type]
+        print(
+            f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
+            file=sys.stderr,
+        )
+        return EX_CANTCREAT
+    info = status.summary(None if everything else config.name)
+    print(json.dumps(info, indent=2) if as_json else status.render(info))
+    return EX_OK
+
+
+def _validate(config: config_mod.Config) -> int:
+    print(f"configuration OK: {config.path}")
+    print(f"  buffer    {config.buffer} -> holding {config.holding}")
+    print(f"  endpoint  staging {config.staging} -> buffer {config.endpoint_buffer}")
+    print(
+        f"  transfer  {config.transfer.source}  ({'batched' if config.transfer.batched else 'one per file'})"
+    )
+    print(f"  remote    {config.remote.source}")
+    print(f"  database  {dbm.database_location(config)}")
+    print(
+        f"  general   chunk_size={config.chunk_size} num_threads={config.num_threads} "
+        f"timeout={config.timeout:g}s pause={config.pause:g}s settle={config.settle:g}s "
+        f"verify={config.verify} observer={config.observer}"
+    )
+    return EX_OK
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise config_mod.ConfigError(f"--wait: {text!r} is not a number of seconds") from None
+    return value

@@ -1,0 +1,171 @@
+"""The audit trail: peewee models, the database behind a URL, the schema.
+
+Paths are stored as raw bytes (``relpath``), because Linux filenames need not be UTF-8 and
+SQLite text must be; ``name`` holds a readable rendering for people and queries.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import peewee as pw
+from playhouse.db_url import connect as connect_url
+
+from .config import Config, sqlite_path
+
+proxy = pw.DatabaseProxy()
+
+
+class State(StrEnum):
+    """Per-file states; each is committed to the database before the side effect after it."""
+
+    READY = "ready"  # settled in the buffer, waiting for a slot (or for next_try after a failure)
+    STAGING = "staging"  # a batch is transferring it into endpoint staging
+    COMMITTING = "committing"  # verified-and-mv is running: it may already be in the endpoint buffer
+    COMMITTED = "committed"  # in the endpoint buffer, verified; the local file is still in the buffer
+    HELD = "held"  # done: delivered and moved to holding
+    FAILED = "failed"  # the last attempt failed; retried at next_try
+    QUARANTINED = "quarantined"  # needs an operator (``hdfmgr retry`` re-queues it)
+
+
+#: States in which a file still needs work; a restart resumes every one of them.
+ACTIVE_STATES = tuple(s.value for s in State if s is not State.HELD)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = proxy
+        legacy_table_names = False
+
+
+class FileRecord(BaseModel):
+    """One version of one file: a new size or mtime at the same path is a new row."""
+
+    source = pw.CharField(max_length=128)
+    relpath = pw.BlobField()
+    name = pw.TextField()
+    size = pw.BigIntegerField()
+    mtime_ns = pw.BigIntegerField()
+    inode = pw.BigIntegerField()
+    checksum = pw.CharField(max_length=128, null=True)
+    state = pw.CharField(max_length=16, default=State.READY.value)
+    attempts = pw.IntegerField(default=0)
+    next_try = pw.DoubleField(default=0.0)
+    error_class = pw.CharField(max_length=16, null=True)
+    last_error = pw.TextField(null=True)
+    held_as = pw.TextField(null=True)
+    detected_at = pw.DoubleField()
+    ready_at = pw.DoubleField(null=True)
+    committed_at = pw.DoubleField(null=True)
+    held_at = pw.DoubleField(null=True)
+    updated_at = pw.DoubleField()
+    last_batch = pw.IntegerField(null=True)
+
+    class Meta:
+        table_name = "files"
+        indexes = (
+            (("source", "state"), False),
+            (("source", "relpath"), False),
+            (("state", "updated_at"), False),
+        )
+
+
+class TransferBatch(BaseModel):
+    """One batch: the commands it ran, per phase start and duration, and how it ended."""
+
+    source = pw.CharField(max_length=128)
+    staging_dir = pw.TextField()
+    started_at = pw.DoubleField()
+    finished_at = pw.DoubleField(null=True)
+    files = pw.IntegerField()
+    bytes = pw.BigIntegerField()
+    hash_seconds = pw.DoubleField(default=0.0)
+    prepare_seconds = pw.DoubleField(null=True)
+    transfer_started = pw.DoubleField(null=True)
+    transfer_seconds = pw.DoubleField(null=True)
+    commit_started = pw.DoubleField(null=True)
+    commit_seconds = pw.DoubleField(null=True)
+    rate = pw.DoubleField(null=True)
+    status = pw.CharField(max_length=16, default="running")
+    error_class = pw.CharField(max_length=16, null=True)
+    returncode = pw.IntegerField(null=True)
+    stderr = pw.TextField(null=True)
+    command = pw.TextField(null=True)
+    committed = pw.IntegerField(default=0)
+
+    class Meta:
+        table_name = "batches"
+        indexes = ((("source", "started_at"), False), (("status",), False))
+
+
+class Attempt(BaseModel):
+    """The link between a batch and each file it carried, with that file's outcome."""
+
+    batch = pw.ForeignKeyField(TransferBatch, backref="attempts", on_delete="CASCADE")
+    file = pw.ForeignKeyField(FileRecord, backref="tries", on_delete="CASCADE")
+    outcome = pw.CharField(max_length=16, default="running")
+    error = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "attempts"
+
+
+MODELS = (FileRecord, TransferBatch, Attempt)
+
+
+def connect(config: Config) -> pw.Database:
+    """Open the configured database and bind the models to it (schema created if missing)."""
+    url = config.database
+    if url.startswith("sqlite:"):
+        path = sqlite_path(url, config.path.parent)
+        db: pw.Database = pw.SqliteDatabase(
+            os.fspath(path),
+            timeout=config.database_timeout,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "cache_size": -16000,
+            },
+        )
+    else:
+        db = connect_url(url)
+    proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    return db
+
+
+def create_schema(db: pw.Database) -> None:
+    with db.atomic():
+        db.create_tables(MODELS, safe=True)
+
+
+def drop_schema(db: pw.Database) -> None:
+    with db.atomic():
+        db.drop_tables(MODELS, safe=True)
+
+
+def schema_exists(db: pw.Database) -> bool:
+    return all(db.table_exists(model._meta.table_name) for model in MODELS)
+
+
+def display(rel: str) -> str:
+    """A readable, lossless-enough rendering of a path for people and LIKE queries."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def to_blob(rel: str) -> bytes:
+    return os.fsencode(rel)
+
+
+def from_blob(value: bytes | memoryview) -> str:
+    return os.fsdecode(bytes(value))
+
+
+def database_location(config: Config) -> str:
+    """Where the database is, for messages (never prints a password)."""
+    if config.database.startswith("sqlite:"):
+        return os.fspath(sqlite_path(config.database, Path(config.path).parent))
+    return config.database.split("@")[-1]

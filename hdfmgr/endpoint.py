@@ -1,0 +1,213 @@
+"""The remote steps of one batch: prepare staging, transfer, verify and commit.
+
+Staging layout. Each transfer slot of each running instance owns one flat directory in the
+endpoint's staging area, ``hdfmgr.<name>.<generation>.<slot>``. Its name contains no data, so
+``{dest}`` in a transfer command is always harmless, and it outlives batches, so in the steady
+state a batch needs only two commands: the transfer and one remote command that verifies every
+staged file and moves the good ones into the endpoint buffer.
+
+Commit script. The remote command is a constant POSIX sh script run as ``sh -c SCRIPT``; the
+only arguments on its command line are the slot directory and the verification mode. The data
+(the final directory and the expected ``size/name`` or ``b2sum`` records) travels NUL-separated
+on stdin, so no filename is ever parsed by a remote shell. The script prints the names it
+verified and moved, a ``/`` record, and the names still in staging.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from . import runner
+from .config import Config
+from .runner import CommandResult
+from .templates import quote_remote
+
+#: One line (a tcsh login shell cannot take a newline inside quotes) and no '!' (history).
+COMMIT_SCRIPT = "; ".join(
+    [
+        "s=$1; m=$2; w=$s.want; h=$s.have; k=$s.ok",
+        'cd "$s" || exit 97',
+        'cat > "$w" || exit 97',
+        "d=$(head -z -n 1 \"$w\" | tr -d '\\000'; echo x); d=${d%x}",
+        "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
+        ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
+        "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",
+        'tail -z -n +2 "$w" | LC_ALL=C sort -z | LC_ALL=C comm -z -12 - "$h" > "$k"',
+        'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$k"; '
+        'else LC_ALL=C cut -z -d/ -f 2- "$k"; fi; }',
+        'if mkdir -p -- "$d"; then names | xargs -0r mv -f -t "$d" --; r=$?; else r=98; fi',
+        "names; printf '/\\000'; find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'",
+        'rm -f -- "$w" "$h" "$k"',
+        "exit $r",
+    ]
+)
+
+PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
+
+#: Lists the files left in the given slot directories; a directory that exists prints "dir/".
+LIST_SCRIPT = (
+    'for d; do if [ -d "$d" ]; then printf \'%s/\\000\' "$d"; '
+    "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000'; fi; done; exit 0"
+)
+
+#: Removes this instance's slot directories from earlier runs (and their temp files).
+SWEEP_SCRIPT = 'find "$1" -mindepth 1 -maxdepth 1 -name "$2*" -not -name "$3*" -exec rm -rf -- {} +; exit 0'
+
+
+class ErrorClass:
+    TRANSPORT = "transport"  # ssh could not reach the endpoint (exit 255)
+    REMOTE = "remote"  # a command ran and failed
+    TIMEOUT = "timeout"  # killed at general.timeout
+    VERIFICATION = "verification"  # staged copy differs from the local file
+    LOCAL = "local"  # the local file changed, vanished or could not be read
+
+
+def classify(result: CommandResult) -> str:
+    if result.timed_out:
+        return ErrorClass.TIMEOUT
+    if result.returncode == 255:
+        return ErrorClass.TRANSPORT
+    return ErrorClass.REMOTE
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file of a batch as the endpoint should receive it."""
+
+    rel: str
+    path: str  # absolute local path
+    size: int
+    checksum: str | None = None
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.rel)
+
+
+@dataclass
+class CommitReport:
+    verified: set[str] = field(default_factory=set)
+    remaining: set[str] = field(default_factory=set)
+
+    @property
+    def committed(self) -> set[str]:
+        return self.verified - self.remaining
+
+
+def parse_commit_output(stdout: bytes) -> CommitReport:
+    """Read the script's ``names / names`` listing. A name never contains '/' or NUL."""
+    report = CommitReport()
+    target = report.verified
+    for record in stdout.split(b"\0"):
+        if record == b"/":
+            target = report.remaining
+        elif record:
+            target.add(os.fsdecode(record))
+    return report
+
+
+def expected_records(final_dir: str, files: Sequence[StagedFile], mode: str) -> bytes:
+    """The stdin of the commit script: the final directory, then one record per file."""
+    records = [os.fsencode(final_dir)]
+    for f in files:
+        name = os.fsencode(f.basename)
+        if mode == "checksum":
+            if f.checksum is None:
+                raise ValueError(f"no checksum for {f.rel!r}")
+            records.append(f.checksum.encode("ascii") + b"  " + name)
+        else:
+            records.append(str(f.size).encode("ascii") + b"/" + name)
+    return b"\0".join(records) + b"\0"
+
+
+class Endpoint:
+    """Renders and runs the remote steps for one configured endpoint."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        generation: str | None = None,
+        run: Callable[..., CommandResult] = runner.run,
+    ) -> None:
+        self.config = config
+        self.prefix = f"hdfmgr.{config.name}."
+        self.generation = generation or secrets.token_hex(4)
+        self._run = run
+
+    def slot_dir(self, slot: int) -> str:
+        return posixpath.join(self.config.staging, f"{self.prefix}{self.generation}.{slot}")
+
+    def final_dir(self, rel_dir: str) -> str:
+        return posixpath.normpath(posixpath.join(self.config.endpoint_buffer, rel_dir))
+
+    def remote_argv(self, script: str, *args: str) -> list[str]:
+        command = quote_remote(["sh", "-c", script, "hdfmgr", *args])
+        return self.config.remote.render(command=command)
+
+    def remote(
+        self,
+        script: str,
+        *args: str,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> CommandResult:
+        return self._run(
+            self.remote_argv(script, *args),
+            timeout=timeout or self.config.timeout,
+            stdin=stdin,
+            on_start=on_start,
+        )
+
+    def probe(self) -> CommandResult:
+        """The cheapest proof that the endpoint answers: the remote command running ``true``."""
+        return self._run(self.config.remote.render(command="true"), timeout=min(self.config.timeout, 60.0))
+
+    def prepare(self, slot_dir: str, *, clean: bool) -> CommandResult:
+        return self.remote(PREPARE_SCRIPT, slot_dir, "clean" if clean else "keep")
+
+    def transfer(self, argv: Sequence[str]) -> CommandResult:
+        return self._run(list(argv), timeout=self.config.timeout)
+
+    def transfer_argvs(self, files: Sequence[StagedFile], slot_dir: str) -> list[list[str]]:
+        template = self.config.transfer
+        if template.batched:
+            return [template.render(files=[f.path for f in files], dest=slot_dir)]
+        return [template.render(files=[f.path], dest=slot_dir) for f in files]
+
+    def commit(
+        self,
+        slot_dir: str,
+        final_dir: str,
+        files: Sequence[StagedFile],
+        on_start: Callable[[int], None] | None = None,
+    ) -> tuple[CommandResult, CommitReport]:
+        stdin = expected_records(final_dir, files, self.config.verify)
+        result = self.remote(COMMIT_SCRIPT, slot_dir, self.config.verify, stdin=stdin, on_start=on_start)
+        return result, parse_commit_output(result.stdout)
+
+    def list_slots(self, slot_dirs: Sequence[str]) -> tuple[CommandResult, dict[str, set[str]] | None]:
+        """Files left in ``slot_dirs``; a directory missing from the answer does not exist."""
+        result = self.remote(LIST_SCRIPT, *slot_dirs)
+        if not result.ok:
+            return result, None
+        present: dict[str, set[str]] = {}
+        for record in result.stdout.split(b"\0"):
+            if not record:
+                continue
+            text = os.fsdecode(record)
+            if text.endswith("/"):
+                present.setdefault(text[:-1], set())
+            else:
+                directory, name = text.rsplit("/", 1)
+                present.setdefault(directory, set()).add(name)
+        return result, present
+
+    def sweep(self) -> CommandResult:
+        """Remove this instance's slot directories left by earlier runs."""
+        return self.remote(SWEEP_SCRIPT, self.config.staging, self.prefix, f"{self.prefix}{self.generation}.")

@@ -1,0 +1,101 @@
+"""Move delivered files from the buffer to holding, never overwriting; prune the buffer."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+
+log = logging.getLogger(__name__)
+
+
+class HoldError(OSError):
+    """The file could not be moved to holding; it stays in the buffer, already delivered."""
+
+
+def hold(buffer: str, holding: str, rel: str) -> str:
+    """Move ``buffer/rel`` to ``holding/rel`` and return the relative path it got there.
+
+    An existing file in holding is kept: the newcomer gets a ``.1``, ``.2``, ... suffix. The
+    move uses ``link`` + ``unlink`` so that an existing name can never be replaced, even by a
+    race; across filesystems it copies to a temporary name first.
+    """
+    src = os.path.join(buffer, rel)
+    directory = os.path.dirname(rel)
+    try:
+        os.makedirs(os.path.join(holding, directory), exist_ok=True)
+    except OSError as exc:
+        raise HoldError(exc.errno, f"cannot create holding directory: {exc.strerror}") from None
+    base = os.path.basename(rel)
+    tmp: str | None = None
+    try:
+        for n in range(10000):
+            candidate = os.path.join(directory, base if n == 0 else f"{base}.{n}")
+            dst = os.path.join(holding, candidate)
+            try:
+                os.link(tmp or src, dst)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or tmp is not None:
+                    raise
+                tmp = _copy_beside(src, os.path.join(holding, directory))
+                try:
+                    os.link(tmp, dst)
+                except FileExistsError:
+                    continue
+            if n:
+                log.warning("holding already has %r; kept both, the new one is %r", rel, candidate)
+            os.unlink(src)
+            return candidate
+        raise HoldError(errno.EEXIST, f"no free name in holding for {rel!r}")
+    except HoldError:
+        raise
+    except OSError as exc:
+        raise HoldError(exc.errno, f"cannot move to holding: {exc.strerror}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _copy_beside(src: str, directory: str) -> str:
+    tmp = os.path.join(directory, f".hdfmgr-tmp-{os.getpid()}-{time.monotonic_ns()}")
+    shutil.copy2(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    return tmp
+
+
+def prune_empty_dirs(buffer: str, *, older_than: float, now: float) -> int:
+    """Remove empty subdirectories of ``buffer`` unchanged for ``older_than`` seconds.
+
+    Never the buffer itself. A directory a writer is about to use has a recent mtime (it was
+    just created or just emptied), so the age rule keeps this from racing the camera.
+    """
+    removed = 0
+    for root, dirs, files, root_fd in os.fwalk(buffer, topdown=False):
+        if root == buffer:
+            continue
+        if files or (dirs and any(_exists(root_fd, d) for d in dirs)):
+            continue
+        try:
+            st = os.stat(root)
+            if now - st.st_mtime >= older_than:
+                os.rmdir(root)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False

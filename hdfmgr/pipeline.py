@@ -1,0 +1,1003 @@
+"""The dispatcher: one loop that ties detection, settling, batching, delivery and records.
+
+Threads and their jobs:
+
+* the watchdog observer thread puts event tuples on ``self.queue``;
+* worker threads (``num_threads``) run the commands of one batch each; they never touch the
+  database and report back through the same queue;
+* this loop, on the main thread, is the only database writer. It waits on the queue with a
+  timeout that is the next thing due (a settle deadline, a retry, the periodic rescan), so it
+  sleeps when nothing happens and reacts at once when something does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import peewee as pw
+
+from . import db as dbm
+from .batching import Candidate, ReadyQueue, arg_budget
+from .checksum import blake2b_file
+from .config import Config
+from .db import Attempt, FileRecord, State, TransferBatch
+from .detect import scan, snapshot, start_observer, stop_observer
+from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .holding import HoldError, hold, prune_empty_dirs
+from .lock import InstanceLock, lock_path
+from .retry import CircuitBreaker, backoff
+from .runner import CommandResult
+from .settle import Evidence, SettleTracker, Snapshot, Verdict
+
+log = logging.getLogger("hdfmgr")
+
+IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
+
+
+class Outcome(Enum):
+    """How a run of the loop ended."""
+
+    STOPPED = "stopped"  # SIGTERM/SIGINT: drained and exited cleanly
+    DRAINED = "drained"  # once mode: everything waiting was delivered
+    INCOMPLETE = "incomplete"  # once mode: some files could not be delivered
+
+
+@dataclass(slots=True)
+class Known:
+    """The in-memory mirror of an active database row."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    inode: int
+    state: str
+    attempts: int = 0
+    checksum: str | None = None
+    since: float = 0.0
+
+    def matches(self, snap: Snapshot) -> bool:
+        return (self.size, self.mtime_ns, self.inode) == (snap.size, snap.mtime_ns, snap.inode)
+
+
+@dataclass
+class BatchJob:
+    id: int
+    slot: int
+    staging_dir: str
+    final_dir: str
+    files: list[StagedFile]
+    snapshots: dict[str, Snapshot]
+    checksums: dict[str, str | None]
+    prepare: bool
+    clean: bool
+
+
+@dataclass
+class BatchReport:
+    job: BatchJob
+    started: float
+    checksums: dict[str, str] = field(default_factory=dict)
+    hash_seconds: float = 0.0
+    prepare: CommandResult | None = None
+    transfers: list[CommandResult] = field(default_factory=list)
+    commit: CommandResult | None = None
+    committed: set[str] = field(default_factory=set)
+    outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    error_class: str | None = None
+    error: str | None = None
+    slot_clean: bool = True
+
+
+@dataclass
+class Counters:
+    delivered: int = 0
+    bytes: int = 0
+    failed: int = 0
+    batches: int = 0
+
+
+class Pipeline:
+    """Watch mode (``once=False``) or one rescan pass (``once=True``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        once: bool = False,
+        stop: threading.Event | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self.cfg = config
+        self.once = once
+        self.stop_event = stop or threading.Event()
+        self.install_signals = install_signals
+        self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.buffer = os.fspath(config.buffer)
+        self.holding = os.fspath(config.holding)
+        self.tracker = SettleTracker(
+            settle=config.settle,
+            stable_age=config.stable_age,
+            open_grace=max(config.pause, config.stable_age),
+        )
+        self.ready = ReadyQueue()
+        self.known: dict[str, Known] = {}
+        self.retry_heap: list[tuple[float, str]] = []
+        self.endpoint = Endpoint(config)
+        self.breaker = CircuitBreaker(
+            threshold=config.breaker_threshold, initial=config.retry_initial, maximum=config.retry_max
+        )
+        self.free_slots = list(range(config.num_threads - 1, -1, -1))
+        self.slot_ready: dict[int, bool] = {}
+        self.slot_dirty: dict[int, bool] = {}
+        self.inflight: dict[int, Future[BatchReport]] = {}
+        self.executor = ThreadPoolExecutor(config.num_threads + 1, thread_name_prefix="hdfmgr-worker")
+        self.counters = Counters()
+        self.unrecovered: dict[str, list[tuple[str, int]]] = {}
+        self.warned: set[str] = set()
+        self.rng = random.Random()
+        self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
+        self.observer: Any = None
+        self.observer_kind = "none"
+        self.buffer_present = True
+        self.next_scan = 0.0
+        self.next_prune = 0.0
+        self.next_recovery = 0.0
+        self.lock = InstanceLock(lock_path(self.holding))
+        self.db: pw.Database | None = None
+        self.closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> Outcome:
+        """Run until stopped (watch) or until the buffer is drained (once)."""
+        self.lock.acquire()
+        try:
+            self.db = dbm.connect(self.cfg)
+            dbm.create_schema(self.db)
+            if self.install_signals:
+                self._install_signals()
+            self._load_known()
+            self._recover()
+            self._sweep_staging()
+            if not self.once:
+                self._start_observer()
+            self._scan(initial=True)
+            log.info(
+                "started: buffer %s -> endpoint %s (%s observer, %d slots, %d files waiting)",
+                self.buffer,
+                self.cfg.endpoint_buffer,
+                self.observer_kind,
+                self.cfg.num_threads,
+                len(self.ready) + len(self.tracker),
+            )
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.closing = True
+        if self.observer is not None:
+            stop_observer(self.observer)
+            self.observer = None
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.db is not None:
+            self.db.close()
+        self.lock.release()
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, frame: object) -> None:
+            self.stop_event.set()
+            self.queue.put(("wake",))
+
+        def rescan(signum: int, frame: object) -> None:
+            self.queue.put(("rescan",))
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, rescan)
+
+    def _start_observer(self) -> None:
+        try:
+            self.observer, self.observer_kind = start_observer(self.buffer, self.queue.put, self.cfg.observer)
+        except OSError as exc:
+            log.error(
+                "cannot watch %s: %s; relying on rescans every %.0f s", self.buffer, exc, self.cfg.pause
+            )
+            self.observer, self.observer_kind = None, "none"
+
+    # ------------------------------------------------------------------ main loop
+
+    def _loop(self) -> Outcome:
+        while True:
+            now = time.monotonic()
+            if self.stop_event.is_set():
+                return self._drain_and_stop()
+            self._handle_queue(self._wait_time(now))
+            now = time.monotonic()
+            self._maintain(now)
+            self._promote(now)
+            self._release_retries(now)
+            self._dispatch(now)
+            if self.once and self._idle():
+                return Outcome.DRAINED if not self._undelivered() else Outcome.INCOMPLETE
+
+    def _wait_time(self, now: float) -> float:
+        deadlines = [self.next_scan, now + 1.0]
+        due = self.tracker.next_due()
+        if due is not None:
+            deadlines.append(due)
+        if self.retry_heap and not self.once:
+            deadlines.append(self.retry_heap[0][0])
+        if self.breaker.state.value == "open":
+            deadlines.append(self.breaker.probe_at)
+        return max(0.0, min(deadlines) - now)
+
+    def _handle_queue(self, timeout: float) -> None:
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        items = [item]
+        # Take whatever else is there already: one pass handles a burst of events at once.
+        while len(items) < 10000:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        now = time.monotonic()
+        for entry in items:
+            kind = entry[0]
+            if kind == "file":
+                self._on_file(entry[1], entry[2], now)
+            elif kind == "dir":
+                self._on_dir(entry[1], moved_in=entry[2], now=now)
+            elif kind == "result":
+                self._on_result(entry[1])
+            elif kind == "checkpoint":
+                self._on_checkpoint(entry[1], entry[2], entry[3])
+            elif kind == "probe":
+                self._on_probe(entry[1])
+            elif kind == "rescan":
+                log.info("rescan requested")
+                self.next_scan = 0.0
+
+    def _idle(self) -> bool:
+        return not (self.inflight or len(self.ready) or len(self.tracker) or self.unrecovered)
+
+    def _undelivered(self) -> list[str]:
+        return [rel for rel, k in self.known.items() if k.state != State.COMMITTED.value]
+
+    def _drain_and_stop(self) -> Outcome:
+        if self.inflight:
+            log.info(
+                "stopping: waiting for %d batch(es) in flight (at most %.0f s)",
+                len(self.inflight),
+                self.cfg.timeout,
+            )
+        while self.inflight:
+            self._handle_queue(1.0)
+        log.info(
+            "stopped: %d files delivered (%.1f MB) in %d batches this run",
+            self.counters.delivered,
+            self.counters.bytes / 1e6,
+            self.counters.batches,
+        )
+        return Outcome.STOPPED
+
+    # ------------------------------------------------------------------ detection
+
+    def _rel(self, path: str) -> str | None:
+        if not path.startswith(self.buffer + os.sep):
+            return None
+        return path[len(self.buffer) + 1 :]
+
+    def _on_file(self, evidence: Evidence, path: str, now: float) -> None:
+        rel = self._rel(path)
+        if rel is None or self.cfg.excluded(rel):
+            return
+        snap = snapshot(path)
+        if snap is None:
+            if os.path.islink(path):
+                self._warn_link(rel)
+            return
+        known = self.known.get(rel)
+        if known is not None and known.matches(snap):
+            return  # an event for a version already registered
+        self.tracker.note(rel, evidence, now, snap)
+
+    def _on_dir(self, path: str, *, moved_in: bool, now: float) -> None:
+        rel = self._rel(path)
+        if rel is None:
+            return
+        # Files can be inside before the new directory's watch exists; a directory moved in
+        # brings complete files and no events at all.
+        for child, snap in scan(self.buffer, rel):
+            self._seen(child, snap, now, Evidence.CLOSED if moved_in else Evidence.SEEN)
+
+    def _seen(self, rel: str, snap: Snapshot | None, now: float, evidence: Evidence) -> None:
+        if self.cfg.excluded(rel):
+            return
+        if snap is None:
+            self._warn_link(rel)
+            return
+        known = self.known.get(rel)
+        if known is not None and known.matches(snap):
+            if known.state == State.COMMITTED.value:
+                self._hold_committed([rel])
+            return
+        if known is not None and known.state in IN_FLIGHT:
+            return  # looked at again when its batch reports
+        if rel not in self.tracker:
+            self.tracker.note(rel, evidence, now, snap)
+
+    def _warn_link(self, rel: str) -> None:
+        if rel not in self.warned:
+            self.warned.add(rel)
+            log.warning("skipping symbolic link %r: links are never followed out of the buffer", rel)
+
+    def _scan(self, *, initial: bool = False) -> None:
+        now = time.monotonic()
+        self.next_scan = now + self.cfg.pause if not self.once else float("inf")
+        if not os.path.isdir(self.buffer):
+            return
+        seen: set[str] = set()
+        for rel, snap in scan(self.buffer):
+            seen.add(rel)
+            self._seen(rel, snap, now, Evidence.SEEN)
+        vanished = [
+            rel
+            for rel, k in self.known.items()
+            if rel not in seen
+            and k.state in (State.READY.value, State.FAILED.value)
+            and rel not in self.ready
+        ]
+        if vanished:
+            self._mark_vanished(vanished)
+        log.debug("scan: %d entries, %.3f s", len(seen), time.monotonic() - now)
+
+    def _mark_vanished(self, rels: Iterable[str]) -> None:
+        rels = list(rels)
+        ids = [self.known[rel].id for rel in rels]
+        with self._db().atomic():
+            for chunk in _chunks(ids, 500):
+                FileRecord.update(
+                    state=State.QUARANTINED.value,
+                    error_class=ErrorClass.LOCAL,
+                    last_error="vanished from the buffer before it was delivered",
+                    updated_at=time.time(),
+                ).where(FileRecord.id.in_(chunk)).execute()
+        for rel in rels:
+            log.warning("%r vanished from the buffer before it was delivered (quarantined)", rel)
+            del self.known[rel]
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _maintain(self, now: float) -> None:
+        present = os.path.isdir(self.buffer)
+        if present != self.buffer_present:
+            self.buffer_present = present
+            if present:
+                log.warning("buffer %s is back; watching it again", self.buffer)
+                if not self.once:
+                    if self.observer is not None:
+                        stop_observer(self.observer)
+                    self._start_observer()
+                self.next_scan = 0.0
+            else:
+                log.error("buffer %s is missing; waiting for it to come back", self.buffer)
+        if now >= self.next_scan:
+            self._scan()
+        if now >= self.next_prune and not self.once:
+            self.next_prune = now + max(60.0, min(self.cfg.expiration_time, 3600.0))
+            if present:
+                removed = prune_empty_dirs(self.buffer, older_than=self.cfg.expiration_time, now=time.time())
+                if removed:
+                    log.info("removed %d empty buffer directories", removed)
+        if self.unrecovered and now >= self.next_recovery:
+            self._recover_committing()
+        if self.breaker.probe_due(now) and not self.inflight:
+            self.breaker.start_probe()
+            self.executor.submit(self._probe_worker)
+
+    def _probe_worker(self) -> None:
+        self.queue.put(("probe", self.endpoint.probe()))
+
+    def _on_probe(self, result: CommandResult) -> None:
+        if result.ok:
+            if self.breaker.record_success():
+                log.warning("endpoint reachable again; resuming dispatch")
+            self.slot_ready.clear()
+        else:
+            self.breaker.probe_failed(time.monotonic(), jitter=self.rng.random())
+            log.debug("probe failed: %s", result.describe())
+
+    # ------------------------------------------------------------------ registration
+
+    def _promote(self, now: float) -> None:
+        due = self.tracker.pop_due(now)
+        if not due:
+            return
+        wall = time.time()
+        ready: list[tuple[str, Snapshot]] = []
+        for rel in due:
+            known = self.known.get(rel)
+            if known is not None and known.state in IN_FLIGHT:
+                self.tracker.note(rel, Evidence.SEEN, now + 1.0)
+                continue
+            snap = snapshot(os.path.join(self.buffer, rel))
+            verdict = self.tracker.check(rel, snap, now, wall)
+            if verdict is Verdict.READY and snap is not None:
+                ready.append((rel, snap))
+        if ready:
+            self._register(ready, now)
+
+    def _register(self, items: list[tuple[str, Snapshot]], now: float) -> None:
+        wall = time.time()
+        new: list[tuple[str, Snapshot]] = []
+        changed: list[tuple[str, Snapshot, Known]] = []
+        for rel, snap in items:
+            known = self.known.get(rel)
+            if known is None:
+                new.append((rel, snap))
+            elif known.matches(snap):
+                if known.state == State.READY.value and rel not in self.ready:
+                    self._enqueue(rel, known)
+            elif known.state == State.COMMITTED.value:
+                # Delivered, then rewritten before it reached holding: the delivered version
+                # is done; the new content is a new version.
+                self._retire(rel, known, "replaced in the buffer by a new version after delivery")
+                new.append((rel, snap))
+            else:
+                changed.append((rel, snap, known))
+        with self._db().atomic():
+            for rel, snap, known in changed:
+                FileRecord.update(
+                    size=snap.size,
+                    mtime_ns=snap.mtime_ns,
+                    inode=snap.inode,
+                    checksum=None,
+                    state=State.READY.value,
+                    ready_at=wall,
+                    updated_at=wall,
+                    next_try=0.0,
+                ).where(FileRecord.id == known.id).execute()
+                known.size, known.mtime_ns, known.inode = snap.size, snap.mtime_ns, snap.inode
+                known.checksum, known.state, known.since = None, State.READY.value, now
+                self._enqueue(rel, known)
+            if new:
+                rows = [
+                    {
+                        "source": self.cfg.name,
+                        "relpath": dbm.to_blob(rel),
+                        "name": dbm.display(rel),
+                        "size": snap.size,
+                        "mtime_ns": snap.mtime_ns,
+                        "inode": snap.inode,
+                        "state": State.READY.value,
+                        "detected_at": wall,
+                        "ready_at": wall,
+                        "updated_at": wall,
+                    }
+                    for rel, snap in new
+                ]
+                ids = self._insert_files(rows)
+                for (rel, snap), row_id in zip(new, ids, strict=True):
+                    known = Known(row_id, snap.size, snap.mtime_ns, snap.inode, State.READY.value, since=now)
+                    self.known[rel] = known
+                    self._enqueue(rel, known)
+
+    def _insert_files(self, rows: list[dict[str, Any]]) -> list[int]:
+        ids: list[int] = []
+        for chunk in _chunks(rows, 200):
+            cursor = FileRecord.insert_many(chunk).returning(FileRecord.id).execute()
+            ids.extend(row.id if hasattr(row, "id") else row[0] for row in cursor)
+        return ids
+
+    def _retire(self, rel: str, known: Known, reason: str) -> None:
+        FileRecord.update(state=State.HELD.value, last_error=reason, updated_at=time.time()).where(
+            FileRecord.id == known.id
+        ).execute()
+        log.warning("%r: %s", rel, reason)
+        del self.known[rel]
+
+    def _enqueue(self, rel: str, known: Known) -> None:
+        self.ready.add(Candidate(rel, known.size, known.since))
+
+    def _release_retries(self, now: float) -> None:
+        while self.retry_heap and (self.retry_heap[0][0] <= now or self.once):
+            _, rel = heapq.heappop(self.retry_heap)
+            known = self.known.get(rel)
+            if known is not None and known.state == State.FAILED.value and not self.once:
+                self._enqueue(rel, known)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, now: float) -> None:
+        while (
+            self.free_slots
+            and len(self.ready)
+            and self.breaker.allows_dispatch()
+            and not self.stop_event.is_set()
+        ):
+            if not self.buffer_present:
+                return
+            batch = self.ready.take_batch(
+                chunk_size=self.cfg.chunk_size, budget=self.budget, path_bytes=len(self.buffer) + 1
+            )
+            files: list[StagedFile] = []
+            snaps: dict[str, Snapshot] = {}
+            for item in batch:
+                known = self.known.get(item.rel)
+                if known is None:
+                    continue
+                snap = snapshot(os.path.join(self.buffer, item.rel))
+                if snap is None or not known.matches(snap):
+                    # Changed or gone since it settled: let it settle again (or vanish).
+                    if snap is not None:
+                        self.tracker.note(item.rel, Evidence.SEEN, now, snap)
+                    continue
+                files.append(
+                    StagedFile(item.rel, os.path.join(self.buffer, item.rel), known.size, known.checksum)
+                )
+                snaps[item.rel] = snap
+            if not files:
+                continue
+            self._start_batch(files, snaps)
+
+    def _start_batch(self, files: list[StagedFile], snaps: dict[str, Snapshot]) -> None:
+        slot = self.free_slots.pop()
+        staging_dir = self.endpoint.slot_dir(slot)
+        rel_dir = os.path.dirname(files[0].rel)
+        wall = time.time()
+        with self._db().atomic():
+            batch = TransferBatch.create(
+                source=self.cfg.name,
+                staging_dir=staging_dir,
+                started_at=wall,
+                files=len(files),
+                bytes=sum(f.size for f in files),
+            )
+            ids = [self.known[f.rel].id for f in files]
+            for chunk in _chunks(ids, 500):
+                FileRecord.update(
+                    state=State.STAGING.value,
+                    attempts=FileRecord.attempts + 1,
+                    last_batch=batch.id,
+                    updated_at=wall,
+                ).where(FileRecord.id.in_(chunk)).execute()
+            for chunk in _chunks(ids, 300):
+                Attempt.insert_many([{"batch": batch.id, "file": i} for i in chunk]).execute()
+        for f in files:
+            known = self.known[f.rel]
+            known.state = State.STAGING.value
+            known.attempts += 1
+        job = BatchJob(
+            id=batch.id,
+            slot=slot,
+            staging_dir=staging_dir,
+            final_dir=self.endpoint.final_dir(rel_dir),
+            files=files,
+            snapshots=snaps,
+            checksums={f.rel: self.known[f.rel].checksum for f in files},
+            prepare=not self.slot_ready.get(slot, False) or self.slot_dirty.get(slot, False),
+            clean=self.slot_dirty.get(slot, False),
+        )
+        future = self.executor.submit(self._deliver, job)
+        self.inflight[batch.id] = future
+
+    # ------------------------------------------------------------------ worker side
+
+    def _deliver(self, job: BatchJob) -> BatchReport:
+        """Run one batch's commands (worker thread: no database access here)."""
+        report = BatchReport(job, time.time())
+        try:
+            self._deliver_steps(job, report)
+        except Exception as exc:  # a bug must not kill the daemon: record it, retry the files
+            log.exception("batch %d failed unexpectedly", job.id)
+            report.error_class, report.error = ErrorClass.LOCAL, f"internal error: {exc!r}"
+            report.slot_clean = False
+        self.queue.put(("result", report))
+        return report
+
+    def _deliver_steps(self, job: BatchJob, report: BatchReport) -> None:
+        t0 = time.monotonic()
+        files = []
+        for f in job.files:
+            digest = job.checksums.get(f.rel)
+            if digest is None:
+                try:
+                    digest = blake2b_file(f.path)
+                except OSError as exc:
+                    report.outcomes[f.rel] = ("failed", f"cannot read: {exc.strerror}")
+                    continue
+                report.checksums[f.rel] = digest
+            files.append(StagedFile(f.rel, f.path, f.size, digest))
+        report.hash_seconds = time.monotonic() - t0
+        if not files:
+            report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
+            return
+        if job.prepare:
+            report.prepare = self.endpoint.prepare(job.staging_dir, clean=job.clean)
+            if not report.prepare.ok:
+                self._fail(report, report.prepare, "preparing staging")
+                return
+        for argv in self.endpoint.transfer_argvs(files, job.staging_dir):
+            result = self.endpoint.transfer(argv)
+            report.transfers.append(result)
+            if not result.ok:
+                self._fail(report, result, "transfer")
+                return
+        # The transfer read the files while they could still change: commit only those
+        # that are the version registered.
+        to_commit = []
+        for f in files:
+            snap = snapshot(f.path)
+            if snap != job.snapshots[f.rel]:
+                report.outcomes[f.rel] = ("changed", "changed or vanished during the transfer")
+                report.slot_clean = False
+            else:
+                to_commit.append(f)
+        if not to_commit:
+            return
+        ack = threading.Event()
+        self.queue.put(("checkpoint", job, report.checksums, ack))
+        while not ack.wait(0.5):
+            if self.closing:
+                return
+        result, commit = self.endpoint.commit(job.staging_dir, job.final_dir, to_commit)
+        report.commit = result
+        report.committed = commit.committed & {f.basename for f in to_commit}
+        for f in to_commit:
+            if f.basename in report.committed:
+                report.outcomes[f.rel] = ("committed", None)
+            elif f.basename in commit.verified:
+                report.outcomes[f.rel] = ("failed", "verified but not moved into the endpoint buffer")
+            elif result.ok or commit.verified or commit.remaining:
+                report.outcomes[f.rel] = ("unverified", f"staged copy failed {self.cfg.verify} verification")
+        if commit.remaining:
+            report.slot_clean = False
+        if not result.ok:
+            self._fail(report, result, "verify and commit")
+        elif any(o[0] == "unverified" for o in report.outcomes.values()):
+            report.error_class = ErrorClass.VERIFICATION
+            report.error = f"staged copy failed {self.cfg.verify} verification"
+
+    @staticmethod
+    def _fail(report: BatchReport, result: CommandResult, phase: str) -> None:
+        report.error_class = classify(result)
+        report.error = f"{phase}: {result.describe()}"
+        report.slot_clean = False
+
+    # ------------------------------------------------------------------ results
+
+    def _on_checkpoint(self, job: BatchJob, checksums: dict[str, str], ack: threading.Event) -> None:
+        """Record COMMITTING before the worker runs the remote mv: a restart must know."""
+        wall = time.time()
+        rels = [f.rel for f in job.files]
+        with self._db().atomic():
+            for rel, digest in checksums.items():
+                FileRecord.update(checksum=digest).where(FileRecord.id == self.known[rel].id).execute()
+                self.known[rel].checksum = digest
+            ids = [self.known[rel].id for rel in rels]
+            for chunk in _chunks(ids, 500):
+                FileRecord.update(state=State.COMMITTING.value, updated_at=wall).where(
+                    FileRecord.id.in_(chunk)
+                ).execute()
+            TransferBatch.update(commit_started=wall).where(TransferBatch.id == job.id).execute()
+        for rel in rels:
+            self.known[rel].state = State.COMMITTING.value
+        ack.set()
+
+    def _on_result(self, report: BatchReport) -> None:
+        job = report.job
+        self.inflight.pop(job.id, None)
+        self.free_slots.append(job.slot)
+        self.slot_dirty[job.slot] = not report.slot_clean
+        if report.prepare is not None and report.prepare.ok:
+            self.slot_ready[job.slot] = True
+        now = time.monotonic()
+        wall = time.time()
+        committed_rels = [
+            f.rel for f in job.files if report.outcomes.get(f.rel, ("", None))[0] == "committed"
+        ]
+        failed = [f for f in job.files if f.rel not in committed_rels]
+        transfer_seconds = sum(r.duration for r in report.transfers) if report.transfers else None
+        nbytes = sum(f.size for f in job.files)
+        last = report.commit or (report.transfers[-1] if report.transfers else report.prepare)
+        commands = [r for r in (report.prepare, *report.transfers, report.commit) if r is not None]
+        status = "committed" if not failed else ("partial" if committed_rels else "failed")
+        with self._db().atomic():
+            TransferBatch.update(
+                finished_at=wall,
+                hash_seconds=report.hash_seconds,
+                prepare_seconds=report.prepare.duration if report.prepare else None,
+                transfer_started=report.transfers[0].started if report.transfers else None,
+                transfer_seconds=transfer_seconds,
+                commit_seconds=report.commit.duration if report.commit else None,
+                rate=(nbytes / transfer_seconds) if transfer_seconds else None,
+                status=status,
+                error_class=report.error_class,
+                returncode=last.returncode if last is not None else None,
+                stderr="\n".join(r.stderr_tail() for r in commands if r.stderr) or report.error,
+                command=_describe_commands(commands),
+                committed=len(committed_rels),
+            ).where(TransferBatch.id == job.id).execute()
+            for rel, digest in report.checksums.items():
+                if self.known[rel].checksum is None:
+                    FileRecord.update(checksum=digest).where(FileRecord.id == self.known[rel].id).execute()
+                    self.known[rel].checksum = digest
+            ids = [self.known[rel].id for rel in committed_rels]
+            for chunk in _chunks(ids, 500):
+                FileRecord.update(
+                    state=State.COMMITTED.value,
+                    committed_at=wall,
+                    updated_at=wall,
+                    error_class=None,
+                    last_error=None,
+                ).where(FileRecord.id.in_(chunk)).execute()
+                Attempt.update(outcome="committed").where(
+                    (Attempt.batch == job.id) & Attempt.file.in_(chunk)
+                ).execute()
+            for f in failed:
+                known = self.known[f.rel]
+                outcome, error = report.outcomes.get(f.rel, ("failed", None))
+                error = error or report.error or "failed"
+                error_class = report.error_class or ErrorClass.REMOTE
+                if outcome == "changed":
+                    error_class = ErrorClass.LOCAL
+                elif outcome == "unverified":
+                    error_class = ErrorClass.VERIFICATION
+                delay = (
+                    0.0
+                    if outcome == "changed"
+                    else backoff(
+                        known.attempts,
+                        initial=self.cfg.retry_initial,
+                        maximum=self.cfg.retry_max,
+                        jitter=self.rng.random(),
+                    )
+                )
+                FileRecord.update(
+                    state=State.FAILED.value,
+                    next_try=wall + delay,
+                    error_class=error_class,
+                    last_error=error[-2000:],
+                    updated_at=wall,
+                ).where(FileRecord.id == known.id).execute()
+                Attempt.update(outcome=outcome, error=error[-2000:]).where(
+                    (Attempt.batch == job.id) & (Attempt.file == known.id)
+                ).execute()
+                known.state = State.FAILED.value
+                if outcome == "changed":
+                    self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
+                else:
+                    heapq.heappush(self.retry_heap, (now + delay, f.rel))
+        for rel in committed_rels:
+            self.known[rel].state = State.COMMITTED.value
+        self.counters.batches += 1
+        if committed_rels:
+            size = sum(self.known[rel].size for rel in committed_rels)
+            self.counters.delivered += len(committed_rels)
+            self.counters.bytes += size
+            seconds = wall - report.started
+            log.info(
+                "batch %d: delivered %d file(s), %.1f MB in %.2f s%s",
+                job.id,
+                len(committed_rels),
+                size / 1e6,
+                seconds,
+                f" from {os.path.dirname(job.files[0].rel)}/" if os.path.dirname(job.files[0].rel) else "",
+            )
+            self._hold_committed(committed_rels)
+        if failed:
+            self.counters.failed += len(failed)
+            transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
+            if transport and self.breaker.record_transport_failure(now, jitter=self.rng.random()):
+                log.error("endpoint unreachable (%s); pausing dispatch, probing with 'true'", report.error)
+            elif not self.breaker.allows_dispatch():
+                pass
+            else:
+                log.warning("batch %d: %d file(s) failed: %s", job.id, len(failed), report.error)
+        reached = not failed or report.error_class not in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
+        if reached and self.breaker.record_success():
+            log.warning("endpoint reachable again; resuming dispatch")
+
+    def _hold_committed(self, rels: list[str]) -> None:
+        """Move delivered files to holding and record it (one transaction for the lot)."""
+        wall = time.time()
+        held: list[tuple[str, str]] = []
+        for rel in rels:
+            known = self.known.get(rel)
+            if known is None:
+                continue
+            snap = snapshot(os.path.join(self.buffer, rel))
+            if snap is None or not known.matches(snap):
+                self._retire(
+                    rel, known, "changed or vanished in the buffer after delivery; not moved to holding"
+                )
+                continue
+            try:
+                held.append((rel, hold(self.buffer, self.holding, rel)))
+            except HoldError as exc:
+                FileRecord.update(error_class=ErrorClass.LOCAL, last_error=str(exc), updated_at=wall).where(
+                    FileRecord.id == known.id
+                ).execute()
+                if "holding" not in self.warned:
+                    self.warned.add("holding")
+                    log.error("cannot move delivered files to holding %s: %s (will retry)", self.holding, exc)
+        if not held:
+            return
+        self.warned.discard("holding")
+        with self._db().atomic():
+            for rel, held_as in held:
+                FileRecord.update(
+                    state=State.HELD.value, held_as=dbm.display(held_as), held_at=wall, updated_at=wall
+                ).where(FileRecord.id == self.known[rel].id).execute()
+        for rel, _ in held:
+            del self.known[rel]
+
+    # ------------------------------------------------------------------ start-up
+
+    def _db(self) -> pw.Database:
+        assert self.db is not None
+        return self.db
+
+    def _load_known(self) -> None:
+        query = (
+            FileRecord.select(
+                FileRecord.id,
+                FileRecord.relpath,
+                FileRecord.size,
+                FileRecord.mtime_ns,
+                FileRecord.inode,
+                FileRecord.state,
+                FileRecord.attempts,
+                FileRecord.checksum,
+                FileRecord.next_try,
+                FileRecord.last_batch,
+            )
+            .where(
+                (FileRecord.source == self.cfg.name)
+                & FileRecord.state.in_(
+                    [
+                        State.READY.value,
+                        State.STAGING.value,
+                        State.COMMITTING.value,
+                        State.COMMITTED.value,
+                        State.FAILED.value,
+                    ]
+                )
+            )
+            .tuples()
+        )
+        now = time.monotonic()
+        wall = time.time()
+        self._committing_batches: dict[int, list[str]] = {}
+        for row_id, relpath, size, mtime_ns, inode, state, attempts, checksum, next_try, last_batch in query:
+            rel = dbm.from_blob(relpath)
+            self.known[rel] = Known(row_id, size, mtime_ns, inode, state, attempts, checksum, since=now)
+            if state == State.COMMITTING.value and last_batch is not None:
+                self._committing_batches.setdefault(last_batch, []).append(rel)
+            elif state == State.READY.value or (state == State.FAILED.value and self.once):
+                self._enqueue(rel, self.known[rel])
+            elif state == State.FAILED.value:
+                heapq.heappush(self.retry_heap, (now + max(0.0, next_try - wall), rel))
+
+    def _recover(self) -> None:
+        """Reconcile files that were in flight when the last run ended.
+
+        STAGING: the mv never ran; send again. COMMITTING: the mv may have run. The staged copy
+        tells: still in the slot directory means not moved (send again); gone from an existing
+        slot directory means moved (committed, never send again). If the endpoint cannot be
+        asked, those files wait, untouched, until it can.
+        """
+        staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
+        if staging:
+            self._set_state(staging, State.READY, error="interrupted during transfer; sending again")
+            for rel in staging:
+                self._enqueue(rel, self.known[rel])
+            log.warning("recovered %d file(s) interrupted during transfer", len(staging))
+        if self._committing_batches:
+            dirs = TransferBatch.select(TransferBatch.id, TransferBatch.staging_dir).where(
+                TransferBatch.id.in_(list(self._committing_batches))
+            )
+            for batch_id, staging_dir in dirs.tuples():
+                for rel in self._committing_batches[batch_id]:
+                    self.unrecovered.setdefault(staging_dir, []).append((rel, batch_id))
+            self._recover_committing()
+        committed = [rel for rel, k in self.known.items() if k.state == State.COMMITTED.value]
+        if committed:
+            log.info("moving %d already delivered file(s) to holding", len(committed))
+            self._hold_committed(committed)
+
+    def _recover_committing(self) -> None:
+        result, present = self.endpoint.list_slots(sorted(self.unrecovered))
+        if present is None:
+            self.next_recovery = time.monotonic() + self.cfg.retry_initial
+            log.warning(
+                "cannot check staging for %d file(s) interrupted while committing (%s); will retry",
+                sum(len(v) for v in self.unrecovered.values()),
+                result.describe(),
+            )
+            return
+        resend: list[str] = []
+        moved: list[str] = []
+        for staging_dir, entries in self.unrecovered.items():
+            names = present.get(staging_dir)
+            for rel, _batch in entries:
+                if names is not None and os.path.basename(rel) not in names:
+                    moved.append(rel)
+                else:
+                    resend.append(rel)
+        self.unrecovered.clear()
+        if resend:
+            self._set_state(resend, State.READY, error="interrupted before the move; sending again")
+            for rel in resend:
+                self._enqueue(rel, self.known[rel])
+        if moved:
+            self._set_state(moved, State.COMMITTED, error=None)
+            self._hold_committed(moved)
+        log.warning(
+            "recovered %d file(s) interrupted while committing: %d had been delivered, %d will be sent again",
+            len(resend) + len(moved),
+            len(moved),
+            len(resend),
+        )
+        self._sweep_staging()
+
+    def _set_state(self, rels: list[str], state: State, *, error: str | None) -> None:
+        wall = time.time()
+        ids = [self.known[rel].id for rel in rels]
+        with self._db().atomic():
+            for chunk in _chunks(ids, 500):
+                values: dict[Any, Any] = {"state": state.value, "updated_at": wall, "last_error": error}
+                if state is State.COMMITTED:
+                    values["committed_at"] = wall
+                FileRecord.update(values).where(FileRecord.id.in_(chunk)).execute()
+        for rel in rels:
+            self.known[rel].state = state.value
+
+    def _sweep_staging(self) -> None:
+        if self.unrecovered:
+            return  # their slot directories are the evidence; sweep after recovery
+        result = self.endpoint.sweep()
+        if not result.ok:
+            log.warning("could not clean old staging directories: %s", result.describe())
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _describe_commands(commands: list[CommandResult]) -> str:
+    """The rendered commands for the audit trail, with long file lists shortened."""
+    parts = []
+    for result in commands:
+        argv = [os.fsencode(a).decode("utf-8", "backslashreplace") for a in result.argv]
+        if len(argv) > 12:
+            argv = [*argv[:6], f"... ({len(argv) - 9} more) ...", *argv[-3:]]
+        parts.append(" ".join(a if len(a) < 300 else a[:120] + "...(script)" for a in argv))
+    return "\n".join(parts)[:8000]
+
+
+def run_pipeline(
+    config: Config, *, once: bool, on_start: Callable[[Pipeline], None] | None = None
+) -> Outcome:
+    """Build and run a pipeline (the CLI's entry point)."""
+    pipeline = Pipeline(config, once=once)
+    if on_start is not None:
+        on_start(pipeline)
+    return pipeline.run()

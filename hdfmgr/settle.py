@@ -1,0 +1,145 @@
+"""When is a file in the buffer ready to ship? Pure logic over ``(path, now)``.
+
+A file must never leave half-written. The evidence differs by source:
+
+* a close-write or a move into the buffer says the writer is done: the file is ready once no
+  further event touched it for ``settle`` seconds and a fresh stat agrees with the last one;
+* a creation says a writer has the file open: wait for its close, and only if none arrives
+  within ``open_grace`` (a lost event) fall back to the rule for files seen without events;
+* a file found by a scan or the polling observer carries no evidence at all: it is ready when
+  two stats ``settle`` apart agree and its mtime is at least ``stable_age`` old.
+
+No clock is read here and no file is touched: the caller passes ``now`` and the stats.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Evidence(Enum):
+    CLOSED = "closed"  # close-write or moved in: the writer is done
+    OPENED = "opened"  # created: a writer probably still has it open
+    SEEN = "seen"  # found by a scan or a polling observer: nothing known
+
+
+class Verdict(Enum):
+    READY = "ready"
+    WAIT = "wait"
+    GONE = "gone"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The parts of a stat that change while a file is written."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    evidence: Evidence
+    since: float
+    due: float
+    snapshot: Snapshot | None
+
+
+class SettleTracker:
+    """Tracks files that were touched and decides when each is quiet enough to ship."""
+
+    def __init__(self, *, settle: float, stable_age: float, open_grace: float) -> None:
+        self.settle = settle
+        self.stable_age = stable_age
+        self.open_grace = open_grace
+        self._pending: dict[str, _Pending] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self._pending
+
+    def note(self, rel: str, evidence: Evidence, now: float, snapshot: Snapshot | None = None) -> None:
+        """Record that an event (or a scan) touched ``rel`` at ``now``."""
+        entry = self._pending.get(rel)
+        if entry is None:
+            due = now + (max(self.open_grace, self.settle) if evidence is Evidence.OPENED else self.settle)
+            self._pending[rel] = _Pending(evidence, now, due, snapshot)
+            heapq.heappush(self._heap, (due, rel))
+            return
+        if entry.evidence is Evidence.CLOSED and evidence is not Evidence.CLOSED:
+            # A scan or a late creation event does not weaken a close: it restarts the quiet time.
+            evidence = Evidence.CLOSED
+        elif entry.evidence is Evidence.OPENED and evidence is not Evidence.CLOSED:
+            # Still waiting for the writer's close; a scan passing by proves nothing.
+            if snapshot is not None:
+                entry.snapshot = snapshot
+            return
+        entry.evidence = evidence
+        entry.since = now
+        entry.due = now + self.settle
+        if snapshot is not None:
+            entry.snapshot = snapshot
+        heapq.heappush(self._heap, (entry.due, rel))
+
+    def forget(self, rel: str) -> None:
+        self._pending.pop(rel, None)
+
+    def next_due(self) -> float | None:
+        """The earliest time at which :meth:`pop_due` may return something."""
+        while self._heap:
+            due, rel = self._heap[0]
+            entry = self._pending.get(rel)
+            if entry is not None and entry.due == due:
+                return due
+            heapq.heappop(self._heap)
+        return None
+
+    def pop_due(self, now: float) -> list[str]:
+        """Paths whose quiet time has passed; the caller stats each and calls :meth:`check`."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            due, rel = heapq.heappop(self._heap)
+            entry = self._pending.get(rel)
+            if entry is not None and entry.due == due:
+                out.append(rel)
+        return out
+
+    def check(self, rel: str, snapshot: Snapshot | None, now: float, wall: float) -> Verdict:
+        """Decide with a fresh stat taken at ``now`` (``wall`` is the same instant as epoch)."""
+        entry = self._pending.get(rel)
+        if entry is None:
+            return Verdict.GONE
+        if snapshot is None:
+            del self._pending[rel]
+            return Verdict.GONE
+        unchanged = entry.snapshot == snapshot
+        entry.snapshot = snapshot
+        if entry.evidence is Evidence.OPENED:
+            if now - entry.since < self.open_grace:
+                self._reschedule(entry, rel, entry.since + self.open_grace)
+                return Verdict.WAIT
+            entry.evidence = Evidence.SEEN  # the close event never came: judge by stats alone
+            unchanged = False
+        if entry.evidence is Evidence.CLOSED:
+            if unchanged:
+                del self._pending[rel]
+                return Verdict.READY
+            self._reschedule(entry, rel, now + self.settle)
+            return Verdict.WAIT
+        age = wall - snapshot.mtime_ns / 1e9
+        if unchanged and age >= self.stable_age:
+            del self._pending[rel]
+            return Verdict.READY
+        wait = max(self.settle, self.stable_age - age) if unchanged else max(self.settle, 0.05)
+        self._reschedule(entry, rel, now + min(wait, max(self.stable_age, self.settle)))
+        return Verdict.WAIT
+
+    def _reschedule(self, entry: _Pending, rel: str, due: float) -> None:
+        entry.due = due
+        heapq.heappush(self._heap, (due, rel))

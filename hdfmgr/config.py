@@ -23,6 +23,10 @@ from .templates import RESERVED, Template, TemplateError
 class ConfigError(ValueError):
     """A configuration problem; ``str()`` is one line naming the culprit."""
 
+    def __str__(self) -> str:
+        # Keys and paths come from the operator: a newline in one must not split the line.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
+
 
 #: Upper bound on every external command when ``general.timeout`` is null.
 TIMEOUT_CEILING = 3600.0
@@ -203,7 +207,7 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         if not isinstance(log_file, str) or not log_file:
             raise ConfigError("logging.file: must be a path or null (stderr)")
         log_file = _absolute(log_file, base)
-        if check_paths and not os.access(log_file.parent, os.W_OK):
+        if check_paths and not (log_file.parent.is_dir() and os.access(log_file.parent, os.W_OK)):
             raise ConfigError(f"logging.file: directory {log_file.parent} does not exist or is not writable")
     when = _string(log, "logging", "when")
     if when.upper() not in ("S", "M", "H", "D", "MIDNIGHT") and not re.fullmatch(r"[Ww][0-6]", when):
@@ -392,7 +396,7 @@ def _check_database_url(url: str, base: Path, check: bool) -> None:
                 "or sqlite:////absolute/path.db"
             )
         target = sqlite_path(url, base)
-        if check and not os.access(target.parent, os.W_OK):
+        if check and not (target.parent.is_dir() and os.access(target.parent, os.W_OK)):
             raise ConfigError(f"database.engine: directory {target.parent} does not exist or is not writable")
         return
     if re.match(r"(postgres|postgresql)(\+\w+)?://", url):

@@ -9,6 +9,8 @@ periodically, is what makes detection complete.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import stat
@@ -131,6 +133,29 @@ def snapshot(path: str) -> Snapshot | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def open_for_writing(path: str) -> bool | None:
+    """Whether any process has ``path`` open for writing; None when the kernel cannot say.
+
+    A read lease (``F_SETLEASE``, ``F_RDLCK``) is granted only when no process has the file
+    open for writing, and is released at once. The daemon ignores SIGIO, which a lease break
+    would otherwise deliver with a fatal default action. Leases need a local filesystem and
+    ownership of the file (or CAP_LEASE); anything else answers None.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def is_symlink(path: str) -> bool:

@@ -33,7 +33,7 @@ from .batching import Candidate, ReadyQueue, arg_budget
 from .checksum import blake2b_file
 from .config import Config
 from .db import Attempt, FileRecord, State, TransferBatch
-from .detect import scan, snapshot, start_observer, stop_observer
+from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile, classify
 from .holding import HoldError, hold, prune_empty_dirs
 from .lock import InstanceLock, lock_path
@@ -168,6 +168,10 @@ class Pipeline:
             dbm.create_schema(self.db)
             if self.install_signals:
                 self._install_signals()
+            if threading.current_thread() is threading.main_thread():
+                # The writer check takes (and at once drops) read leases; a lease break
+                # would send SIGIO, whose default action ends the process.
+                signal.signal(signal.SIGIO, signal.SIG_IGN)
             self._load_known()
             self._recover()
             self._sweep_staging()
@@ -436,8 +440,10 @@ class Pipeline:
             if known is not None and known.state in IN_FLIGHT:
                 self.tracker.note(rel, Evidence.SEEN, now + 1.0)
                 continue
-            snap = snapshot(os.path.join(self.buffer, rel))
-            verdict = self.tracker.check(rel, snap, now, wall)
+            path = os.path.join(self.buffer, rel)
+            snap = snapshot(path)
+            writing = open_for_writing(path) if snap is not None else None
+            verdict = self.tracker.check(rel, snap, now, wall, writing=writing)
             if verdict is Verdict.READY and snap is not None:
                 ready.append((rel, snap))
         if ready:

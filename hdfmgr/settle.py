@@ -9,6 +9,10 @@ A file must never leave half-written. The evidence differs by source:
 * a file found by a scan or the polling observer carries no evidence at all: it is ready when
   two stats ``settle`` apart agree and its mtime is at least ``stable_age`` old.
 
+Where the kernel can say whether anyone holds the file open for writing (a read lease can be
+taken only when no one does), the caller passes that as ``writing`` and it decides instead of
+the timing rules: an unchanged stat and no writer means ready, a writer means wait.
+
 No clock is read here and no file is touched: the caller passes ``now`` and the stats.
 """
 
@@ -17,6 +21,10 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from enum import Enum
+
+
+#: How often a file that a writer still holds open is looked at again.
+WRITER_RECHECK = 0.25
 
 
 class Evidence(Enum):
@@ -110,8 +118,15 @@ class SettleTracker:
                 out.append(rel)
         return out
 
-    def check(self, rel: str, snapshot: Snapshot | None, now: float, wall: float) -> Verdict:
-        """Decide with a fresh stat taken at ``now`` (``wall`` is the same instant as epoch)."""
+    def check(
+        self, rel: str, snapshot: Snapshot | None, now: float, wall: float, *, writing: bool | None = None
+    ) -> Verdict:
+        """Decide with a fresh stat taken at ``now`` (``wall`` is the same instant as epoch).
+
+        ``writing`` says whether some process has the file open for writing (True/False), or
+        None when that cannot be known (no lease support, a network filesystem). A known
+        answer replaces the guesswork: no writer and an unchanged stat means ready.
+        """
         entry = self._pending.get(rel)
         if entry is None:
             return Verdict.GONE
@@ -120,6 +135,15 @@ class SettleTracker:
             return Verdict.GONE
         unchanged = entry.snapshot == snapshot
         entry.snapshot = snapshot
+        if writing:
+            self._reschedule(entry, rel, now + max(self.settle, WRITER_RECHECK))
+            return Verdict.WAIT
+        if writing is False and entry.evidence is not Evidence.CLOSED:
+            if unchanged:
+                del self._pending[rel]
+                return Verdict.READY
+            self._reschedule(entry, rel, now + self.settle)
+            return Verdict.WAIT
         if entry.evidence is Evidence.OPENED:
             if now - entry.since < self.open_grace:
                 self._reschedule(entry, rel, entry.since + self.open_grace)

@@ -125,7 +125,7 @@ def _parse_token(word: str, params: Mapping[str, object]) -> tuple[Segment, ...]
             literal.append("{")
         elif text == "}}":
             literal.append("}")
-        elif text in "{}":
+        elif text in ("{", "}"):
             raise TemplateError(f"unbalanced brace in {word!r} (write {{{{ or }}}} for a literal one)")
         else:
             name = match.group(1)

@@ -22,7 +22,6 @@ import heapq
 from dataclasses import dataclass
 from enum import Enum
 
-
 #: How often a file that a writer still holds open is looked at again.
 WRITER_RECHECK = 0.25
 

@@ -1,5 +1,5 @@
 # Shared by scripts/*: make .venv (if missing) and install the project into it.
-# Usage: . scripts/_venv.sh [EXTRAS]
+# Usage: VENV_EXTRAS=test . scripts/_venv.sh   (extras optional)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating virtualenv $VENV" >&2
     "$PY" -m venv "$VENV"
 fi
-extras=${1:-}
+extras=${VENV_EXTRAS:-}
 stamp="$VENV/.installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
     echo "installing hdfmgr${extras:+[$extras]} into $VENV" >&2

@@ -37,6 +37,10 @@ def hold(buffer: str, holding: str, rel: str) -> str:
             try:
                 os.link(tmp or src, dst)
             except FileExistsError:
+                if tmp is None and _same_file(src, dst):
+                    # A previous run linked it and was killed before the unlink.
+                    os.unlink(src)
+                    return candidate
                 continue
             except OSError as exc:
                 if exc.errno != errno.EXDEV or tmp is not None:
@@ -63,11 +67,26 @@ def hold(buffer: str, holding: str, rel: str) -> str:
                 pass
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _copy_beside(src: str, directory: str) -> str:
     tmp = os.path.join(directory, f".hdfmgr-tmp-{os.getpid()}-{time.monotonic_ns()}")
-    shutil.copy2(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError:
+        # A full or failing holding filesystem must not keep a partial copy.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return tmp
 
 

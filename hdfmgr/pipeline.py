@@ -151,6 +151,7 @@ class Pipeline:
         self.observer: Any = None
         self.observer_kind = "none"
         self.buffer_present = True
+        self.buffer_inode: tuple[int, int] | None = None
         self.next_scan = 0.0
         self.next_prune = 0.0
         self.next_recovery = 0.0
@@ -178,6 +179,7 @@ class Pipeline:
             if not self.once:
                 self._start_observer()
             self._scan(initial=True)
+            self.next_prune = time.monotonic() + 60.0
             log.info(
                 "started: buffer %s -> endpoint %s (%s observer, %d slots, %d files waiting)",
                 self.buffer,
@@ -389,7 +391,20 @@ class Pipeline:
     # ------------------------------------------------------------------ maintenance
 
     def _maintain(self, now: float) -> None:
-        present = os.path.isdir(self.buffer)
+        try:
+            st = os.stat(self.buffer)
+            inode: tuple[int, int] | None = (st.st_ino, st.st_ctime_ns)
+        except OSError:
+            inode = None
+        present = inode is not None
+        replaced = self.buffer_inode is not None and inode != self.buffer_inode
+        if present and self.buffer_present and (replaced or not self._observer_alive()):
+            # Removed and recreated between two looks (inotify stops watching a deleted
+            # directory), or the watch thread died: the old watch sees nothing any more.
+            log.warning("buffer %s was replaced or its watch stopped; watching it again", self.buffer)
+            self.buffer_present = False
+        if present:
+            self.buffer_inode = inode
         if present != self.buffer_present:
             self.buffer_present = present
             if present:
@@ -415,6 +430,11 @@ class Pipeline:
             self.breaker.start_probe()
             self.executor.submit(self._probe_worker)
 
+    def _observer_alive(self) -> bool:
+        if self.once or self.observer is None:
+            return True
+        return all(emitter.is_alive() for emitter in self.observer.emitters)
+
     def _probe_worker(self) -> None:
         self.queue.put(("probe", self.endpoint.probe()))
 
@@ -422,7 +442,7 @@ class Pipeline:
         if result.ok:
             if self.breaker.record_success():
                 log.warning("endpoint reachable again; resuming dispatch")
-            self.slot_ready.clear()
+            self._endpoint_back()
         else:
             self.breaker.probe_failed(time.monotonic(), jitter=self.rng.random())
             log.debug("probe failed: %s", result.describe())
@@ -819,6 +839,14 @@ class Pipeline:
         reached = not failed or report.error_class not in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
         if reached and self.breaker.record_success():
             log.warning("endpoint reachable again; resuming dispatch")
+            self._endpoint_back()
+
+    def _endpoint_back(self) -> None:
+        """After an outage, files that backed off because of it go out now, not in 10 min."""
+        self.slot_ready.clear()
+        now = time.monotonic()
+        self.retry_heap = [(min(due, now), rel) for due, rel in self.retry_heap]
+        heapq.heapify(self.retry_heap)
 
     def _hold_committed(self, rels: list[str]) -> None:
         """Move delivered files to holding and record it (one transaction for the lot)."""

@@ -198,7 +198,7 @@ def _status(config: config_mod.Config, database: object, *, as_json: bool, every
             file=sys.stderr,
         )
         return EX_CANTCREAT
-    info = status.summary(None if everything else config.name)
+    info = status.summary(None if everything else config.name, breaker_threshold=config.breaker_threshold)
     print(json.dumps(info, indent=2) if as_json else status.render(info))
     return EX_OK
 

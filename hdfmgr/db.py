@@ -69,6 +69,11 @@ class FileRecord(BaseModel):
             (("source", "state"), False),
             (("source", "relpath"), False),
             (("state", "updated_at"), False),
+            # status, metrics and `hdfmgr files`: last commit, throughput windows, arrivals.
+            (("source", "committed_at"), False),
+            (("committed_at",), False),
+            (("source", "detected_at"), False),
+            (("detected_at",), False),
         )
 
 
@@ -97,7 +102,11 @@ class TransferBatch(BaseModel):
 
     class Meta:
         table_name = "batches"
-        indexes = ((("source", "started_at"), False), (("status",), False))
+        indexes = (
+            (("source", "started_at"), False),
+            (("status",), False),
+            (("source", "finished_at"), False),
+        )
 
 
 class Attempt(BaseModel):
@@ -131,7 +140,8 @@ def connect(config: Config) -> pw.Database:
             },
         )
     else:
-        db = connect_url(url)
+        # psycopg2 gives up connecting after connect_timeout seconds (it waits forever without).
+        db = connect_url(url, connect_timeout=max(1, round(config.database_timeout)))
     proxy.initialize(db)
     db.connect(reuse_if_open=True)
     return db

@@ -1,4 +1,10 @@
-"""Read-only queries over the audit trail for ``hdfmgr status``."""
+"""Read-only queries over the audit trail for ``hdfmgr status``.
+
+Every query is bounded by an index (see :mod:`hdfmgr.db`), so that ``status`` answers in a
+fraction of a second on a database with a million files: counts by state scan the
+``(source, state)`` index only, the backlog reads the waiting rows only, the last commit and the
+throughput windows read the ``(source, committed_at)`` index from its end.
+"""
 
 from __future__ import annotations
 
@@ -11,104 +17,250 @@ from .db import FileRecord, State, TransferBatch
 
 WAITING = (State.READY.value, State.FAILED.value, State.STAGING.value, State.COMMITTING.value)
 
+#: Batch error classes that mean "the endpoint could not be reached" (they feed the breaker).
+TRANSPORT_CLASSES = ("transport", "timeout")
 
-def summary(source: str | None = None, *, failures: int = 5) -> dict[str, Any]:
-    """Counts by state, the backlog, the last success and the latest failures."""
+#: Throughput windows, label -> seconds.
+WINDOWS = {"1m": 60.0, "1h": 3600.0}
 
-    def scoped(query: pw.ModelSelect, model: type[pw.Model] = FileRecord) -> pw.ModelSelect:
-        return query.where(model.source == source) if source else query
+BREAKER_BASIS = (
+    "derived from the latest batches: the daemon does not record its circuit breaker, so "
+    "'open' means the last breaker_threshold finished batches all failed with a transport or "
+    "timeout error"
+)
 
+
+def summary(
+    source: str | None = None,
+    *,
+    failures: int = 5,
+    breaker_threshold: int = 3,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Counts by state, backlog, last success, throughput, breaker and the latest failures.
+
+    ``source`` None means every source in the database (``--all``); the result then also has a
+    ``sources`` list with the backlog, last commit and breaker of each.
+    """
+    now = time.time() if now is None else now
+    info: dict[str, Any] = {"source": source, "generated_at": round(now, 3)}
     counts = {state.value: 0 for state in State}
     for state, n in (
-        scoped(FileRecord.select(FileRecord.state, pw.fn.COUNT(FileRecord.id)))
+        _scoped(FileRecord.select(FileRecord.state, pw.fn.COUNT(FileRecord.id)), source)
         .group_by(FileRecord.state)
         .tuples()
     ):
         counts[state] = n
-    backlog = (
-        scoped(
-            FileRecord.select(
-                pw.fn.COUNT(FileRecord.id), pw.fn.SUM(FileRecord.size), pw.fn.MIN(FileRecord.detected_at)
-            )
-        )
+    info["states"] = counts
+    info["backlog"] = backlog(source, now=now)
+    info["last_commit"] = last_commit(source, now=now)
+    info["throughput"] = throughput(source, now=now)
+    if source is not None:
+        info["breaker"] = breaker(source, threshold=breaker_threshold)
+    else:
+        info["sources"] = [
+            {
+                "source": name,
+                "backlog": backlog(name, now=now),
+                "last_commit": last_commit(name, now=now),
+                "breaker": breaker(name, threshold=breaker_threshold),
+            }
+            for name in sources()
+        ]
+    info["recent_failures"] = recent_failures(source, limit=failures)
+    return info
+
+
+def _scoped(query: pw.ModelSelect, source: str | None, model: type[pw.Model] = FileRecord) -> pw.ModelSelect:
+    return query.where(model.source == source) if source is not None else query
+
+
+def sources() -> list[str]:
+    """Every source that recorded a file or a batch."""
+    names = {s for (s,) in FileRecord.select(FileRecord.source).distinct().tuples()}
+    names.update(s for (s,) in TransferBatch.select(TransferBatch.source).distinct().tuples())
+    return sorted(names)
+
+
+def backlog(source: str | None, *, now: float) -> dict[str, Any]:
+    """Files still to deliver: count, bytes and the oldest one (by detection time)."""
+    files, nbytes = (
+        _scoped(FileRecord.select(pw.fn.COUNT(FileRecord.id), pw.fn.SUM(FileRecord.size)), source)
         .where(FileRecord.state.in_(WAITING))
         .tuples()
         .get()
     )
     oldest = (
-        scoped(FileRecord.select(FileRecord.name, FileRecord.detected_at))
+        _scoped(FileRecord.select(FileRecord.name, FileRecord.detected_at), source)
         .where(FileRecord.state.in_(WAITING))
         .order_by(FileRecord.detected_at)
         .limit(1)
         .tuples()
         .first()
     )
+    return {
+        "files": files or 0,
+        "bytes": int(nbytes or 0),
+        "oldest": oldest[0] if oldest else None,
+        "oldest_age_seconds": round(now - oldest[1], 1) if oldest else None,
+    }
+
+
+def last_commit(source: str | None, *, now: float) -> dict[str, Any] | None:
     last = (
-        scoped(FileRecord.select(FileRecord.name, FileRecord.committed_at))
+        _scoped(FileRecord.select(FileRecord.name, FileRecord.committed_at), source)
         .where(FileRecord.committed_at.is_null(False))
         .order_by(FileRecord.committed_at.desc())
         .limit(1)
         .tuples()
         .first()
     )
+    if last is None:
+        return None
+    return {"file": last[0], "at": last[1], "age_seconds": round(now - last[1], 1)}
+
+
+def throughput(source: str | None, *, now: float) -> dict[str, dict[str, float]]:
+    """Files and bytes committed in each window of :data:`WINDOWS`, and their rates."""
+    out = {}
+    for label, seconds in WINDOWS.items():
+        files, nbytes = (
+            _scoped(FileRecord.select(pw.fn.COUNT(FileRecord.id), pw.fn.SUM(FileRecord.size)), source)
+            .where(FileRecord.committed_at >= now - seconds)
+            .tuples()
+            .get()
+        )
+        files, nbytes = files or 0, int(nbytes or 0)
+        out[label] = {
+            "seconds": seconds,
+            "files": files,
+            "bytes": nbytes,
+            "files_per_s": round(files / seconds, 3),
+            "mb_per_s": round(nbytes / seconds / 1e6, 3),
+        }
+    return out
+
+
+def breaker(source: str, *, threshold: int = 3) -> dict[str, Any]:
+    """The circuit breaker as the batches table shows it (see :data:`BREAKER_BASIS`).
+
+    ``closed``: the latest finished batch reached the endpoint (or there is none);
+    ``failing``: the latest batches failed with transport/timeout errors, fewer than
+    ``threshold`` in a row; ``open``: at least ``threshold`` in a row, so the daemon has stopped
+    dispatching and probes the endpoint.
+    """
+    latest = (
+        TransferBatch.select(
+            TransferBatch.started_at, TransferBatch.error_class, TransferBatch.status, TransferBatch.stderr
+        )
+        .where((TransferBatch.source == source) & (TransferBatch.status != "running"))
+        .order_by(TransferBatch.started_at.desc())
+        .limit(max(threshold, 1))
+        .tuples()
+    )
+    run = []
+    for started, error_class, status, stderr in latest:
+        if status == "committed" or error_class not in TRANSPORT_CLASSES:
+            break
+        run.append((started, error_class, stderr))
+    if not run:
+        state = "closed"
+    elif len(run) >= threshold:
+        state = "open"
+    else:
+        state = "failing"
+    return {
+        "state": state,
+        "transport_failures_in_a_row": len(run),
+        "threshold": threshold,
+        "since": run[-1][0] if run else None,
+        "error": _last_line(run[0][2]) if run else None,
+        "basis": BREAKER_BASIS,
+    }
+
+
+def recent_failures(source: str | None, *, limit: int = 5) -> list[dict[str, Any]]:
     recent = (
-        scoped(TransferBatch.select(), TransferBatch)
+        _scoped(TransferBatch.select(), source, TransferBatch)
         .where(TransferBatch.status.in_(["failed", "partial"]))
         .order_by(TransferBatch.started_at.desc())
-        .limit(failures)
+        .limit(limit)
     )
-    now = time.time()
-    return {
-        "source": source,
-        "states": counts,
-        "backlog": {
-            "files": backlog[0] or 0,
-            "bytes": int(backlog[1] or 0),
-            "oldest": oldest[0] if oldest else None,
-            "oldest_age_seconds": round(now - oldest[1], 1) if oldest else None,
-        },
-        "last_commit": {"file": last[0], "at": last[1], "age_seconds": round(now - last[1], 1)}
-        if last
-        else None,
-        "recent_failures": [
-            {
-                "batch": b.id,
-                "at": b.started_at,
-                "files": b.files,
-                "status": b.status,
-                "error_class": b.error_class,
-                "returncode": b.returncode,
-                "stderr": (b.stderr or "").strip().splitlines()[-1:] or [""],
-            }
-            for b in recent
-        ],
-    }
+    return [
+        {
+            "batch": b.id,
+            "source": b.source,
+            "at": b.started_at,
+            "files": b.files,
+            "committed": b.committed,
+            "status": b.status,
+            "error_class": b.error_class,
+            "returncode": b.returncode,
+            "stderr": _last_line(b.stderr),
+        }
+        for b in recent
+    ]
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def render(info: dict[str, Any]) -> str:
     """The one-screen text form of :func:`summary`."""
     lines = []
+    if info.get("source"):
+        lines.append(f"source:   {info['source']}")
     states = info["states"]
     lines.append("files:    " + "  ".join(f"{k} {v}" for k, v in states.items()))
-    b = info["backlog"]
-    if b["files"]:
+    lines.append("backlog:  " + _backlog(info["backlog"]))
+    lines.append("last ok:  " + _last(info["last_commit"]))
+    rates = []
+    for label, t in info["throughput"].items():
+        rates.append(f"{label} {t['files']} files {t['files_per_s']:.2f} files/s {t['mb_per_s']:.2f} MB/s")
+    lines.append("rate:     " + "   ".join(rates))
+    if "breaker" in info:
+        lines.append("endpoint: " + _breaker(info["breaker"]))
+    for src in info.get("sources", []):
         lines.append(
-            f"backlog:  {b['files']} files, {b['bytes'] / 1e6:.1f} MB, oldest {b['oldest']} "
-            f"({_age(b['oldest_age_seconds'])} ago)"
+            f"  {src['source']}: backlog {_backlog(src['backlog'])}; last ok {_last(src['last_commit'])}; "
+            f"endpoint {_breaker(src['breaker'])}"
         )
-    else:
-        lines.append("backlog:  none")
-    last = info["last_commit"]
-    lines.append(f"last ok:  {last['file']} ({_age(last['age_seconds'])} ago)" if last else "last ok:  never")
     if info["recent_failures"]:
         lines.append("recent failures:")
         for f in info["recent_failures"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["at"]))
+            who = f" {f['source']}" if info.get("source") is None else ""
             lines.append(
-                f"  {when} batch {f['batch']} ({f['files']} files) {f['status']} "
-                f"[{f['error_class']}, exit {f['returncode']}]: {f['stderr'][0]}"
+                f"  {when}{who} batch {f['batch']} ({f['files']} files) {f['status']} "
+                f"[{f['error_class']}, exit {f['returncode']}]: {f['stderr']}"
             )
     return "\n".join(lines)
+
+
+def _backlog(b: dict[str, Any]) -> str:
+    if not b["files"]:
+        return "none"
+    return (
+        f"{b['files']} files, {b['bytes'] / 1e6:.1f} MB, oldest {b['oldest']} "
+        f"({_age(b['oldest_age_seconds'])} ago)"
+    )
+
+
+def _last(last: dict[str, Any] | None) -> str:
+    return f"{last['file']} ({_age(last['age_seconds'])} ago)" if last else "never"
+
+
+def _breaker(b: dict[str, Any]) -> str:
+    if b["state"] == "closed":
+        return "ok (closed)"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["since"]))
+    word = "FAILING, breaker open" if b["state"] == "open" else "failing"
+    return (
+        f"{word}: {b['transport_failures_in_a_row']} transport/timeout failure(s) in a row since {since}"
+        f" (derived from the batches table): {b['error']}"
+    )
 
 
 def _age(seconds: float | None) -> str:

@@ -57,6 +57,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
 @dataclass
 class Site:
     root: Path
+    #: database.engine; None: a SQLite file in the site (``db_path``, which ``query`` reads).
+    engine: str | None = None
     buffer: Path = field(init=False)
     holding: Path = field(init=False)
     ep_buffer: Path = field(init=False)
@@ -94,7 +96,7 @@ class Site:
                 "commands": {"transfer": transfer, "remote": remote},
                 **(params or {}),
             },
-            "database": {"engine": f"sqlite:///{self.db_path}"},
+            "database": {"engine": self.engine or f"sqlite:///{self.db_path}"},
             "logging": {"level": "DEBUG", **(logging or {})},
             "general": general,
         }

@@ -1,0 +1,167 @@
+"""``hdfmgr status``: the one-screen summary, its JSON, the source filter, and its speed.
+
+Every test runs against SQLite and against a real PostgreSQL server (tests/pg_fixture.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hdfmgr import config as config_mod
+from hdfmgr import db as dbm
+from hdfmgr import status
+from tests.audit_data import batch, file_row, insert_files
+from tests.site import Site
+
+
+@pytest.fixture
+def site(tmp_path: Path, engine: str | None) -> Iterator[Site]:
+    site = Site(tmp_path, engine=engine)
+    site.configure(name="cam1")
+    cfg = config_mod.load(site.config_path)
+    database = dbm.connect(cfg)
+    dbm.create_schema(database)
+    try:
+        yield site
+    finally:
+        database.close()
+
+
+def test_empty_database(site: Site) -> None:
+    info = status.summary("cam1")
+    assert info["states"] == {s.value: 0 for s in dbm.State}
+    assert info["backlog"] == {"files": 0, "bytes": 0, "oldest": None, "oldest_age_seconds": None}
+    assert info["last_commit"] is None
+    assert info["throughput"]["1m"]["files"] == 0
+    assert info["breaker"]["state"] == "closed"
+    text = status.render(info)
+    assert "backlog:  none" in text and "last ok:  never" in text and "endpoint: ok" in text
+
+
+def test_summary_counts_backlog_throughput_and_failures(site: Site) -> None:
+    now = time.time()
+    rows = [
+        # 30 committed in the last minute, 1 MB each; 60 more between 1 min and 1 h ago.
+        *(file_row("cam1", f"n/a{i}.fits", size=1_000_000, detected=now - 50, committed=now - 30)
+          for i in range(30)),
+        *(file_row("cam1", f"n/b{i}.fits", size=2_000_000, detected=now - 1900, committed=now - 1800)
+          for i in range(60)),
+        # Older than an hour: counted as held, not in any window.
+        *(file_row("cam1", f"old{i}.fits", detected=now - 90000, committed=now - 86400) for i in range(5)),
+        # The backlog: waiting in several states, the oldest detected 600 s ago.
+        file_row("cam1", "wait/oldest.fits", state="failed", size=500, detected=now - 600),
+        file_row("cam1", "wait/r.fits", state="ready", size=700, detected=now - 10),
+        file_row("cam1", "wait/s.fits", state="staging", size=800, detected=now - 5),
+        file_row("cam1", "gone.fits", state="quarantined", detected=now - 700),
+        # Another source: never counted without --all.
+        *(file_row("cam2", f"x{i}.fits", state="ready", detected=now - 5000) for i in range(7)),
+    ]
+    insert_files(rows)
+    batch("cam1", started=now - 40)
+    batch("cam1", started=now - 20, status="failed", error_class="remote", returncode=3,
+          stderr="first line\nscp: /staging/x: No space left on device\n\n")
+    batch("cam2", started=now - 10, status="failed", error_class="transport", returncode=255,
+          stderr="ssh: connect to host example.edu port 22: Connection refused")
+
+    info = status.summary("cam1", now=now)
+
+    assert info["states"]["held"] == 95
+    assert info["states"]["ready"] == 1 and info["states"]["failed"] == 1
+    assert info["states"]["staging"] == 1 and info["states"]["quarantined"] == 1
+    assert info["backlog"]["files"] == 3
+    assert info["backlog"]["bytes"] == 2000
+    assert info["backlog"]["oldest"] == "wait/oldest.fits"
+    assert info["backlog"]["oldest_age_seconds"] == pytest.approx(600, abs=1)
+    assert info["last_commit"]["age_seconds"] == pytest.approx(30, abs=1)
+    minute, hour = info["throughput"]["1m"], info["throughput"]["1h"]
+    assert minute["files"] == 30 and minute["bytes"] == 30_000_000
+    assert minute["files_per_s"] == pytest.approx(0.5) and minute["mb_per_s"] == pytest.approx(0.5)
+    assert hour["files"] == 90 and hour["bytes"] == 150_000_000
+    assert hour["mb_per_s"] == pytest.approx(150 / 3600, abs=1e-3)
+    assert info["breaker"]["state"] == "closed"  # the latest failure was not a transport one
+    [failure] = info["recent_failures"]
+    assert failure["error_class"] == "remote" and failure["returncode"] == 3
+    assert failure["stderr"] == "scp: /staging/x: No space left on device"
+
+    text = status.render(info)
+    assert "backlog:  3 files" in text and "wait/oldest.fits (10 min ago)" in text
+    assert "1m 30 files 0.50 files/s 0.50 MB/s" in text
+    assert "[remote, exit 3]: scp: /staging/x: No space left on device" in text
+    json.dumps(info)  # serialisable as it is
+
+    everything = status.summary(None, now=now)
+    assert everything["states"]["ready"] == 8
+    assert [s["source"] for s in everything["sources"]] == ["cam1", "cam2"]
+    cam2 = everything["sources"][1]
+    assert cam2["backlog"]["files"] == 7
+    assert cam2["breaker"]["state"] == "failing"
+    assert {f["source"] for f in everything["recent_failures"]} == {"cam1", "cam2"}
+
+
+def test_breaker_derived_from_latest_batches(site: Site) -> None:
+    now = time.time()
+    batch("cam1", started=now - 100)
+    for i in range(3):
+        batch("cam1", started=now - 50 + i, status="failed", error_class="timeout" if i else "transport",
+              returncode=255, stderr=f"ssh: connect to host example.edu port 22: Connection timed out {i}")
+    info = status.summary("cam1", breaker_threshold=3, now=now)
+    b = info["breaker"]
+    assert b["state"] == "open" and b["transport_failures_in_a_row"] == 3
+    assert b["since"] == pytest.approx(now - 50)
+    assert b["error"].endswith("timed out 2")
+    assert "derived" in b["basis"]
+    assert "FAILING, breaker open: 3 transport/timeout failure(s)" in status.render(info)
+    assert status.summary("cam1", breaker_threshold=5, now=now)["breaker"]["state"] == "failing"
+    # A batch that reached the endpoint closes it.
+    batch("cam1", started=now - 10)
+    assert status.summary("cam1", now=now)["breaker"]["state"] == "closed"
+
+
+def test_status_command_json_and_all(site: Site) -> None:
+    now = time.time()
+    insert_files([
+        file_row("cam1", "a.fits", detected=now - 5, committed=now - 1),
+        file_row("cam2", "b.fits", state="ready", detected=now - 5),
+    ])
+    result = site.hdfmgr("status", "--json", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["source"] == "cam1" and info["states"]["held"] == 1 and info["backlog"]["files"] == 0
+    everything = json.loads(site.hdfmgr("status", "--json", "--all", str(site.config_path)).stdout)
+    assert everything["source"] is None and everything["backlog"]["files"] == 1
+    text = site.hdfmgr("status", str(site.config_path))
+    assert text.returncode == 0 and "last ok:  a.fits" in text.stdout and "source:   cam1" in text.stdout
+
+
+def test_status_answers_on_a_large_database(site: Site) -> None:
+    """200k files (most of them held, a backlog of 2000): every query stays on an index.
+
+    The time is printed for the benchmark (pytest -s); nothing here asserts a duration.
+    """
+    now = time.time()
+    n = 200_000
+
+    def rows():
+        for i in range(n):
+            t = now - 86400 + i * 86400 / n
+            if i % 100 == 0:
+                yield file_row("cam1", f"night/{i:07d}.fits", state="ready", size=4096, detected=t)
+            else:
+                yield file_row("cam1", f"night/{i:07d}.fits", size=4096, detected=t - 2, committed=t)
+
+    t0 = time.perf_counter()
+    insert_files(rows(), chunk=2000)
+    inserted = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = status.summary("cam1", now=now)
+    elapsed = time.perf_counter() - t0
+    print(f"\nstatus on {n} files ({site.engine or 'sqlite'}): {elapsed * 1000:.0f} ms "
+          f"(insert {inserted:.1f} s)")
+    assert info["backlog"]["files"] == n // 100
+    assert info["states"]["held"] == n - n // 100
+    assert info["throughput"]["1h"]["files"] > 0

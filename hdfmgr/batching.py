@@ -73,7 +73,8 @@ class ReadyQueue:
         """
         if not self._by_dir:
             return []
-        directory = min(self._by_dir, key=lambda d: next(iter(self._by_dir[d].values())).since)
+        # By its oldest file, not its first added: a retried file comes back with its old age.
+        directory = min(self._by_dir, key=lambda d: min(c.since for c in self._by_dir[d].values()))
         files = self._by_dir[directory]
         ordered = sorted(files.values(), key=lambda c: c.since)
         batch: list[Candidate] = []

@@ -393,7 +393,8 @@ class Pipeline:
     def _maintain(self, now: float) -> None:
         try:
             st = os.stat(self.buffer)
-            inode: tuple[int, int] | None = (st.st_ino, st.st_ctime_ns)
+            # Not ctime: a directory's ctime changes with every file added or removed.
+            inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except OSError:
             inode = None
         present = inode is not None

@@ -19,11 +19,15 @@ No clock is read here and no file is touched: the caller passes ``now`` and the 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 #: How often a file that a writer still holds open is looked at again.
 WRITER_RECHECK = 0.25
+
+#: ``_Pending.due`` of a path that :meth:`SettleTracker.pop_due` handed out and nobody decided yet.
+_HANDED_OUT = -math.inf
 
 
 class Evidence(Enum):
@@ -86,6 +90,8 @@ class SettleTracker:
             # Still waiting for the writer's close; a scan passing by proves nothing.
             if snapshot is not None:
                 entry.snapshot = snapshot
+            if entry.due == _HANDED_OUT:  # popped but not checked: it must stay scheduled
+                self._reschedule(entry, rel, max(now, entry.since + max(self.open_grace, self.settle)))
             return
         entry.evidence = evidence
         entry.since = now
@@ -114,6 +120,7 @@ class SettleTracker:
             due, rel = heapq.heappop(self._heap)
             entry = self._pending.get(rel)
             if entry is not None and entry.due == due:
+                entry.due = _HANDED_OUT  # a duplicate heap item for the same deadline is stale now
                 out.append(rel)
         return out
 

@@ -254,8 +254,7 @@ def test_relative_paths_resolve_against_the_config_directory(
     (tmp_path / "etc" / "logs").mkdir(parents=True)
     path = write(
         tmp_path / "etc" / "hdfmgr.yaml",
-        seed_yaml("../data/buffer", "../data/holding")
-        + "logging:\n  file: logs/hdfmgr.log\n",
+        seed_yaml("../data/buffer", "../data/holding") + "logging:\n  file: logs/hdfmgr.log\n",
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -306,7 +305,9 @@ def test_symlinked_holding_inside_buffer_is_caught(site: Path) -> None:
 
 def test_yaml_octal_port_is_an_int(site: Path) -> None:
     """YAML 1.1 reads ``port: 022`` as octal 18. It is allowed: a parameter may be a number."""
-    text = seed_yaml(site / "buffer", site / "holding").replace("  host: example.edu\n", "  host: h\n  port: 022\n")
+    text = seed_yaml(site / "buffer", site / "holding").replace(
+        "  host: example.edu\n", "  host: h\n  port: 022\n"
+    )
     cfg = load(write(site / "config.yaml", text))
     assert cfg.params["port"] == 18
 
@@ -323,7 +324,9 @@ def test_yaml_quoted_port_stays_a_string(site: Path) -> None:
 
 def test_yaml_bool_parameter_is_rejected(site: Path) -> None:
     """``port: yes`` is a YAML 1.1 boolean, never a port number."""
-    text = seed_yaml(site / "buffer", site / "holding").replace("  host: example.edu\n", "  host: h\n  port: yes\n")
+    text = seed_yaml(site / "buffer", site / "holding").replace(
+        "  host: example.edu\n", "  host: h\n  port: yes\n"
+    )
     with pytest.raises(ConfigError) as excinfo:
         load(write(site / "config.yaml", text))
     assert_one_line_error(excinfo, "endpoint.port")
@@ -425,46 +428,89 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], object], tuple[str, ...]]] =
     ("staging-is-buffer", _set("endpoint", "staging", value="/data/buffer"), ("endpoint.staging",)),
     ("staging-is-buffer-slash", _set("endpoint", "staging", value="/data/buffer/"), ("endpoint.staging",)),
     ("staging-in-buffer", _set("endpoint", "staging", value="/data/buffer/.staging"), ("endpoint.staging",)),
-    ("staging-in-buffer-dots", _set("endpoint", "staging", value="/data/x/../buffer/s"), ("endpoint.staging",)),
+    (
+        "staging-in-buffer-dots",
+        _set("endpoint", "staging", value="/data/x/../buffer/s"),
+        ("endpoint.staging",),
+    ),
     # commands
-    ("transfer-no-dest", _set("endpoint", "commands", "transfer", value="cp {batch} /x"),
-     ("endpoint.commands.transfer", "{dest}")),
-    ("transfer-no-file", _set("endpoint", "commands", "transfer", value="cp /x {dest}"),
-     ("endpoint.commands.transfer", "{file}", "{batch}")),
-    ("transfer-both", _set("endpoint", "commands", "transfer", value="cp {file} {batch} {dest}"),
-     ("endpoint.commands.transfer",)),
-    ("transfer-command", _set("endpoint", "commands", "transfer", value="cp {batch} {dest} {command}"),
-     ("endpoint.commands.transfer", "{command}")),
-    ("remote-no-command", _set("endpoint", "commands", "remote", value="ssh {host}"),
-     ("endpoint.commands.remote", "{command}")),
-    ("remote-with-dest", _set("endpoint", "commands", "remote", value="ssh {host} {dest} {command}"),
-     ("endpoint.commands.remote",)),
-    ("undefined-placeholder", _set("endpoint", "commands", "transfer", value="scp {batch} {usr}@{host}:{dest}"),
-     ("endpoint.commands.transfer", "{usr}")),
-    ("undefined-in-remote", _set("endpoint", "commands", "remote", value="ssh -p {prt} {host} {command}"),
-     ("endpoint.commands.remote", "{prt}")),
-    ("unbalanced-brace", _set("endpoint", "commands", "transfer", value="scp {batch {dest}"),
-     ("endpoint.commands.transfer",)),
-    ("unbalanced-quote", _set("endpoint", "commands", "transfer", value="scp {batch} '{dest}"),
-     ("endpoint.commands.transfer",)),
-    ("batch-inside-token", _set("endpoint", "commands", "transfer", value="scp x{batch} {dest}"),
-     ("endpoint.commands.transfer", "{batch}")),
+    (
+        "transfer-no-dest",
+        _set("endpoint", "commands", "transfer", value="cp {batch} /x"),
+        ("endpoint.commands.transfer", "{dest}"),
+    ),
+    (
+        "transfer-no-file",
+        _set("endpoint", "commands", "transfer", value="cp /x {dest}"),
+        ("endpoint.commands.transfer", "{file}", "{batch}"),
+    ),
+    (
+        "transfer-both",
+        _set("endpoint", "commands", "transfer", value="cp {file} {batch} {dest}"),
+        ("endpoint.commands.transfer",),
+    ),
+    (
+        "transfer-command",
+        _set("endpoint", "commands", "transfer", value="cp {batch} {dest} {command}"),
+        ("endpoint.commands.transfer", "{command}"),
+    ),
+    (
+        "remote-no-command",
+        _set("endpoint", "commands", "remote", value="ssh {host}"),
+        ("endpoint.commands.remote", "{command}"),
+    ),
+    (
+        "remote-with-dest",
+        _set("endpoint", "commands", "remote", value="ssh {host} {dest} {command}"),
+        ("endpoint.commands.remote",),
+    ),
+    (
+        "undefined-placeholder",
+        _set("endpoint", "commands", "transfer", value="scp {batch} {usr}@{host}:{dest}"),
+        ("endpoint.commands.transfer", "{usr}"),
+    ),
+    (
+        "undefined-in-remote",
+        _set("endpoint", "commands", "remote", value="ssh -p {prt} {host} {command}"),
+        ("endpoint.commands.remote", "{prt}"),
+    ),
+    (
+        "unbalanced-brace",
+        _set("endpoint", "commands", "transfer", value="scp {batch {dest}"),
+        ("endpoint.commands.transfer",),
+    ),
+    (
+        "unbalanced-quote",
+        _set("endpoint", "commands", "transfer", value="scp {batch} '{dest}"),
+        ("endpoint.commands.transfer",),
+    ),
+    (
+        "batch-inside-token",
+        _set("endpoint", "commands", "transfer", value="scp x{batch} {dest}"),
+        ("endpoint.commands.transfer", "{batch}"),
+    ),
     # reserved words as parameters
     ("reserved-batch", _set("endpoint", "batch", value="x"), ("endpoint.batch", "reserved")),
     ("reserved-file", _set("endpoint", "file", value="x"), ("endpoint.file", "reserved")),
     ("reserved-dest", _set("endpoint", "dest", value="/x"), ("endpoint.dest", "reserved")),
     ("reserved-command", _set("endpoint", "command", value="ls"), ("endpoint.command", "reserved")),
     # exclude_list
-    ("bad-regex", _set("general", "exclude_list", value=[r"\.tmp$", "(unclosed"]),
-     ("general.exclude_list", "(unclosed")),
+    (
+        "bad-regex",
+        _set("general", "exclude_list", value=[r"\.tmp$", "(unclosed"]),
+        ("general.exclude_list", "(unclosed"),
+    ),
     ("bad-regex-star", _set("general", "exclude_list", value=["*.tmp"]), ("general.exclude_list",)),
     # database URLs
     ("mysql", _set("database", "engine", value="mysql://u@h/db"), ("database.engine", "mysql://")),
     ("sqlite-two-slashes", _set("database", "engine", value="sqlite://handoff.db"), ("database.engine",)),
     ("sqlite-no-path", _set("database", "engine", value="sqlite:///"), ("database.engine",)),
     ("sqlite-bare", _set("database", "engine", value="handoff.db"), ("database.engine",)),
-    ("sqlite-missing-dir", _set("database", "engine", value="sqlite:////nonexistent/hdfmgr/h.db"),
-     ("database.engine", "/nonexistent/hdfmgr")),
+    (
+        "sqlite-missing-dir",
+        _set("database", "engine", value="sqlite:////nonexistent/hdfmgr/h.db"),
+        ("database.engine", "/nonexistent/hdfmgr"),
+    ),
     # logging
     ("level", _set("logging", "level", value="verbose"), ("logging.level", "verbose")),
     ("rotate", _set("logging", "rotate", value="weekly"), ("logging.rotate", "weekly")),

@@ -113,7 +113,12 @@ def test_consumer_never_sees_a_partial_file(site: Site) -> None:
                 for i in range(0, len(data), 64 * 1024):
                     f.write(data[i : i + 64 * 1024])
                     f.flush()
-        wait_for(lambda: len(seen) == len(expected), 30, "consumer to ingest everything")
+        try:
+            wait_for(lambda: len(seen) == len(expected), 30, "consumer to ingest everything")
+        except AssertionError:
+            raise AssertionError(
+                f"seen {len(seen)}/{len(expected)}; states {site.states()}\n{daemon.output()}"
+            ) from None
         wait_for(lambda: site.held() == expected, 10, "holding")
     finally:
         done.set()

@@ -87,7 +87,8 @@ def test_quoted_placeholders_are_still_placeholders() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["cp {batch {dest}", "cp {batch} dest}", "cp } {dest}", "cp {file} {dest}{", "x {{{file}} {dest}}"]
+    "text",
+    ["cp {batch {dest}", "cp {batch} dest}", "cp } {dest}", "cp {file} {dest}{", "x {{{file}} {dest}}"],
 )
 def test_unbalanced_braces(text: str) -> None:
     with pytest.raises(TemplateError, match="brace"):
@@ -112,8 +113,16 @@ def test_undefined_placeholder_is_named() -> None:
         Template.parse("scp {File} {file} {dest}", PARAMS)
 
 
-@pytest.mark.parametrize("text", ["cp x{batch} {dest}", "cp {batch}x {dest}", "cp {batch}{batch} {dest}",
-                                  "cp {user}{batch} {dest}", "cp --files={batch} {dest}"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cp x{batch} {dest}",
+        "cp {batch}x {dest}",
+        "cp {batch}{batch} {dest}",
+        "cp {user}{batch} {dest}",
+        "cp --files={batch} {dest}",
+    ],
+)
 def test_batch_must_be_a_whole_token(text: str) -> None:
     with pytest.raises(TemplateError, match=r"\{batch\}"):
         Template.parse(text, PARAMS)
@@ -162,7 +171,9 @@ def test_file_embedded_in_a_token() -> None:
 
 def test_dest_embedded_in_a_token() -> None:
     t = Template.parse("scp {batch} {user}@{host}:{dest}", PARAMS)
-    assert t.render(files=["/f"], dest="/stage/dir with space")[-1] == "jdoe@example.edu:/stage/dir with space"
+    assert (
+        t.render(files=["/f"], dest="/stage/dir with space")[-1] == "jdoe@example.edu:/stage/dir with space"
+    )
 
 
 def test_command_is_one_argv_entry() -> None:
@@ -188,11 +199,40 @@ def test_quote_remote_simple_words_stay_readable() -> None:
 
 # --------------------------------------------------------------------------- properties
 
-HOSTILE = ["$(touch pwned)", "`touch pwned`", "a;b", "a|b", "a&b", "'", '"', "\n", "\t", "{dest}", "{file}",
-           "{{", "}", "-rf", "--", "*", "?", "[a]", "~", "\\", " ", "!", "#", "%s", "\x1b", "é", "\u202e"]
+HOSTILE = [
+    "$(touch pwned)",
+    "`touch pwned`",
+    "a;b",
+    "a|b",
+    "a&b",
+    "'",
+    '"',
+    "\n",
+    "\t",
+    "{dest}",
+    "{file}",
+    "{{",
+    "}",
+    "-rf",
+    "--",
+    "*",
+    "?",
+    "[a]",
+    "~",
+    "\\",
+    " ",
+    "!",
+    "#",
+    "%s",
+    "\x1b",
+    "é",
+    "\u202e",
+]
 
 name_text = st.lists(
-    st.one_of(st.sampled_from(HOSTILE), st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8)),
+    st.one_of(
+        st.sampled_from(HOSTILE), st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8)
+    ),
     min_size=1,
     max_size=5,
 ).map("".join)

@@ -1,0 +1,216 @@
+"""Unit tests for hdfmgr.batching: which ready files leave together."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hdfmgr.batching import Candidate, ReadyQueue, arg_budget
+
+BIG = 1 << 30  # a budget that never limits
+
+
+def queue(*items: tuple[str, float]) -> ReadyQueue:
+    q = ReadyQueue()
+    for rel, since in items:
+        q.add(Candidate(rel, 100, since))
+    return q
+
+
+def rels(batch: list[Candidate]) -> list[str]:
+    return [c.rel for c in batch]
+
+
+def cost(rel: str, path_bytes: int) -> int:
+    """What one file argument costs in argv: its absolute path, its NUL and its pointer."""
+    return path_bytes + len(os.fsencode(rel)) + 1 + 8
+
+
+def test_candidate_directory() -> None:
+    assert Candidate("a/b/c.fits", 1, 0.0).directory == "a/b"
+    assert Candidate("top.fits", 1, 0.0).directory == ""
+
+
+def test_empty_queue() -> None:
+    q = ReadyQueue()
+    assert len(q) == 0
+    assert q.take_batch(chunk_size=10, budget=BIG, path_bytes=10) == []
+
+
+def test_oldest_first_within_a_directory() -> None:
+    q = queue(("d/c", 3.0), ("d/a", 1.0), ("d/b", 2.0))
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["d/a", "d/b", "d/c"]
+    assert len(q) == 0
+
+
+def test_one_directory_per_batch_oldest_directory_first() -> None:
+    q = queue(("new/1", 5.0), ("old/1", 1.0), ("new/2", 6.0), ("old/2", 7.0), ("top", 3.0))
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["old/1", "old/2"]
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["top"]
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["new/1", "new/2"]
+    assert q.take_batch(chunk_size=10, budget=BIG, path_bytes=5) == []
+
+
+def test_oldest_directory_is_judged_by_its_oldest_file_not_its_first_added() -> None:
+    """A retried file comes back with its original age after newer siblings were queued."""
+    q = ReadyQueue()
+    q.add(Candidate("a/new", 1, 50.0))
+    q.add(Candidate("b/mid", 1, 30.0))
+    q.add(Candidate("a/retried", 1, 10.0))  # the oldest file of all
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["a/retried", "a/new"]
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["b/mid"]
+
+
+def test_nested_directories_are_separate() -> None:
+    q = queue(("a/x", 1.0), ("a/b/y", 2.0), ("a/b/z", 3.0))
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["a/x"]
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)) == ["a/b/y", "a/b/z"]
+
+
+def test_chunk_size_is_respected() -> None:
+    q = queue(*((f"d/{i:02d}", float(i)) for i in range(25)))
+    sizes = []
+    while len(q):
+        batch = q.take_batch(chunk_size=10, budget=BIG, path_bytes=5)
+        sizes.append(len(batch))
+    assert sizes == [10, 10, 5]
+
+
+def test_chunk_size_one() -> None:
+    q = queue(("d/a", 1.0), ("d/b", 2.0))
+    assert rels(q.take_batch(chunk_size=1, budget=BIG, path_bytes=5)) == ["d/a"]
+    assert rels(q.take_batch(chunk_size=1, budget=BIG, path_bytes=5)) == ["d/b"]
+
+
+def test_argv_budget_is_respected() -> None:
+    names = [f"dir/file-{i:03d}.fits" for i in range(50)]
+    q = queue(*((n, float(i)) for i, n in enumerate(names)))
+    path_bytes = len("/data/buffer/")
+    budget = 7 * cost(names[0], path_bytes) + 3  # room for seven, not eight
+    batch = q.take_batch(chunk_size=1000, budget=budget, path_bytes=path_bytes)
+    assert rels(batch) == names[:7]
+    assert sum(cost(c.rel, path_bytes) for c in batch) <= budget
+
+
+def test_budget_exactly_filled() -> None:
+    q = queue(("d/a", 1.0), ("d/b", 2.0), ("d/c", 3.0))
+    budget = cost("d/a", 10) + cost("d/b", 10)
+    assert rels(q.take_batch(chunk_size=10, budget=budget, path_bytes=10)) == ["d/a", "d/b"]
+
+
+def test_budget_counts_bytes_not_characters() -> None:
+    wide = "d/" + "é" * 10  # 20 bytes in UTF-8, 10 characters
+    q = queue((wide, 1.0), ("d/" + "ü" * 10, 2.0))
+    budget = cost(wide, 0) + 5
+    assert len(q.take_batch(chunk_size=10, budget=budget, path_bytes=0)) == 1
+
+
+def test_non_utf8_names_are_measured_as_bytes() -> None:
+    name = "d/" + os.fsdecode(b"\xff\xfe-raw")
+    q = queue((name, 1.0), ("d/other", 2.0))
+    assert rels(q.take_batch(chunk_size=10, budget=cost(name, 0), path_bytes=0)) == [name]
+
+
+def test_at_least_one_file_even_over_budget() -> None:
+    q = queue(("d/" + "x" * 500, 1.0), ("d/y", 2.0))
+    batch = q.take_batch(chunk_size=10, budget=10, path_bytes=100)
+    assert len(batch) == 1 and batch[0].rel.startswith("d/x")
+    assert rels(q.take_batch(chunk_size=10, budget=10, path_bytes=100)) == ["d/y"]
+
+
+def test_add_is_idempotent_and_updates() -> None:
+    q = ReadyQueue()
+    q.add(Candidate("d/a", 1, 5.0))
+    q.add(Candidate("d/a", 2, 5.0))
+    assert len(q) == 1
+    [item] = q.take_batch(chunk_size=10, budget=BIG, path_bytes=0)
+    assert item.size == 2
+
+
+def test_remove_and_contains() -> None:
+    q = queue(("d/a", 1.0), ("d/b", 2.0), ("e/c", 3.0))
+    assert "d/a" in q and "e/c" in q
+    assert "d/zzz" not in q and "zzz" not in q
+    q.remove("d/a")
+    q.remove("d/a")  # twice is harmless
+    q.remove("never/added")
+    assert "d/a" not in q
+    assert len(q) == 2
+    q.remove("e/c")
+    assert len(q) == 1
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=0)) == ["d/b"]
+    assert len(q) == 0 and "d/b" not in q
+
+
+def test_taken_files_leave_the_queue() -> None:
+    q = queue(("d/a", 1.0), ("d/b", 2.0))
+    q.take_batch(chunk_size=1, budget=BIG, path_bytes=0)
+    assert "d/a" not in q and "d/b" in q and len(q) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.dictionaries(
+        st.tuples(st.sampled_from(["", "a", "a/b", "c d"]), st.text("xyz-é", min_size=1, max_size=6)),
+        st.floats(0, 1000, allow_nan=False),
+        max_size=40,
+    ),
+    chunk_size=st.integers(1, 8),
+    budget=st.integers(0, 400),
+    path_bytes=st.integers(0, 30),
+)
+def test_batches_partition_the_queue(
+    items: dict[tuple[str, str], float], chunk_size: int, budget: int, path_bytes: int
+) -> None:
+    q = ReadyQueue()
+    expected = {}
+    for (directory, name), since in items.items():
+        rel = f"{directory}/{name}" if directory else name
+        q.add(Candidate(rel, 1, since))
+        expected[rel] = since
+    taken: list[str] = []
+    while True:
+        before = len(q)
+        batch = q.take_batch(chunk_size=chunk_size, budget=budget, path_bytes=path_bytes)
+        if not batch:
+            assert before == 0
+            break
+        assert len(q) == before - len(batch)
+        assert 1 <= len(batch) <= chunk_size
+        assert len({c.directory for c in batch}) == 1
+        if len(batch) > 1:
+            assert sum(cost(c.rel, path_bytes) for c in batch) <= budget
+        # the batch starts with the oldest file still queued
+        remaining = {r: s for r, s in expected.items() if r not in taken}
+        assert batch[0].since == min(remaining.values())
+        assert [c.since for c in batch] == sorted(c.since for c in batch)
+        taken.extend(c.rel for c in batch)
+    assert sorted(taken) == sorted(expected)
+
+
+def test_arg_budget_is_positive_and_below_arg_max() -> None:
+    arg_max = os.sysconf("SC_ARG_MAX")
+    budget = arg_budget()
+    assert 0 < budget < arg_max
+    assert budget >= 16 * 1024
+
+
+def test_arg_budget_leaves_room_for_the_environment() -> None:
+    assert arg_budget(env_bytes=0) > arg_budget(env_bytes=10_000)
+    assert arg_budget(env_bytes=0) < os.sysconf("SC_ARG_MAX")
+
+
+def test_arg_budget_has_a_floor() -> None:
+    assert arg_budget(env_bytes=1 << 40) == 16 * 1024
+
+
+@pytest.mark.parametrize("error", [ValueError, OSError])
+def test_arg_budget_without_sysconf(monkeypatch: pytest.MonkeyPatch, error: type[Exception]) -> None:
+    def broken(name: str) -> int:
+        raise error(name)
+
+    monkeypatch.setattr(os, "sysconf", broken)
+    assert 16 * 1024 <= arg_budget(env_bytes=0) < 128 * 1024

@@ -1,0 +1,474 @@
+"""Unit tests for hdfmgr.endpoint's remote scripts, run against a LOCAL endpoint.
+
+The endpoint is a pair of directories on this machine, the transfer is ``cp {batch} {dest}``
+and the remote command is ``sh -c "{command}"``: the scripts run exactly as they would after
+ssh, through two shells, without a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hdfmgr.config import Config, from_mapping
+from hdfmgr.endpoint import (
+    CommitReport,
+    Endpoint,
+    ErrorClass,
+    StagedFile,
+    classify,
+    expected_records,
+    parse_commit_output,
+)
+from hdfmgr.runner import CommandResult
+
+HOSTILE = [
+    "plain.fits",
+    "with space.fits",
+    "new\nline",
+    "tab\there",
+    "single'quote",
+    'double"quote',
+    "$(touch pwned)",
+    "`touch pwned`",
+    "a;touch pwned",
+    "a|b&c",
+    "-leading-dash",
+    "--",
+    "*",
+    "{dest}",
+    "back\\slash",
+    "trailing space ",
+    os.fsdecode(b"latin1-\xe9\xff"),
+    "ünïcödé",
+]
+
+
+class Site:
+    def __init__(self, root: Path, *, verify: str = "size") -> None:
+        self.root = root
+        self.buffer = root / "buffer"
+        self.holding = root / "holding"
+        self.ep_buffer = root / "endpoint" / "buffer"
+        self.staging = root / "endpoint" / "staging"
+        for d in (self.buffer, self.holding, self.ep_buffer, self.staging):
+            d.mkdir(parents=True)
+        self.config: Config = from_mapping(
+            {
+                "handoff": {"buffer": str(self.buffer), "holding": str(self.holding)},
+                "endpoint": {
+                    "buffer": str(self.ep_buffer),
+                    "staging": str(self.staging),
+                    "commands": {"transfer": "cp {batch} {dest}", "remote": 'sh -c "{command}"'},
+                },
+                "database": {"engine": "sqlite:///handoff.db"},
+                "general": {"name": "t1", "verify": verify, "timeout": 30},
+            },
+            path=root / "config.yaml",
+        )
+        self.endpoint = Endpoint(self.config, generation="g1")
+
+    def local(self, rel: str, data: bytes) -> StagedFile:
+        """A file in the handoff buffer, described as the endpoint should receive it."""
+        path = Path(os.path.join(self.buffer, rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        checksum = hashlib.blake2b(data).hexdigest() if self.config.verify == "checksum" else None
+        return StagedFile(rel, str(path), len(data), checksum)
+
+    def slot(self, n: int = 0) -> str:
+        slot = self.endpoint.slot_dir(n)
+        result = self.endpoint.prepare(slot, clean=False)
+        assert result.ok, result.stderr
+        return slot
+
+
+def stage(slot: str, name: str, data: bytes) -> None:
+    """Simulate the transfer of one file into the slot directory."""
+    Path(os.path.join(slot, name)).write_bytes(data)
+
+
+def listing(directory: Path | str) -> dict[bytes, bytes]:
+    d = os.fsencode(directory)
+    out = {}
+    for name in os.listdir(d):
+        with open(os.path.join(d, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def no_pwned(*roots: Path) -> None:
+    for root in roots:
+        hits = [p for p in root.rglob("*") if p.name == "pwned"]
+        assert hits == [], f"a filename was executed: {hits}"
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
+    monkeypatch.chdir(tmp_path)  # anything a name might run would land here
+    return Site(tmp_path)
+
+
+@pytest.fixture
+def checksum_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
+    monkeypatch.chdir(tmp_path)
+    return Site(tmp_path, verify="checksum")
+
+
+# --------------------------------------------------------------------------- layout and prepare
+
+
+def test_slot_and_final_dirs(site: Site) -> None:
+    ep = site.endpoint
+    assert ep.slot_dir(0) == f"{site.staging}/hdfmgr.t1.g1.0"
+    assert ep.slot_dir(3) == f"{site.staging}/hdfmgr.t1.g1.3"
+    assert ep.final_dir("") == str(site.ep_buffer)
+    assert ep.final_dir("a/b") == f"{site.ep_buffer}/a/b"
+    assert ep.final_dir("./a//b/") == f"{site.ep_buffer}/a/b"
+
+
+def test_random_generation_by_default(site: Site) -> None:
+    a, b = Endpoint(site.config), Endpoint(site.config)
+    assert a.generation != b.generation
+    assert a.slot_dir(0) != b.slot_dir(0)
+
+
+def test_remote_argv_is_the_remote_template_with_one_command(site: Site) -> None:
+    argv = site.endpoint.remote_argv("echo hi", "a b")
+    assert argv[:2] == ["sh", "-c"]
+    assert len(argv) == 3
+
+
+def test_probe(site: Site) -> None:
+    assert site.endpoint.probe().ok
+
+
+def test_prepare_creates_the_slot(site: Site) -> None:
+    slot = site.endpoint.slot_dir(0)
+    result = site.endpoint.prepare(slot, clean=False)
+    assert result.ok, result.stderr
+    assert Path(slot).is_dir()
+    # idempotent
+    assert site.endpoint.prepare(slot, clean=False).ok
+
+
+def test_prepare_keep_and_clean(site: Site) -> None:
+    slot = site.slot()
+    stage(slot, "leftover", b"x")
+    assert site.endpoint.prepare(slot, clean=False).ok
+    assert os.listdir(slot) == ["leftover"]
+    assert site.endpoint.prepare(slot, clean=True).ok
+    assert Path(slot).is_dir() and os.listdir(slot) == []
+
+
+def test_prepare_creates_missing_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path)
+    shutil.rmtree(site.staging)
+    slot = site.endpoint.slot_dir(0)
+    assert site.endpoint.prepare(slot, clean=True).ok
+    assert Path(slot).is_dir()
+
+
+# --------------------------------------------------------------------------- commit, size mode
+
+
+def test_commit_moves_exactly_the_verified_files(site: Site) -> None:
+    slot = site.slot()
+    files = [site.local(f"night/{n}.fits", n.encode() * 100) for n in ("a", "b", "c")]
+    for f in files:
+        stage(slot, f.basename, Path(f.path).read_bytes())
+    final = site.endpoint.final_dir("night")
+    result, report = site.endpoint.commit(slot, final, files)
+    assert result.ok, result.stderr
+    assert report.committed == {"a.fits", "b.fits", "c.fits"}
+    assert report.verified == report.committed
+    assert report.remaining == set()
+    assert listing(final) == {f.basename.encode(): Path(f.path).read_bytes() for f in files}
+    assert os.listdir(slot) == []
+    # the script's temporary files are gone too
+    assert sorted(os.listdir(site.staging)) == ["hdfmgr.t1.g1.0"]
+
+
+def test_commit_into_the_buffer_root(site: Site) -> None:
+    slot = site.slot()
+    f = site.local("top.fits", b"top")
+    stage(slot, "top.fits", b"top")
+    result, report = site.endpoint.commit(slot, site.endpoint.final_dir(""), [f])
+    assert result.ok, result.stderr
+    assert report.committed == {"top.fits"}
+    assert (site.ep_buffer / "top.fits").read_bytes() == b"top"
+
+
+def test_commit_rejects_a_wrong_size(site: Site) -> None:
+    slot = site.slot()
+    good = site.local("d/good", b"good data")
+    bad = site.local("d/bad", b"complete data")
+    stage(slot, "good", b"good data")
+    stage(slot, "bad", b"partial")  # a transfer that stopped early
+    final = site.endpoint.final_dir("d")
+    result, report = site.endpoint.commit(slot, final, [good, bad])
+    assert result.ok, result.stderr
+    assert report.committed == {"good"}
+    assert "bad" in report.remaining and "bad" not in report.committed
+    assert listing(final) == {b"good": b"good data"}
+    assert listing(slot) == {b"bad": b"partial"}
+
+
+def test_commit_reports_strays_and_ignores_missing(site: Site) -> None:
+    slot = site.slot()
+    f = site.local("d/expected", b"1234")
+    missing = site.local("d/never-arrived", b"5678")
+    stage(slot, "expected", b"1234")
+    stage(slot, "stray", b"from an earlier batch")
+    final = site.endpoint.final_dir("d")
+    result, report = site.endpoint.commit(slot, final, [f, missing])
+    assert result.ok, result.stderr
+    assert report.committed == {"expected"}
+    assert report.remaining == {"stray"}
+    assert "never-arrived" not in report.verified | report.remaining
+    assert listing(final) == {b"expected": b"1234"}
+
+
+def test_commit_with_nothing_staged(site: Site) -> None:
+    slot = site.slot()
+    f = site.local("d/x", b"x")
+    result, report = site.endpoint.commit(slot, site.endpoint.final_dir("d"), [f])
+    assert report.committed == set() and report.remaining == set()
+    assert not (site.ep_buffer / "d" / "x").exists()
+    assert result.returncode == 0, result.stderr
+
+
+def test_commit_hostile_names_round_trip(site: Site) -> None:
+    slot = site.slot()
+    files = []
+    expected = {}
+    for i, name in enumerate(HOSTILE):
+        data = f"{i}:".encode() + os.fsencode(name)
+        files.append(site.local(f"night/{name}", data))
+        stage(slot, name, data)
+        expected[os.fsencode(name)] = data
+    final = site.endpoint.final_dir("night")
+    result, report = site.endpoint.commit(slot, final, files)
+    assert result.ok, result.stderr
+    assert report.committed == set(HOSTILE)
+    assert report.remaining == set()
+    assert listing(final) == expected
+    no_pwned(site.root)
+    assert not Path("pwned").exists()
+
+
+def test_commit_hostile_final_directory(site: Site) -> None:
+    rel_dir = "we ird/$(touch pwned)/new\nline/-x/" + os.fsdecode(b"\xff")
+    slot = site.slot()
+    f = site.local(f"{rel_dir}/img", b"img")
+    stage(slot, "img", b"img")
+    final = site.endpoint.final_dir(rel_dir)
+    result, report = site.endpoint.commit(slot, final, [f])
+    assert result.ok, result.stderr
+    assert report.committed == {"img"}
+    assert Path(os.path.join(final, "img")).read_bytes() == b"img"
+    no_pwned(site.root)
+
+
+def test_transfer_and_commit_hostile_names(site: Site) -> None:
+    """The real transfer command with ``{batch}``: absolute paths, nothing parsed by a shell."""
+    slot = site.slot()
+    files = [site.local(f"n/{name}", os.fsencode(name) * 3) for name in HOSTILE]
+    argvs = site.endpoint.transfer_argvs(files, slot)
+    assert len(argvs) == 1
+    assert argvs[0] == ["cp", *(f.path for f in files), slot]
+    result = site.endpoint.transfer(argvs[0])
+    assert result.ok, result.stderr
+    result, report = site.endpoint.commit(slot, site.endpoint.final_dir("n"), files)
+    assert result.ok, result.stderr
+    assert report.committed == set(HOSTILE)
+    no_pwned(site.root)
+
+
+def test_transfer_argvs_one_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path)
+    config = from_mapping(
+        {
+            **site.config.raw,
+            "endpoint": {
+                **site.config.raw["endpoint"],
+                "commands": {"transfer": "cp -- {file} {dest}/", "remote": 'sh -c "{command}"'},
+            },
+        },
+        path=tmp_path / "config.yaml",
+    )
+    ep = Endpoint(config, generation="g1")
+    files = [site.local("a", b"1"), site.local("b", b"2")]
+    assert ep.transfer_argvs(files, "/s") == [
+        ["cp", "--", files[0].path, "/s/"],
+        ["cp", "--", files[1].path, "/s/"],
+    ]
+
+
+# --------------------------------------------------------------------------- commit, checksum mode
+
+
+def test_checksum_mode_rejects_same_size_other_content(checksum_site: Site) -> None:
+    site = checksum_site
+    slot = site.slot()
+    good = site.local("d/good", b"the right bytes")
+    bad = site.local("d/bad", b"the right bytes")
+    stage(slot, "good", b"the right bytes")
+    stage(slot, "bad", b"the wrong bytes")  # same size: the size check would pass
+    assert good.checksum == hashlib.blake2b(b"the right bytes").hexdigest()
+    final = site.endpoint.final_dir("d")
+    result, report = site.endpoint.commit(slot, final, [good, bad])
+    assert result.ok, result.stderr
+    assert report.committed == {"good"}
+    assert report.remaining == {"bad"}
+    assert listing(final) == {b"good": b"the right bytes"}
+    assert listing(slot) == {b"bad": b"the wrong bytes"}
+
+
+def test_checksum_mode_hostile_names(checksum_site: Site) -> None:
+    site = checksum_site
+    slot = site.slot()
+    files = []
+    for name in HOSTILE:
+        data = b"payload " + os.fsencode(name)
+        files.append(site.local(f"c/{name}", data))
+        stage(slot, name, data)
+    final = site.endpoint.final_dir("c")
+    result, report = site.endpoint.commit(slot, final, files)
+    assert result.ok, result.stderr
+    assert report.committed == set(HOSTILE)
+    assert {os.fsdecode(n) for n in os.listdir(os.fsencode(final))} == set(HOSTILE)
+    no_pwned(site.root)
+
+
+# --------------------------------------------------------------------------- list_slots and sweep
+
+
+def test_list_slots(site: Site) -> None:
+    s0, s1 = site.slot(0), site.slot(1)
+    missing = site.endpoint.slot_dir(2)
+    for name in ("a", "new\nline", "-x", os.fsdecode(b"\xfe")):
+        stage(s0, name, b"x")
+    os.mkdir(os.path.join(s0, "subdir"))  # not a file: not listed
+    result, present = site.endpoint.list_slots([s0, s1, missing])
+    assert result.ok, result.stderr
+    assert present == {s0: {"a", "new\nline", "-x", os.fsdecode(b"\xfe")}, s1: set()}
+    assert missing not in present
+
+
+def test_list_slots_with_no_slot_existing(site: Site) -> None:
+    result, present = site.endpoint.list_slots([site.endpoint.slot_dir(0)])
+    assert result.ok
+    assert present == {}
+
+
+def test_list_slots_failure_gives_none(site: Site) -> None:
+    def failing(argv: list[str], **kwargs: object) -> CommandResult:
+        return CommandResult(tuple(argv), 255, b"", b"ssh: connect: refused", 0.0, 0.1)
+
+    ep = Endpoint(site.config, generation="g1", run=failing)
+    result, present = ep.list_slots([ep.slot_dir(0)])
+    assert not result.ok
+    assert present is None
+
+
+def test_sweep_removes_only_this_instances_old_generations(site: Site) -> None:
+    staging = site.staging
+    old_slot = staging / "hdfmgr.t1.g0.0"
+    old_slot.mkdir()
+    (old_slot / "partial").write_bytes(b"x")
+    (staging / "hdfmgr.t1.g0.0.want").write_bytes(b"x")
+    (staging / "hdfmgr.t1.older.3").mkdir()
+    current = Path(site.slot(0))
+    (current / "keep").write_bytes(b"x")
+    (staging / "hdfmgr.t1.g1.0.want").write_bytes(b"current temp file")
+    (staging / "hdfmgr.t1.g10.0").mkdir()  # another generation whose name starts like ours
+    (staging / "hdfmgr.other.g0.0").mkdir()  # another instance sharing the staging area
+    (staging / "hdfmgr.t1-2.g0.0").mkdir()
+    (staging / "unrelated").mkdir()
+    result = site.endpoint.sweep()
+    assert result.ok, result.stderr
+    assert sorted(os.listdir(staging)) == sorted(
+        ["hdfmgr.t1.g1.0", "hdfmgr.t1.g1.0.want", "hdfmgr.other.g0.0", "hdfmgr.t1-2.g0.0", "unrelated"]
+    )
+    assert (current / "keep").exists()
+
+
+def test_sweep_on_missing_staging_is_harmless(site: Site) -> None:
+    shutil.rmtree(site.staging)
+    assert site.endpoint.sweep().ok
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_parse_commit_output() -> None:
+    report = parse_commit_output(b"a\0b c\0/\0stray\0")
+    assert report.verified == {"a", "b c"}
+    assert report.remaining == {"stray"}
+    assert report.committed == {"a", "b c"}
+
+
+def test_parse_commit_output_verified_but_not_moved() -> None:
+    """A verified name still in staging (mv failed) is not committed."""
+    report = parse_commit_output(b"a\0b\0/\0b\0")
+    assert report.committed == {"a"}
+
+
+def test_parse_commit_output_edge_cases() -> None:
+    assert parse_commit_output(b"") == CommitReport()
+    assert parse_commit_output(b"/\0").committed == set()
+    report = parse_commit_output(b"new\nline\0\xff\xfe\0/\0")
+    assert report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
+    # output cut short before the separator: nothing is known to remain
+    assert parse_commit_output(b"a\0").committed == {"a"}
+
+
+def test_expected_records_size_mode() -> None:
+    files = [StagedFile("d/a", "/b/d/a", 10), StagedFile("d/new\nline", "/b/d/new\nline", 0)]
+    data = expected_records("/ep/buffer/d", files, "size")
+    assert data == b"/ep/buffer/d\x0010/a\x000/new\nline\x00"
+
+
+def test_expected_records_checksum_mode() -> None:
+    digest = hashlib.blake2b(b"x").hexdigest()
+    name = os.fsdecode(b"d/\xff")
+    data = expected_records("/f", [StagedFile(name, "/b/" + name, 1, digest)], "checksum")
+    assert data == b"/f\0" + digest.encode() + b"  \xff\0"
+    assert len(digest) == 128  # the script cuts names at byte 131
+
+
+def test_expected_records_checksum_required() -> None:
+    with pytest.raises(ValueError, match="no checksum"):
+        expected_records("/f", [StagedFile("a", "/b/a", 1)], "checksum")
+
+
+def test_expected_records_non_utf8_final_dir() -> None:
+    final = os.fsdecode(b"/ep/\xff")
+    assert expected_records(final, [], "size") == b"/ep/\xff\0"
+
+
+def test_staged_file_basename() -> None:
+    assert StagedFile("a/b/c.fits", "/x/a/b/c.fits", 1).basename == "c.fits"
+    assert StagedFile("c.fits", "/x/c.fits", 1).basename == "c.fits"
+
+
+@pytest.mark.parametrize(
+    ("returncode", "timed_out", "expected"),
+    [
+        (255, False, ErrorClass.TRANSPORT),
+        (1, False, ErrorClass.REMOTE),
+        (124, True, ErrorClass.TIMEOUT),
+        (255, True, ErrorClass.TIMEOUT),
+        (-9, False, ErrorClass.REMOTE),
+    ],
+)
+def test_classify(returncode: int, timed_out: bool, expected: str) -> None:
+    result = CommandResult(("x",), returncode, b"", b"", 0.0, 1.0, timed_out)
+    assert classify(result) == expected

@@ -6,6 +6,9 @@ Usage:
   hdfmgr initdb CONFIG
   hdfmgr dropdb --yes CONFIG
   hdfmgr validate CONFIG
+  hdfmgr files [--state=S] [--since=T] [--name=GLOB] [--limit=N] [--json] [--all] CONFIG
+  hdfmgr show [--json] [--all] CONFIG PATH
+  hdfmgr retry CONFIG [PATH...]
   hdfmgr status [--json] [--all] CONFIG
   hdfmgr -h | --help
   hdfmgr --version
@@ -17,12 +20,23 @@ Commands:
   initdb    Create the database schema (run and rescan also create it when missing).
   dropdb    Drop the schema and the whole audit trail (asks for --yes).
   validate  Check the configuration and print the effective settings.
+  files     List recorded file versions, newest first (filters: state, detection time, name).
+  show      One file's story: each version, each attempt with its batch's timings and rate.
+            PATH is relative to the buffer, or absolute in the buffer or in holding.
+  retry     Re-queue quarantined and failed files (all, or the PATHs named) that are in the
+            buffer; a running watcher is asked (SIGUSR1) to pick them up at once.
   status    Files by state, backlog, last success and recent failures.
 
 Options:
   --wait=SECONDS  How long rescan waits for a running watcher to deliver [default: 600].
   --json          Machine-readable output.
-  --all           Status of every source in the database, not only this buffer's.
+  --all           Every source in the database, not only this buffer's.
+  --state=S       Only files in this state (ready, staging, committing, committed, held,
+                  failed, quarantined).
+  --since=T       Only files detected since T: an age (90s, 30m, 24h, 2d) or a local date or
+                  time (2026-11-27, 2026-11-27T18:30).
+  --name=GLOB     Only files whose path relative to the buffer matches GLOB (* matches / too).
+  --limit=N       At most N files [default: 50].
   -h --help       Show this text.
   --version       Show the version.
 
@@ -57,6 +71,9 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 log = logging.getLogger("hdfmgr")
+
+#: Commands answered from the audit trail by hdfmgr/audit.py (and status.py).
+AUDIT_COMMANDS = ("files", "show", "retry")
 
 WATCH_USAGE = """hdfmgr-watch: watch the handoff buffer and deliver every file until SIGTERM.
 
@@ -96,6 +113,7 @@ def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> i
     except DocoptExit as exc:
         print(str(exc), file=sys.stderr)
         return EX_USAGE
+    command = command or next((c for c in AUDIT_COMMANDS if args.get(c)), None)
     if command is None:
         command = next(c for c in ("run", "rescan", "initdb", "dropdb", "validate", "status") if args.get(c))
     try:
@@ -129,6 +147,8 @@ def _dispatch(command: str, args: dict) -> int:
         return EX_OK
     if command == "status":
         return _status(config, database, as_json=args["--json"], everything=args["--all"])
+    if command in AUDIT_COMMANDS:
+        return _audit(command, config, database, args)
     database.close()
     wait = _seconds(args.get("--wait") or "600")
     return _run(config, once=command == "rescan", wait=wait)
@@ -201,6 +221,62 @@ def _status(config: config_mod.Config, database: object, *, as_json: bool, every
     info = status.summary(None if everything else config.name, breaker_threshold=config.breaker_threshold)
     print(json.dumps(info, indent=2) if as_json else status.render(info))
     return EX_OK
+
+
+def _audit(command: str, config: config_mod.Config, database: object, args: dict) -> int:
+    """hdfmgr files, show and retry (queries and output in hdfmgr/audit.py)."""
+    from . import audit
+
+    if not dbm.schema_exists(database):  # type: ignore[arg-type]
+        print(f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
+              file=sys.stderr)
+        return EX_CANTCREAT
+    source = None if args.get("--all") else config.name
+    paths = args.get("PATH") or []
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    try:
+        if command == "files":
+            state = args["--state"]
+            if state is not None and state not in {s.value for s in dbm.State}:
+                raise ValueError(f"--state: unknown state {state!r}")
+            limit = int(args["--limit"] or 50)
+            since = audit.parse_since(args["--since"]) if args["--since"] else None
+            rows = audit.files(source, state=state, since=since, name=args["--name"], limit=limit)
+            text = json.dumps(rows, indent=2) if args["--json"] else None
+            print(text or audit.render_files(rows, with_source=source is None))
+            return EX_OK
+        rels = [audit.resolve(p, buffer=config.buffer, holding=config.holding) for p in paths]
+    except ValueError as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if command == "show":
+        rel, in_holding = rels[0]
+        versions = audit.show(source, rel, in_holding=in_holding)
+        print(json.dumps(versions, indent=2) if args["--json"] else audit.render_show(rel, versions))
+        return EX_OK if versions else EX_DATAERR
+    result = audit.retry(config.name, [rel for rel, _ in rels] if rels else None, buffer=config.buffer)
+    print(f"retry: {len(result['requeued'])} file(s) re-queued")
+    for key, what in (
+        ("missing", "not in the buffer (put it back first)"),
+        ("superseded", "an older version; the path was registered again since"),
+        ("unknown", "no record for this source"),
+        ("not_retryable", "neither quarantined nor failed"),
+    ):
+        for name in result[key]:
+            print(f"  skipped {name!r}: {what}")
+    if result["requeued"]:
+        pid = audit.watcher_pid(config.holding)
+        if pid is None:
+            print("retry: no watcher is running; the next hdfmgr-watch or hdfmgr-rescan sends them")
+        else:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError as exc:
+                print(f"hdfmgr: cannot signal the watcher (pid {pid}): {exc.strerror}", file=sys.stderr)
+                return EX_UNAVAILABLE
+            print(f"retry: asked the running watcher (pid {pid}) to pick them up")
+    skipped = any(result[k] for k in ("missing", "unknown", "not_retryable"))
+    return EX_DATAERR if paths and skipped else EX_OK
 
 
 def _validate(config: config_mod.Config) -> int:

@@ -26,6 +26,12 @@ def file_row(source: str, rel: str, *, state: str = "held", size: int = 1000, de
         "committed_at": committed,
         "held_at": committed if state == "held" else None,
         "updated_at": committed or detected,
+        # Every row has every key: insert_files sends tuples in the first row's column order.
+        "checksum": None,
+        "next_try": 0.0,
+        "error_class": None,
+        "last_error": None,
+        "held_as": None,
     }
     row.update(extra)
     return row

@@ -149,6 +149,10 @@ def connect(config: Config) -> pw.Database:
 
 def create_schema(db: pw.Database) -> None:
     with db.atomic():
+        if isinstance(db, pw.PostgresqlDatabase):
+            # Several hosts starting at once on a new central database: CREATE TABLE IF NOT
+            # EXISTS is not safe against itself in PostgreSQL, so take turns.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x6864666D6772,))
         db.create_tables(MODELS, safe=True)
 
 

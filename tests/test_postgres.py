@@ -1,0 +1,92 @@
+"""PostgreSQL as the central database of a fleet: the real daemon records into a real server.
+
+The server is tests/pg_fixture.py's (127.0.0.1, its own port, a fresh database per test). The
+status, audit and metrics tests run against it too, through the ``engine`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psycopg2
+
+from tests.pg_fixture import PostgresServer
+from tests.site import HOSTILE_NAMES, Site, wait_for
+
+
+def pg_rows(url: str, sql: str) -> list[tuple]:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def pg_states(url: str, source: str) -> dict[str, str]:
+    rows = pg_rows(url, f"select relpath, state from files where source = '{source}' order by id")
+    return {os.fsdecode(bytes(r[0])): r[1] for r in rows}
+
+
+def test_two_hosts_deliver_and_record_into_one_postgresql(tmp_path: Path, postgres: PostgresServer) -> None:
+    name = postgres.create_database("fleet")
+    url = postgres.url(name)
+    try:
+        east = Site(tmp_path / "east", engine=url)
+        west = Site(tmp_path / "west", engine=url)
+        east.configure(name="east", verify="checksum")
+        west.configure(name="west")
+        init = east.hdfmgr("initdb", str(east.config_path))
+        assert init.returncode == 0, init.stderr
+        files = {f"night/{n}": os.fsencode(n) for n in HOSTILE_NAMES}
+        files["night/" + os.fsdecode(b"raw-\xff.fits")] = b"not utf-8"
+        files["big.fits"] = os.urandom(3 * 1024 * 1024)
+        daemons = [east.start(), west.start()]
+        try:
+            east.write_many(files)
+            west.write_many({"w1.fits": b"w1", "w2.fits": b"w2"})
+            wait_for(lambda: east.held() == files, 30, "east delivered and held")
+            wait_for(lambda: west.held() == {"w1.fits": b"w1", "w2.fits": b"w2"}, 30, "west held")
+            wait_for(lambda: set(pg_states(url, "east").values()) == {"held"}, 10, "east recorded")
+            wait_for(lambda: set(pg_states(url, "west").values()) == {"held"}, 10, "west recorded")
+        finally:
+            for daemon in daemons:
+                assert daemon.stop() == 0, daemon.output()
+        assert east.delivered() == files
+        # Paths survive byte for byte (bytea), each row says where it came from.
+        assert set(pg_states(url, "east")) == set(files)
+        assert pg_rows(url, "select distinct source from batches order by 1") == [("east",), ("west",)]
+        checks = pg_rows(url, "select count(*) from files where source = 'east' and checksum is not null")
+        assert checks == [(len(files),)]
+        attempts = pg_rows(url, "select count(*), min(outcome), max(outcome) from attempts")
+        assert attempts == [(len(files) + 2, "committed", "committed")]
+
+        mine = json.loads(east.hdfmgr("status", "--json", str(east.config_path)).stdout)
+        assert mine["source"] == "east" and mine["states"]["held"] == len(files)
+        fleet = json.loads(east.hdfmgr("status", "--json", "--all", str(east.config_path)).stdout)
+        assert fleet["states"]["held"] == len(files) + 2
+        assert [s["source"] for s in fleet["sources"]] == ["east", "west"]
+        listed = json.loads(west.hdfmgr("files", "--json", str(west.config_path)).stdout)
+        assert {r["name"] for r in listed} == {"w1.fits", "w2.fits"}
+        shown = east.hdfmgr("show", str(east.config_path), "big.fits")
+        assert shown.returncode == 0 and "committed in" in shown.stdout, shown.stdout + shown.stderr
+
+        # A rescan pass records into the same database.
+        west.write("late.fits", b"late")
+        rescan = west.hdfmgr("rescan", str(west.config_path))
+        assert rescan.returncode == 0, rescan.stderr
+        assert pg_states(url, "west")["late.fits"] == "held"
+    finally:
+        postgres.drop_database(name)
+
+
+def test_unreachable_postgresql_exits_73(tmp_path: Path, postgres: PostgresServer) -> None:
+    from tests.pg_fixture import free_port
+
+    site = Site(tmp_path, engine=f"postgresql://hdfmgr@127.0.0.1:{free_port()}/nothing")
+    result = site.hdfmgr("status", str(site.config_path))
+    assert result.returncode == 73
+    assert "cannot open database 127.0.0.1" in result.stderr and "Traceback" not in result.stderr

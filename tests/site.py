@@ -7,11 +7,13 @@ fixed sleeps.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -125,8 +127,11 @@ class Site:
                 rel = os.path.relpath(full, top)
                 if rel == ".hdfmgr.lock":
                     continue
-                with open(full, "rb") as f:
-                    out[rel] = f.read()
+                try:
+                    with open(full, "rb") as f:
+                        out[rel] = f.read()
+                except FileNotFoundError:
+                    continue  # moved away while we looked (to holding, by a consumer)
         return out
 
     def delivered(self) -> dict[str, bytes]:
@@ -150,8 +155,9 @@ class Site:
 
     # ------------------------------------------------------------------ processes
 
-    def hdfmgr(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
-               ) -> subprocess.CompletedProcess[str]:
+    def hdfmgr(
+        self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "hdfmgr", *args],
             capture_output=True,
@@ -240,3 +246,36 @@ def session_members(sid: int) -> list[int]:
         if int(fields[3]) == sid:
             members.append(int(entry))
     return sorted(members, key=lambda p: p != sid)
+
+
+def content(name: str) -> bytes:
+    """Deterministic content, so any copy can be checked against its name alone."""
+    seed = hashlib.blake2b(name.encode()).digest()
+    size = 1000 + int.from_bytes(seed[:2], "big") * 4
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class Consumer(threading.Thread):
+    """The endpoint manager: ingests and removes each file as soon as it appears."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.arrivals: list[str] = []
+        self.bad: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for dirpath, _dirs, names in os.walk(self.root):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    rel = os.path.relpath(path, self.root)
+                    try:
+                        data = Path(path).read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    if data != content(rel):
+                        self.bad.append(rel)
+                    self.arrivals.append(rel)
+                    os.unlink(path)

@@ -11,47 +11,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import threading
 import time
 from pathlib import Path
 
-from tests.site import Site, wait_for
-
-
-def content(name: str) -> bytes:
-    """Deterministic content, so any copy can be checked against its name alone."""
-    seed = hashlib.blake2b(name.encode()).digest()
-    size = 1000 + int.from_bytes(seed[:2], "big") * 4
-    return (seed * (size // len(seed) + 1))[:size]
-
-
-class Consumer(threading.Thread):
-    """The endpoint manager: ingests and removes each file as soon as it appears."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.arrivals: list[str] = []
-        self.bad: list[str] = []
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            for dirpath, _dirs, names in os.walk(self.root):
-                for name in names:
-                    path = os.path.join(dirpath, name)
-                    rel = os.path.relpath(path, self.root)
-                    try:
-                        data = Path(path).read_bytes()
-                    except FileNotFoundError:
-                        continue
-                    if data != content(rel):
-                        self.bad.append(rel)
-                    self.arrivals.append(rel)
-                    os.unlink(path)
+from tests.site import Consumer, Site, content, wait_for
 
 
 def test_kill9_loop_keeps_every_invariant(tmp_path: Path) -> None:
@@ -86,8 +52,11 @@ def test_kill9_loop_keeps_every_invariant(tmp_path: Path) -> None:
             daemon.kill()
             kills += 1
             held = set(site.held())
-            visible = {os.path.relpath(os.path.join(d, n), site.ep_buffer)
-                       for d, _, ns in os.walk(site.ep_buffer) for n in ns}
+            visible = {
+                os.path.relpath(os.path.join(d, n), site.ep_buffer)
+                for d, _, ns in os.walk(site.ep_buffer)
+                for n in ns
+            }
             early = held - visible - set(consumer.arrivals)
             if early:
                 violations.append(f"held before committed: {sorted(early)[:5]}")

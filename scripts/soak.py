@@ -1,0 +1,203 @@
+"""Soak: a steady random flow for N minutes with random kills and outages, then the invariants.
+
+Not part of the test suite. Usage (through the wrapper, which sets up the virtualenv)::
+
+    scripts/soak --minutes 10 [--rate 20] [--seed 1] [--workdir DIR]
+
+The endpoint is local, reached through wrapper commands that can play an outage (exit 255 as
+ssh does) while a flag file exists. A consumer ingests and removes each file the instant it
+appears, as the endpoint manager does, checking every byte. Faults, at random moments: kill -9
+of the daemon's whole session (then a restart), and outages of random length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.site import Consumer, Site, content, wait_for
+
+NAME_PARTS = ["img", "flat field", "bias'q", 'dark"x', "$(x)", "-lead", "tab\tx", "ü", "semi;c"]
+
+
+def make_name(rng: random.Random, i: int) -> str:
+    night = f"night{i // 500:03d}"
+    part = rng.choice(NAME_PARTS)
+    return f"{night}/{part}-{i:06d}.fits"
+
+
+def write_file(site: Site, rel: str, rng: random.Random) -> None:
+    data = content(rel)
+    roll = rng.random()
+    if roll < 0.02:
+        data = data * 50  # an occasional large file (up to ~13 MB)
+    elif roll < 0.05:
+        data = b""
+    site.write(rel, data)
+    EXPECTED[rel] = data
+
+
+EXPECTED: dict[str, bytes] = {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=20.0, help="files per second")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory after a pass")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="hdfmgr-soak-"))
+    site = Site(root)
+    down = root / "endpoint-down"
+    wrapper = root / "endpoint-cmd"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
+        "exit 255; fi\n"
+        'if [ "$1" = --remote ]; then exec sh -c "$2"; fi\n'
+        'exec cp "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    site.configure(
+        transfer=f"{wrapper} {{batch}} {{dest}}",
+        remote=f"{wrapper} --remote {{command}}",
+        chunk_size=50,
+        retry_initial=0.5,
+        retry_max=5.0,
+        breaker_threshold=3,
+        timeout=30,
+        logging={"level": "INFO"},
+    )
+
+    class CheckingConsumer(Consumer):
+        def run(self) -> None:
+            while not self.stop_event.is_set():
+                for dirpath, _dirs, names in os.walk(self.root):
+                    for name in names:
+                        path = os.path.join(dirpath, name)
+                        rel = os.path.relpath(path, self.root)
+                        try:
+                            data = Path(path).read_bytes()
+                        except FileNotFoundError:
+                            continue
+                        if data != EXPECTED.get(rel):
+                            self.bad.append(rel)
+                        self.arrivals.append(rel)
+                        os.unlink(path)
+                time.sleep(0.005)
+
+    consumer = CheckingConsumer(site.ep_buffer)
+    consumer.start()
+    stop = threading.Event()
+    written: list[str] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            rel = make_name(rng, i)
+            write_file(site, rel, rng)
+            written.append(rel)
+            i += 1
+            stop.wait(rng.expovariate(args.rate))
+
+    flow = threading.Thread(target=writer, daemon=True)
+    daemon = site.start()
+    flow.start()
+    deadline = time.monotonic() + args.minutes * 60
+    kills = outages = 0
+    outage_seconds = 0.0
+    events: list[str] = []
+    fault_rng = random.Random(args.seed + 1)
+    while time.monotonic() < deadline:
+        stop.wait(fault_rng.uniform(5, 25))
+        if time.monotonic() >= deadline:
+            break
+        if fault_rng.random() < 0.6:
+            daemon.kill()
+            kills += 1
+            events.append(f"{time.strftime('%H:%M:%S')} kill -9")
+            daemon = site.start()
+        else:
+            length = fault_rng.uniform(2, 20)
+            down.touch()
+            outages += 1
+            outage_seconds += length
+            events.append(f"{time.strftime('%H:%M:%S')} outage {length:.0f} s")
+            stop.wait(length)
+            down.unlink()
+    stop.set()
+    flow.join(10)
+    drain_started = time.monotonic()
+    wait_for(lambda: not site.waiting(), 300, "the buffer to drain")
+    wait_for(lambda: len(set(consumer.arrivals)) >= len(written), 60, "the consumer")
+    drain = time.monotonic() - drain_started
+    rc = daemon.stop(60)
+    consumer.stop_event.set()
+    consumer.join(5)
+
+    counts = collections.Counter(consumer.arrivals)
+    duplicates = sorted(rel for rel, n in counts.items() if n > 1)
+    missing = sorted(set(written) - set(counts))
+    held = site.held()
+    states = dict(site.query("select state, count(*) from files group by state"))
+    staged_left = [p for p in site.staging.rglob("*") if p.is_file()]
+    attempts = site.query("select sum(attempts), max(attempts) from files")[0]
+    batches = dict(site.query("select status, count(*) from batches group by status"))
+    result = {
+        "minutes": args.minutes,
+        "files_written": len(written),
+        "bytes_written": sum(len(EXPECTED[r]) for r in written),
+        "kills": kills,
+        "outages": outages,
+        "outage_seconds": round(outage_seconds, 1),
+        "delivered_unique": len(counts),
+        "duplicates": len(duplicates),
+        "missing": len(missing),
+        "partial_or_wrong_seen": len(consumer.bad),
+        "held": len(held),
+        "held_byte_identical": all(held.get(r) == EXPECTED[r] for r in written),
+        "left_in_buffer": len(site.waiting()),
+        "db_states": states,
+        "db_attempts_total_max": attempts,
+        "batches": batches,
+        "staging_files_left": len(staged_left),
+        "drain_seconds_after_flow": round(drain, 1),
+        "final_stop_status": rc,
+        "workdir": str(root),
+    }
+    ok = (
+        not duplicates
+        and not missing
+        and not consumer.bad
+        and result["held_byte_identical"]
+        and len(held) == len(written)
+        and states == {"held": len(written)}
+        and not staged_left
+        and rc == 0
+    )
+    result["invariants"] = "PASS" if ok else "FAIL"
+    print("\n".join(events))
+    print(json.dumps(result, indent=2))
+    if ok and not args.keep and args.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

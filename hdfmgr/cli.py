@@ -9,6 +9,7 @@ Usage:
   hdfmgr files [--state=S] [--since=T] [--name=GLOB] [--limit=N] [--json] [--all] CONFIG
   hdfmgr show [--json] [--all] CONFIG PATH
   hdfmgr retry CONFIG [PATH...]
+  hdfmgr metrics [--all] [--output=FILE] CONFIG
   hdfmgr status [--json] [--all] CONFIG
   hdfmgr -h | --help
   hdfmgr --version
@@ -25,6 +26,8 @@ Commands:
             PATH is relative to the buffer, or absolute in the buffer or in holding.
   retry     Re-queue quarantined and failed files (all, or the PATHs named) that are in the
             buffer; a running watcher is asked (SIGUSR1) to pick them up at once.
+  metrics   Prometheus metrics computed from the database, printed, or with --output
+            written atomically for node-exporter's textfile collector.
   status    Files by state, backlog, last success and recent failures.
 
 Options:
@@ -37,6 +40,7 @@ Options:
                   time (2026-11-27, 2026-11-27T18:30).
   --name=GLOB     Only files whose path relative to the buffer matches GLOB (* matches / too).
   --limit=N       At most N files [default: 50].
+  --output=FILE   Write to FILE (atomically) instead of standard output.
   -h --help       Show this text.
   --version       Show the version.
 
@@ -73,7 +77,7 @@ EX_CONFIG = 78
 log = logging.getLogger("hdfmgr")
 
 #: Commands answered from the audit trail by hdfmgr/audit.py (and status.py).
-AUDIT_COMMANDS = ("files", "show", "retry")
+AUDIT_COMMANDS = ("files", "show", "retry", "metrics")
 
 WATCH_USAGE = """hdfmgr-watch: watch the handoff buffer and deliver every file until SIGTERM.
 
@@ -159,6 +163,8 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .pipeline import Outcome, Pipeline
 
     pipeline = Pipeline(config, once=once)
+    if not once and config.metrics_port is not None:
+        _serve_metrics(config)
     try:
         outcome = pipeline.run()
     except LockBusy as busy:
@@ -180,6 +186,24 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
         )
         return EX_OK if outcome is Outcome.DRAINED else EX_DATAERR
     return EX_OK
+
+
+def _serve_metrics(config: config_mod.Config) -> None:
+    """general.metrics_port: serve /metrics; a failure to bind is logged, never fatal."""
+    from . import metrics
+
+    try:
+        server = metrics.serve(
+            config.name,
+            address=config.metrics_address,
+            port=config.metrics_port or 0,
+            breaker_threshold=config.breaker_threshold,
+        )
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%s: %s", config.metrics_address, config.metrics_port, exc)
+        return
+    host, port = server.server_address[:2]
+    log.info("metrics: http://%s:%d/metrics", host, port)
 
 
 def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) -> int:
@@ -232,6 +256,15 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
               file=sys.stderr)
         return EX_CANTCREAT
     source = None if args.get("--all") else config.name
+    if command == "metrics":
+        from . import metrics
+
+        scope, threshold = ([source] if source else None), config.breaker_threshold
+        if args["--output"]:
+            metrics.write_textfile(args["--output"], scope, breaker_threshold=threshold)
+        else:
+            sys.stdout.write(metrics.exposition(scope, breaker_threshold=threshold).decode())
+        return EX_OK
     paths = args.get("PATH") or []
     paths = [paths] if isinstance(paths, str) else list(paths)
     try:

@@ -59,6 +59,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "retry_max": 600.0,
         "breaker_threshold": 3,
         "name": None,
+        "metrics_port": None,
+        "metrics_address": "127.0.0.1",
     },
 }
 
@@ -108,6 +110,8 @@ class Config:
     breaker_threshold: int
     name: str
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -287,6 +291,8 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         breaker_threshold=_integer(gen, "general", "breaker_threshold", minimum=1),
         name=name or _default_name(buffer),
         raw=data,
+        metrics_port=_optional_port(gen, "metrics_port"),
+        metrics_address=_string(gen, "general", "metrics_address"),
     )
 
 
@@ -393,6 +399,12 @@ def _integer(
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise ConfigError(f"{name}.{key}: {value} is out of range (must be {bound})")
     return value
+
+
+def _optional_port(section: Mapping[str, Any], key: str) -> int | None:
+    if section[key] is None:
+        return None
+    return _integer(section, "general", key, minimum=0, maximum=65535)
 
 
 def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:

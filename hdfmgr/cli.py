@@ -11,6 +11,7 @@ Usage:
   hdfmgr retry CONFIG [PATH...]
   hdfmgr metrics [--all] [--output=FILE] CONFIG
   hdfmgr status [--json] [--all] CONFIG
+  hdfmgr doctor CONFIG
   hdfmgr -h | --help
   hdfmgr --version
 
@@ -29,6 +30,8 @@ Commands:
   metrics   Prometheus metrics computed from the database, printed, or with --output
             written atomically for node-exporter's textfile collector.
   status    Files by state, backlog, last success and recent failures.
+  doctor    Pre-flight: check the endpoint, its tools and directories, and the local paths;
+            one OK/FAIL line per check; exit status 1 if any check fails.
 
 Options:
   --wait=SECONDS  How long rescan waits for a running watcher to deliver [default: 600].
@@ -119,7 +122,8 @@ def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> i
         return EX_USAGE
     command = command or next((c for c in AUDIT_COMMANDS if args.get(c)), None)
     if command is None:
-        command = next(c for c in ("run", "rescan", "initdb", "dropdb", "validate", "status") if args.get(c))
+        commands = ("run", "rescan", "initdb", "dropdb", "validate", "status", "doctor")
+        command = next(c for c in commands if args.get(c))
     try:
         return _dispatch(command, args)
     except config_mod.ConfigError as exc:
@@ -131,6 +135,10 @@ def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> i
 
 def _dispatch(command: str, args: dict) -> int:
     path = args["CONFIG"]
+    if command == "doctor":
+        from . import doctor
+
+        return doctor.main(path)
     config = config_mod.load(path)
     if command == "validate":
         return _validate(config)

@@ -1,0 +1,342 @@
+"""``hdfmgr doctor CONFIG``: pre-flight checks of a configuration against the real endpoint.
+
+Each check prints one line, ``OK   <what>`` or ``FAIL <what>: <why> -> <fix>``; the exit status
+is 0 when every check passed and 1 otherwise. Remote checks run through the configured remote
+command exactly as the daemon does (``Endpoint.remote``): constant ``sh -c`` scripts whose only
+arguments, the configured directories and tool names, are quoted. Nothing is ever put into the
+endpoint buffer: the test transfer goes into a slot directory of its own in staging, which is
+removed afterwards (and which a starting daemon sweeps anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod
+from . import db as dbm
+from .endpoint import Endpoint, StagedFile
+from .runner import NOT_STARTED, CommandResult
+from .templates import Slot
+
+EX_OK = 0
+EX_FAIL = 1
+
+#: External programs the commit, list and sweep scripts run on the endpoint (plus ``stat`` for
+#: this check). ``b2sum`` is added in checksum mode.
+REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "cat", "tr", "mkdir", "rm")
+
+#: Prints the tools (arguments) the remote shell cannot find, one per line.
+TOOLS_SCRIPT = 'for t; do command -v "$t" >/dev/null 2>&1 || printf \'%s\\n\' "$t"; done; exit 0'
+
+#: Runs each GNU option the scripts rely on with empty input; prints the unsupported ones.
+GNU_SCRIPT = "; ".join(
+    [
+        "b=''",
+        "find / -maxdepth 0 -printf '' >/dev/null 2>&1 || b=\"$b, find -printf\"",
+        'sort -z </dev/null >/dev/null 2>&1 || b="$b, sort -z"',
+        'head -z -n 1 </dev/null >/dev/null 2>&1 || b="$b, head -z"',
+        'tail -z -n +2 </dev/null >/dev/null 2>&1 || b="$b, tail -z"',
+        'cut -z -b 1- </dev/null >/dev/null 2>&1 || b="$b, cut -z"',
+        'comm -z -12 - /dev/null </dev/null >/dev/null 2>&1 || b="$b, comm -z"',
+        'xargs -0r true </dev/null >/dev/null 2>&1 || b="$b, xargs -0r"',
+        'mv --version >/dev/null 2>&1 || b="$b, mv -t"',
+        'if [ "$1" = checksum ] && command -v b2sum >/dev/null 2>&1; then'
+        ' b2sum -z /dev/null >/dev/null 2>&1 || b="$b, b2sum -z"; fi',
+        "printf '%s\\n' \"${b#, }\"",
+    ]
+)
+
+#: For each directory argument: create it if missing, then print its device number, or "-"
+#: when it cannot be created or written (the reason goes to stderr).
+DIRS_SCRIPT = (
+    'for d; do if mkdir -p -- "$d"; then if [ -w "$d" ]; then stat -L -c %d -- "$d" || echo -; '
+    'else echo "$d: not writable" >&2; echo -; fi; else echo -; fi; done; exit 0'
+)
+
+#: Size of the test file in its slot directory, then remove the slot directory.
+PROBE_SCRIPT = 's=$(wc -c < "$1/$2") || s=-; rm -rf -- "$1"; echo "$s"'
+
+PROBE_NAME = "hdfmgr-doctor.probe"
+PROBE_DATA = b"hdfmgr doctor: this file tests the transfer command and is removed at once\n"
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    why: str = ""
+    fix: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"OK   {self.what}"
+        return f"FAIL {self.what}: {self.why} -> {self.fix}"
+
+
+def main(path: str, out: Callable[[str], None] = print) -> int:
+    """Run every check for the configuration at ``path``, print one line each, return 0 or 1."""
+    config = config_mod.load(path, check_paths=False)
+    failed = False
+    for check in run_checks(config):
+        failed |= not check.ok
+        out(check.line())
+    return EX_FAIL if failed else EX_OK
+
+
+def run_checks(config: config_mod.Config) -> Iterator[Check]:
+    endpoint = Endpoint(config, generation="doctor")
+    timeout = min(config.timeout, 60.0)
+    first = _remote_runs(config, endpoint)
+    yield first
+    remote_ok = first.ok
+    if remote_ok:
+        yield from _remote_dirs(config, endpoint, timeout)
+        yield _remote_tools(config, endpoint, timeout)
+        yield _gnu_options(config, endpoint, timeout)
+    else:
+        for what in (
+            "endpoint staging and buffer directories exist",
+            "staging and endpoint buffer are on one filesystem",
+            "remote tools found",
+            "remote tools accept the GNU options hdfmgr uses",
+        ):
+            yield Check(what, False, "not checked: the remote command does not work", "fix that first")
+    yield _local_dir("handoff buffer", config.buffer, write=False, key="handoff.buffer")
+    yield _local_dir("holding", config.holding, write=True, key="handoff.holding")
+    yield _database(config)
+    program = _transfer_program(config)
+    yield program
+    if remote_ok and program.ok:
+        yield _test_transfer(config, endpoint, timeout)
+    else:
+        yield Check(
+            "transfer command copies a test file into staging",
+            False,
+            "not checked: "
+            + ("the remote command does not work" if not remote_ok else "no transfer program"),
+            "fix that first",
+        )
+
+
+# ---------------------------------------------------------------------------- remote
+
+
+def _by_hand(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def _why(result: CommandResult) -> str:
+    return result.describe()
+
+
+def _remote_runs(config: config_mod.Config, endpoint: Endpoint) -> Check:
+    what = "remote command runs `true`"
+    argv = config.remote.render(command="true")
+    result = endpoint.probe()
+    if result.returncode == NOT_STARTED and not result.stdout and result.stderr.startswith(b"cannot run"):
+        return Check(what, False, _why(result), f"install {argv[0]!r} or fix endpoint.commands.remote")
+    elif result.returncode == 255:
+        fix = f"{_ssh_fix(result.stderr)}; this must succeed without a prompt: {_by_hand(argv)}"
+        return Check(what, False, _why(result), fix)
+    elif not result.ok:
+        return Check(
+            what,
+            False,
+            _why(result),
+            "the remote login shell or its startup files fail; this must succeed: " + _by_hand(argv),
+        )
+    elif result.stdout:
+        shown = result.stdout[:60].decode("utf-8", "backslashreplace")
+        return Check(
+            what,
+            False,
+            f"it printed {shown!r}, which would corrupt hdfmgr's replies",
+            "make the remote account's shell startup files print nothing for non-interactive shells",
+        )
+    else:
+        return Check(what, True)
+
+
+def _ssh_fix(stderr: bytes) -> str:
+    """The likely fix for an ssh transport failure, from its message."""
+    text = stderr.decode("utf-8", "replace")
+    if "Permission denied" in text:
+        return (
+            "the endpoint refused the login: install the public key in the remote authorized_keys, "
+            "check the key and user"
+        )
+    if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        return "record the endpoint's host key once (run the command below interactively) or fix known_hosts"
+    if "Could not resolve" in text or "Name or service not known" in text:
+        return "check the host name"
+    if "Connection refused" in text or "timed out" in text or "No route to host" in text:
+        return "check the host and port, and that sshd runs there"
+    return "check the key, user, host, port and known host key"
+
+
+def _remote_dirs(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Iterator[Check]:
+    exist = "endpoint staging and buffer directories exist"
+    same = "staging and endpoint buffer are on one filesystem"
+    dirs = (config.staging, config.endpoint_buffer)
+    result = endpoint.remote(DIRS_SCRIPT, *dirs, timeout=timeout)
+    devices = result.stdout.decode("ascii", "replace").split()
+    if not result.ok or len(devices) != 2:
+        why = _why(result) if not result.ok else f"unexpected reply {result.stdout[:80]!r}"
+        yield Check(exist, False, why, "check that sh, mkdir and stat work on the endpoint host")
+        yield Check(same, False, "not checked", "fix the directories first")
+        return
+    bad = [d for d, dev in zip(dirs, devices, strict=True) if not dev.isdigit()]
+    if bad:
+        reason = result.stderr_tail().splitlines()
+        yield Check(
+            exist,
+            False,
+            f"cannot create or write {', '.join(bad)}" + (f" ({reason[-1]})" if reason else ""),
+            "create them on the endpoint host, writable by the remote user (mkdir -p), or fix "
+            "endpoint.staging / endpoint.buffer",
+        )
+        yield Check(same, False, "not checked", "fix the directories first")
+        return
+    yield Check(exist, True)
+    if devices[0] != devices[1]:
+        yield Check(
+            same,
+            False,
+            f"staging {config.staging} is on device {devices[0]}, endpoint buffer "
+            f"{config.endpoint_buffer} on device {devices[1]}: mv would copy, not rename atomically",
+            "put endpoint.staging on the endpoint buffer's filesystem (e.g. a directory beside it)",
+        )
+    else:
+        yield Check(same, True)
+
+
+def _remote_tools(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
+    tools = [*REMOTE_TOOLS, "stat"] + (["b2sum"] if config.verify == "checksum" else [])
+    what = "remote tools found: " + " ".join(tools)
+    result = endpoint.remote(TOOLS_SCRIPT, *tools, timeout=timeout)
+    if not result.ok:
+        return Check(what, False, _why(result), "check that sh works on the endpoint host")
+    missing = result.stdout.decode("utf-8", "replace").split()
+    if missing:
+        return Check(
+            what,
+            False,
+            "not found on the remote PATH: " + " ".join(missing),
+            "install GNU coreutils and findutils on the endpoint host (b2sum: coreutils >= 8.26), "
+            "or put them on the remote account's PATH",
+        )
+    return Check(what, True)
+
+
+def _gnu_options(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
+    what = "remote tools accept the GNU options hdfmgr uses"
+    result = endpoint.remote(GNU_SCRIPT, config.verify, timeout=timeout)
+    if not result.ok:
+        return Check(what, False, _why(result), "check that sh works on the endpoint host")
+    unsupported = result.stdout.decode("utf-8", "replace").strip()
+    if unsupported:
+        return Check(
+            what,
+            False,
+            "not supported: " + unsupported,
+            "install GNU coreutils and findutils on the endpoint host (BSD and busybox versions lack "
+            "these options)",
+        )
+    return Check(what, True)
+
+
+def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
+    what = "transfer command copies a test file into staging"
+    slot = endpoint.slot_dir(0)
+    prepare = endpoint.prepare(slot, clean=True)
+    if not prepare.ok:
+        return Check(what, False, f"cannot create {slot}: {_why(prepare)}", "check endpoint.staging")
+    with tempfile.TemporaryDirectory(prefix="hdfmgr-doctor-") as tmp:
+        path = os.path.join(tmp, PROBE_NAME)
+        Path(path).write_bytes(PROBE_DATA)
+        staged = StagedFile(PROBE_NAME, path, len(PROBE_DATA))
+        for argv in endpoint.transfer_argvs([staged], slot):
+            result = endpoint.transfer(argv)
+            if not result.ok:
+                endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
+                return Check(what, False, _why(result), f"this must succeed: {_by_hand(argv)}")
+    check = endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
+    size = check.stdout.decode("ascii", "replace").strip()
+    if not check.ok or size != str(len(PROBE_DATA)):
+        return Check(
+            what,
+            False,
+            f"the transfer exited 0 but {slot}/{PROBE_NAME} has size {size or '?'}, not {len(PROBE_DATA)}",
+            "the transfer must copy {file}/{batch} into the directory {dest} names",
+        )
+    return Check(what, True)
+
+
+# ---------------------------------------------------------------------------- local
+
+
+def _local_dir(label: str, path: Path, *, write: bool, key: str) -> Check:
+    what = f"{label} {path} is {'writable' if write else 'readable'}"
+    if not path.is_dir():
+        return Check(
+            what, False, "no such directory", f"create it (mkdir -p {shlex.quote(str(path))}) or fix {key}"
+        )
+    if not os.access(path, os.R_OK | os.X_OK | (os.W_OK if write else 0)):
+        return Check(what, False, "permission denied", f"give the user running hdfmgr access, or fix {key}")
+    if write:
+        try:
+            with tempfile.TemporaryFile(dir=path, prefix=".hdfmgr-doctor-"):
+                pass
+        except OSError as exc:
+            return Check(what, False, f"cannot create a file: {exc.strerror}", f"fix the filesystem or {key}")
+    return Check(what, True)
+
+
+def _database(config: config_mod.Config) -> Check:
+    location = dbm.database_location(config)
+    what = f"database {location} is writable"
+    if not config.database.startswith("sqlite:"):
+        try:
+            database = dbm.connect(config)
+            database.close()
+        except Exception as exc:  # peewee wraps the driver's errors in many types
+            return Check(
+                what, False, f"cannot connect: {exc}".strip(), "check database.engine and the server"
+            )
+        return Check(what, True)
+    target = config_mod.sqlite_path(config.database, config.path.parent)
+    if target.exists():
+        if not os.access(target, os.R_OK | os.W_OK):
+            return Check(what, False, "permission denied", "give the user running hdfmgr write access")
+        return Check(what, True)
+    directory = target.parent
+    if not directory.is_dir():
+        return Check(what, False, f"directory {directory} does not exist", "create it or fix database.engine")
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".hdfmgr-doctor-"):
+            pass
+    except OSError as exc:
+        return Check(
+            what,
+            False,
+            f"cannot create files in {directory}: {exc.strerror}",
+            "fix the directory's permissions",
+        )
+    return Check(what, True)
+
+
+def _transfer_program(config: config_mod.Config) -> Check:
+    first = config.transfer.tokens[0]
+    program = "".join(seg for seg in first if not isinstance(seg, Slot))
+    what = f"transfer program {program} found"
+    if shutil.which(program) is None:
+        return Check(
+            what, False, f"{program!r} is not an executable on PATH", "install it or give its full path"
+        )
+    return Check(what, True)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -30,13 +30,14 @@ import peewee as pw
 
 from . import db as dbm
 from .batching import Candidate, ReadyQueue, arg_budget
-from .checksum import blake2b_file
 from .config import Config
-from .db import Attempt, FileRecord, State, TransferBatch
+from .db import State
+from .deliver import CHANGED, UNVERIFIED, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
-from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, hold, prune_empty_dirs
 from .lock import InstanceLock, lock_path
+from .record import Failure, Recorder
 from .retry import CircuitBreaker, backoff
 from .runner import CommandResult
 from .settle import Evidence, SettleTracker, Snapshot, Verdict
@@ -69,35 +70,6 @@ class Known:
 
     def matches(self, snap: Snapshot) -> bool:
         return (self.size, self.mtime_ns, self.inode) == (snap.size, snap.mtime_ns, snap.inode)
-
-
-@dataclass
-class BatchJob:
-    id: int
-    slot: int
-    staging_dir: str
-    final_dir: str
-    files: list[StagedFile]
-    snapshots: dict[str, Snapshot]
-    checksums: dict[str, str | None]
-    prepare: bool
-    clean: bool
-
-
-@dataclass
-class BatchReport:
-    job: BatchJob
-    started: float
-    checksums: dict[str, str] = field(default_factory=dict)
-    hash_seconds: float = 0.0
-    prepare: CommandResult | None = None
-    transfers: list[CommandResult] = field(default_factory=list)
-    commit: CommandResult | None = None
-    committed: set[str] = field(default_factory=set)
-    outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    error_class: str | None = None
-    error: str | None = None
-    slot_clean: bool = True
 
 
 @dataclass
@@ -157,6 +129,7 @@ class Pipeline:
         self.next_recovery = 0.0
         self.lock = InstanceLock(lock_path(self.holding))
         self.db: pw.Database | None = None
+        self.recorder: Recorder | None = None
         self.closing = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -167,6 +140,7 @@ class Pipeline:
         try:
             self.db = dbm.connect(self.cfg)
             dbm.create_schema(self.db)
+            self.recorder = Recorder(self.db, self.cfg.name)
             if self.install_signals:
                 self._install_signals()
             if threading.current_thread() is threading.main_thread():
@@ -272,7 +246,7 @@ class Pipeline:
             elif kind == "result":
                 self._on_result(entry[1])
             elif kind == "checkpoint":
-                self._on_checkpoint(entry[1], entry[2], entry[3])
+                self._on_checkpoint(*entry[1:])
             elif kind == "probe":
                 self._on_probe(entry[1])
             elif kind == "rescan":
@@ -371,19 +345,20 @@ class Pipeline:
         ]
         if vanished:
             self._mark_vanished(vanished)
+        gone = [rel for rel, k in self.known.items() if rel not in seen and k.state == State.COMMITTED.value]
+        if gone:
+            self._hold_committed(gone)  # records them as done, with the reason
         log.debug("scan: %d entries, %.3f s", len(seen), time.monotonic() - now)
 
     def _mark_vanished(self, rels: Iterable[str]) -> None:
         rels = list(rels)
-        ids = [self.known[rel].id for rel in rels]
-        with self._db().atomic():
-            for chunk in _chunks(ids, 500):
-                FileRecord.update(
-                    state=State.QUARANTINED.value,
-                    error_class=ErrorClass.LOCAL,
-                    last_error="vanished from the buffer before it was delivered",
-                    updated_at=time.time(),
-                ).where(FileRecord.id.in_(chunk)).execute()
+        self._rec().set_state(
+            [self.known[rel].id for rel in rels],
+            State.QUARANTINED,
+            error="vanished from the buffer before it was delivered",
+            error_class=ErrorClass.LOCAL,
+            wall=time.time(),
+        )
         for rel in rels:
             log.warning("%r vanished from the buffer before it was delivered (quarantined)", rel)
             del self.known[rel]
@@ -488,54 +463,22 @@ class Pipeline:
                 new.append((rel, snap))
             else:
                 changed.append((rel, snap, known))
-        with self._db().atomic():
+        rec = self._rec()
+        if changed:
+            rec.new_version([(known.id, snap) for _, snap, known in changed], wall)
             for rel, snap, known in changed:
-                FileRecord.update(
-                    size=snap.size,
-                    mtime_ns=snap.mtime_ns,
-                    inode=snap.inode,
-                    checksum=None,
-                    state=State.READY.value,
-                    ready_at=wall,
-                    updated_at=wall,
-                    next_try=0.0,
-                ).where(FileRecord.id == known.id).execute()
                 known.size, known.mtime_ns, known.inode = snap.size, snap.mtime_ns, snap.inode
                 known.checksum, known.state, known.since = None, State.READY.value, now
                 self._enqueue(rel, known)
-            if new:
-                rows = [
-                    {
-                        "source": self.cfg.name,
-                        "relpath": dbm.to_blob(rel),
-                        "name": dbm.display(rel),
-                        "size": snap.size,
-                        "mtime_ns": snap.mtime_ns,
-                        "inode": snap.inode,
-                        "state": State.READY.value,
-                        "detected_at": wall,
-                        "ready_at": wall,
-                        "updated_at": wall,
-                    }
-                    for rel, snap in new
-                ]
-                ids = self._insert_files(rows)
-                for (rel, snap), row_id in zip(new, ids, strict=True):
-                    known = Known(row_id, snap.size, snap.mtime_ns, snap.inode, State.READY.value, since=now)
-                    self.known[rel] = known
-                    self._enqueue(rel, known)
-
-    def _insert_files(self, rows: list[dict[str, Any]]) -> list[int]:
-        ids: list[int] = []
-        for chunk in _chunks(rows, 200):
-            cursor = FileRecord.insert_many(chunk).returning(FileRecord.id).execute()
-            ids.extend(row.id if hasattr(row, "id") else row[0] for row in cursor)
-        return ids
+        if new:
+            ids = rec.insert(new, wall)
+            for (rel, snap), row_id in zip(new, ids, strict=True):
+                known = Known(row_id, snap.size, snap.mtime_ns, snap.inode, State.READY.value, since=now)
+                self.known[rel] = known
+                self._enqueue(rel, known)
 
     def _retire(self, rel: str, known: Known, reason: str) -> None:
-        FileRecord.update(state=State.HELD.value, last_error=reason, updated_at=time.time()).where(
-            FileRecord.id == known.id
-        ).execute()
+        self._rec().set_state([known.id], State.HELD, error=reason, wall=time.time())
         log.warning("%r: %s", rel, reason)
         del self.known[rel]
 
@@ -586,146 +529,60 @@ class Pipeline:
     def _start_batch(self, files: list[StagedFile], snaps: dict[str, Snapshot]) -> None:
         slot = self.free_slots.pop()
         staging_dir = self.endpoint.slot_dir(slot)
-        rel_dir = os.path.dirname(files[0].rel)
-        wall = time.time()
-        with self._db().atomic():
-            batch = TransferBatch.create(
-                source=self.cfg.name,
-                staging_dir=staging_dir,
-                started_at=wall,
-                files=len(files),
-                bytes=sum(f.size for f in files),
-            )
-            ids = [self.known[f.rel].id for f in files]
-            for chunk in _chunks(ids, 500):
-                FileRecord.update(
-                    state=State.STAGING.value,
-                    attempts=FileRecord.attempts + 1,
-                    last_batch=batch.id,
-                    updated_at=wall,
-                ).where(FileRecord.id.in_(chunk)).execute()
-            for chunk in _chunks(ids, 300):
-                Attempt.insert_many([{"batch": batch.id, "file": i} for i in chunk]).execute()
+        ids = [self.known[f.rel].id for f in files]
+        batch_id = self._rec().start_batch(staging_dir, ids, sum(f.size for f in files), time.time())
         for f in files:
             known = self.known[f.rel]
             known.state = State.STAGING.value
             known.attempts += 1
+        dirty = self.slot_dirty.get(slot, False)
         job = BatchJob(
-            id=batch.id,
+            id=batch_id,
             slot=slot,
             staging_dir=staging_dir,
-            final_dir=self.endpoint.final_dir(rel_dir),
+            final_dir=self.endpoint.final_dir(os.path.dirname(files[0].rel)),
             files=files,
             snapshots=snaps,
-            checksums={f.rel: self.known[f.rel].checksum for f in files},
-            prepare=not self.slot_ready.get(slot, False) or self.slot_dirty.get(slot, False),
-            clean=self.slot_dirty.get(slot, False),
+            prepare=dirty or not self.slot_ready.get(slot, False),
+            clean=dirty,
         )
-        future = self.executor.submit(self._deliver, job)
-        self.inflight[batch.id] = future
+        self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 
-    # ------------------------------------------------------------------ worker side
+    def _deliver(self, job: BatchJob) -> None:
+        """Worker thread: run the batch, hand the report to the loop."""
+        self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint)))
 
-    def _deliver(self, job: BatchJob) -> BatchReport:
-        """Run one batch's commands (worker thread: no database access here)."""
-        report = BatchReport(job, time.time())
-        try:
-            self._deliver_steps(job, report)
-        except Exception as exc:  # a bug must not kill the daemon: record it, retry the files
-            log.exception("batch %d failed unexpectedly", job.id)
-            report.error_class, report.error = ErrorClass.LOCAL, f"internal error: {exc!r}"
-            report.slot_clean = False
-        self.queue.put(("result", report))
-        return report
-
-    def _deliver_steps(self, job: BatchJob, report: BatchReport) -> None:
-        t0 = time.monotonic()
-        files = []
-        for f in job.files:
-            digest = job.checksums.get(f.rel)
-            if digest is None:
-                try:
-                    digest = blake2b_file(f.path)
-                except OSError as exc:
-                    report.outcomes[f.rel] = ("failed", f"cannot read: {exc.strerror}")
-                    continue
-                report.checksums[f.rel] = digest
-            files.append(StagedFile(f.rel, f.path, f.size, digest))
-        report.hash_seconds = time.monotonic() - t0
-        if not files:
-            report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
-            return
-        if job.prepare:
-            report.prepare = self.endpoint.prepare(job.staging_dir, clean=job.clean)
-            if not report.prepare.ok:
-                self._fail(report, report.prepare, "preparing staging")
-                return
-        for argv in self.endpoint.transfer_argvs(files, job.staging_dir):
-            result = self.endpoint.transfer(argv)
-            report.transfers.append(result)
-            if not result.ok:
-                self._fail(report, result, "transfer")
-                return
-        # The transfer read the files while they could still change: commit only those
-        # that are the version registered.
-        to_commit = []
-        for f in files:
-            snap = snapshot(f.path)
-            if snap != job.snapshots[f.rel]:
-                report.outcomes[f.rel] = ("changed", "changed or vanished during the transfer")
-                report.slot_clean = False
-            else:
-                to_commit.append(f)
-        if not to_commit:
-            return
+    def _checkpoint(self, job: BatchJob, files: list[StagedFile], checksums: dict[str, str]) -> bool:
+        """Worker thread: have the loop record COMMITTING, and wait until it has."""
         ack = threading.Event()
-        self.queue.put(("checkpoint", job, report.checksums, ack))
+        self.queue.put(("checkpoint", job, [f.rel for f in files], checksums, ack))
         while not ack.wait(0.5):
             if self.closing:
-                return
-        result, commit = self.endpoint.commit(job.staging_dir, job.final_dir, to_commit)
-        report.commit = result
-        report.committed = commit.committed & {f.basename for f in to_commit}
-        for f in to_commit:
-            if f.basename in report.committed:
-                report.outcomes[f.rel] = ("committed", None)
-            elif f.basename in commit.verified:
-                report.outcomes[f.rel] = ("failed", "verified but not moved into the endpoint buffer")
-            elif result.ok or commit.verified or commit.remaining:
-                report.outcomes[f.rel] = ("unverified", f"staged copy failed {self.cfg.verify} verification")
-        if commit.remaining:
-            report.slot_clean = False
-        if not result.ok:
-            self._fail(report, result, "verify and commit")
-        elif any(o[0] == "unverified" for o in report.outcomes.values()):
-            report.error_class = ErrorClass.VERIFICATION
-            report.error = f"staged copy failed {self.cfg.verify} verification"
-
-    @staticmethod
-    def _fail(report: BatchReport, result: CommandResult, phase: str) -> None:
-        report.error_class = classify(result)
-        report.error = f"{phase}: {result.describe()}"
-        report.slot_clean = False
+                return False
+        return True
 
     # ------------------------------------------------------------------ results
 
-    def _on_checkpoint(self, job: BatchJob, checksums: dict[str, str], ack: threading.Event) -> None:
+    def _on_checkpoint(
+        self, job: BatchJob, rels: list[str], checksums: dict[str, str], ack: threading.Event
+    ) -> None:
         """Record COMMITTING before the worker runs the remote mv: a restart must know."""
-        wall = time.time()
-        rels = [f.rel for f in job.files]
-        with self._db().atomic():
-            for rel, digest in checksums.items():
-                FileRecord.update(checksum=digest).where(FileRecord.id == self.known[rel].id).execute()
-                self.known[rel].checksum = digest
-            ids = [self.known[rel].id for rel in rels]
-            for chunk in _chunks(ids, 500):
-                FileRecord.update(state=State.COMMITTING.value, updated_at=wall).where(
-                    FileRecord.id.in_(chunk)
-                ).execute()
-            TransferBatch.update(commit_started=wall).where(TransferBatch.id == job.id).execute()
+        self._rec().committing(
+            job.id, [self.known[rel].id for rel in rels], self._new_checksums(checksums), time.time()
+        )
         for rel in rels:
             self.known[rel].state = State.COMMITTING.value
         ack.set()
+
+    def _new_checksums(self, checksums: dict[str, str]) -> list[tuple[int, str]]:
+        """Checksums not stored yet (each file version is hashed once, then remembered)."""
+        pairs = []
+        for rel, digest in checksums.items():
+            known = self.known[rel]
+            if known.checksum is None:
+                known.checksum = digest
+                pairs.append((known.id, digest))
+        return pairs
 
     def _on_result(self, report: BatchReport) -> None:
         job = report.job
@@ -736,109 +593,64 @@ class Pipeline:
             self.slot_ready[job.slot] = True
         now = time.monotonic()
         wall = time.time()
-        committed_rels = [
-            f.rel for f in job.files if report.outcomes.get(f.rel, ("", None))[0] == "committed"
-        ]
-        failed = [f for f in job.files if f.rel not in committed_rels]
-        transfer_seconds = sum(r.duration for r in report.transfers) if report.transfers else None
-        nbytes = sum(f.size for f in job.files)
-        last = report.commit or (report.transfers[-1] if report.transfers else report.prepare)
-        commands = [r for r in (report.prepare, *report.transfers, report.commit) if r is not None]
-        status = "committed" if not failed else ("partial" if committed_rels else "failed")
-        with self._db().atomic():
-            TransferBatch.update(
-                finished_at=wall,
-                hash_seconds=report.hash_seconds,
-                prepare_seconds=report.prepare.duration if report.prepare else None,
-                transfer_started=report.transfers[0].started if report.transfers else None,
-                transfer_seconds=transfer_seconds,
-                commit_seconds=report.commit.duration if report.commit else None,
-                rate=(nbytes / transfer_seconds) if transfer_seconds else None,
-                status=status,
-                error_class=report.error_class,
-                returncode=last.returncode if last is not None else None,
-                stderr="\n".join(r.stderr_tail() for r in commands if r.stderr) or report.error,
-                command=_describe_commands(commands),
-                committed=len(committed_rels),
-            ).where(TransferBatch.id == job.id).execute()
-            for rel, digest in report.checksums.items():
-                if self.known[rel].checksum is None:
-                    FileRecord.update(checksum=digest).where(FileRecord.id == self.known[rel].id).execute()
-                    self.known[rel].checksum = digest
-            ids = [self.known[rel].id for rel in committed_rels]
-            for chunk in _chunks(ids, 500):
-                FileRecord.update(
-                    state=State.COMMITTED.value,
-                    committed_at=wall,
-                    updated_at=wall,
-                    error_class=None,
-                    last_error=None,
-                ).where(FileRecord.id.in_(chunk)).execute()
-                Attempt.update(outcome="committed").where(
-                    (Attempt.batch == job.id) & Attempt.file.in_(chunk)
-                ).execute()
-            for f in failed:
-                known = self.known[f.rel]
-                outcome, error = report.outcomes.get(f.rel, ("failed", None))
-                error = error or report.error or "failed"
-                error_class = report.error_class or ErrorClass.REMOTE
-                if outcome == "changed":
-                    error_class = ErrorClass.LOCAL
-                elif outcome == "unverified":
+        committed = report.committed()
+        failed = [f for f in job.files if f.rel not in set(committed)]
+        failures = []
+        for f in failed:
+            known = self.known[f.rel]
+            outcome, error = report.outcomes.get(f.rel, ("failed", None))
+            error_class = report.error_class or ErrorClass.REMOTE
+            if outcome == CHANGED:
+                error_class, delay = ErrorClass.LOCAL, 0.0
+            else:
+                if outcome == UNVERIFIED:
                     error_class = ErrorClass.VERIFICATION
-                delay = (
-                    0.0
-                    if outcome == "changed"
-                    else backoff(
-                        known.attempts,
-                        initial=self.cfg.retry_initial,
-                        maximum=self.cfg.retry_max,
-                        jitter=self.rng.random(),
-                    )
+                delay = backoff(
+                    known.attempts,
+                    initial=self.cfg.retry_initial,
+                    maximum=self.cfg.retry_max,
+                    jitter=self.rng.random(),
                 )
-                FileRecord.update(
-                    state=State.FAILED.value,
-                    next_try=wall + delay,
-                    error_class=error_class,
-                    last_error=error[-2000:],
-                    updated_at=wall,
-                ).where(FileRecord.id == known.id).execute()
-                Attempt.update(outcome=outcome, error=error[-2000:]).where(
-                    (Attempt.batch == job.id) & (Attempt.file == known.id)
-                ).execute()
-                known.state = State.FAILED.value
-                if outcome == "changed":
-                    self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
-                else:
-                    heapq.heappush(self.retry_heap, (now + delay, f.rel))
-        for rel in committed_rels:
+            failures.append(
+                Failure(known.id, outcome, error or report.error or "failed", error_class, wall + delay)
+            )
+            known.state = State.FAILED.value
+            if outcome == CHANGED:
+                self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
+            else:
+                heapq.heappush(self.retry_heap, (now + delay, f.rel))
+        self._rec().finish_batch(
+            report,
+            committed=[self.known[rel].id for rel in committed],
+            failures=failures,
+            checksums=self._new_checksums(report.checksums),
+            wall=wall,
+        )
+        for rel in committed:
             self.known[rel].state = State.COMMITTED.value
         self.counters.batches += 1
-        if committed_rels:
-            size = sum(self.known[rel].size for rel in committed_rels)
-            self.counters.delivered += len(committed_rels)
+        if committed:
+            size = sum(self.known[rel].size for rel in committed)
+            self.counters.delivered += len(committed)
             self.counters.bytes += size
-            seconds = wall - report.started
+            directory = os.path.dirname(job.files[0].rel)
             log.info(
                 "batch %d: delivered %d file(s), %.1f MB in %.2f s%s",
                 job.id,
-                len(committed_rels),
+                len(committed),
                 size / 1e6,
-                seconds,
-                f" from {os.path.dirname(job.files[0].rel)}/" if os.path.dirname(job.files[0].rel) else "",
+                wall - report.started,
+                f" from {directory}/" if directory else "",
             )
-            self._hold_committed(committed_rels)
+            self._hold_committed(committed)
+        transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
         if failed:
             self.counters.failed += len(failed)
-            transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
             if transport and self.breaker.record_transport_failure(now, jitter=self.rng.random()):
                 log.error("endpoint unreachable (%s); pausing dispatch, probing with 'true'", report.error)
-            elif not self.breaker.allows_dispatch():
-                pass
-            else:
+            elif self.breaker.allows_dispatch():
                 log.warning("batch %d: %d file(s) failed: %s", job.id, len(failed), report.error)
-        reached = not failed or report.error_class not in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
-        if reached and self.breaker.record_success():
+        if (not failed or not transport) and self.breaker.record_success():
             log.warning("endpoint reachable again; resuming dispatch")
             self._endpoint_back()
 
@@ -851,8 +663,8 @@ class Pipeline:
 
     def _hold_committed(self, rels: list[str]) -> None:
         """Move delivered files to holding and record it (one transaction for the lot)."""
-        wall = time.time()
-        held: list[tuple[str, str]] = []
+        plain: list[str] = []
+        renamed: list[tuple[str, str]] = []
         for rel in rels:
             known = self.known.get(rel)
             if known is None:
@@ -864,71 +676,52 @@ class Pipeline:
                 )
                 continue
             try:
-                held.append((rel, hold(self.buffer, self.holding, rel)))
+                held_as = hold(self.buffer, self.holding, rel)
             except HoldError as exc:
-                FileRecord.update(error_class=ErrorClass.LOCAL, last_error=str(exc), updated_at=wall).where(
-                    FileRecord.id == known.id
-                ).execute()
+                self._rec().note_error(known.id, ErrorClass.LOCAL, str(exc))
                 if "holding" not in self.warned:
                     self.warned.add("holding")
                     log.error("cannot move delivered files to holding %s: %s (will retry)", self.holding, exc)
-        if not held:
+                continue
+            if held_as == rel:
+                plain.append(rel)
+            else:
+                renamed.append((rel, held_as))
+        if not plain and not renamed:
             return
         self.warned.discard("holding")
-        with self._db().atomic():
-            for rel, held_as in held:
-                FileRecord.update(
-                    state=State.HELD.value, held_as=dbm.display(held_as), held_at=wall, updated_at=wall
-                ).where(FileRecord.id == self.known[rel].id).execute()
-        for rel, _ in held:
+        self._rec().held(
+            [self.known[rel].id for rel in plain],
+            [(self.known[rel].id, held_as) for rel, held_as in renamed],
+            time.time(),
+        )
+        for rel in plain:
+            del self.known[rel]
+        for rel, _ in renamed:
             del self.known[rel]
 
     # ------------------------------------------------------------------ start-up
 
-    def _db(self) -> pw.Database:
-        assert self.db is not None
-        return self.db
+    def _rec(self) -> Recorder:
+        assert self.recorder is not None
+        return self.recorder
 
     def _load_known(self) -> None:
-        query = (
-            FileRecord.select(
-                FileRecord.id,
-                FileRecord.relpath,
-                FileRecord.size,
-                FileRecord.mtime_ns,
-                FileRecord.inode,
-                FileRecord.state,
-                FileRecord.attempts,
-                FileRecord.checksum,
-                FileRecord.next_try,
-                FileRecord.last_batch,
-            )
-            .where(
-                (FileRecord.source == self.cfg.name)
-                & FileRecord.state.in_(
-                    [
-                        State.READY.value,
-                        State.STAGING.value,
-                        State.COMMITTING.value,
-                        State.COMMITTED.value,
-                        State.FAILED.value,
-                    ]
-                )
-            )
-            .tuples()
-        )
         now = time.monotonic()
         wall = time.time()
         self._committing_batches: dict[int, list[str]] = {}
-        for row_id, relpath, size, mtime_ns, inode, state, attempts, checksum, next_try, last_batch in query:
-            rel = dbm.from_blob(relpath)
-            self.known[rel] = Known(row_id, size, mtime_ns, inode, state, attempts, checksum, since=now)
-            if state == State.COMMITTING.value and last_batch is not None:
-                self._committing_batches.setdefault(last_batch, []).append(rel)
-            elif state == State.READY.value or (state == State.FAILED.value and self.once):
-                self._enqueue(rel, self.known[rel])
-            elif state == State.FAILED.value:
-                heapq.heappush(self.retry_heap, (now + max(0.0, next_try - wall), rel))
+        for row in self._rec().active():
+            rel = row.rel
+            known = Known(
+                row.id, row.size, row.mtime_ns, row.inode, row.state, row.attempts, row.checksum, since=now
+            )
+            self.known[rel] = known
+            if row.state == State.COMMITTING.value and row.last_batch is not None:
+                self._committing_batches.setdefault(row.last_batch, []).append(rel)
+            elif row.state == State.READY.value or (row.state == State.FAILED.value and self.once):
+                self._enqueue(rel, known)
+            elif row.state == State.FAILED.value:
+                heapq.heappush(self.retry_heap, (now + max(0.0, row.next_try - wall), rel))
 
     def _recover(self) -> None:
         """Reconcile files that were in flight when the last run ended.
@@ -945,10 +738,8 @@ class Pipeline:
                 self._enqueue(rel, self.known[rel])
             log.warning("recovered %d file(s) interrupted during transfer", len(staging))
         if self._committing_batches:
-            dirs = TransferBatch.select(TransferBatch.id, TransferBatch.staging_dir).where(
-                TransferBatch.id.in_(list(self._committing_batches))
-            )
-            for batch_id, staging_dir in dirs.tuples():
+            dirs = self._rec().staging_dirs(self._committing_batches)
+            for batch_id, staging_dir in dirs.items():
                 for rel in self._committing_batches[batch_id]:
                     self.unrecovered.setdefault(staging_dir, []).append((rel, batch_id))
             self._recover_committing()
@@ -993,14 +784,7 @@ class Pipeline:
         self._sweep_staging()
 
     def _set_state(self, rels: list[str], state: State, *, error: str | None) -> None:
-        wall = time.time()
-        ids = [self.known[rel].id for rel in rels]
-        with self._db().atomic():
-            for chunk in _chunks(ids, 500):
-                values: dict[Any, Any] = {"state": state.value, "updated_at": wall, "last_error": error}
-                if state is State.COMMITTED:
-                    values["committed_at"] = wall
-                FileRecord.update(values).where(FileRecord.id.in_(chunk)).execute()
+        self._rec().set_state([self.known[rel].id for rel in rels], state, error=error, wall=time.time())
         for rel in rels:
             self.known[rel].state = state.value
 
@@ -1010,22 +794,6 @@ class Pipeline:
         result = self.endpoint.sweep()
         if not result.ok:
             log.warning("could not clean old staging directories: %s", result.describe())
-
-
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _describe_commands(commands: list[CommandResult]) -> str:
-    """The rendered commands for the audit trail, with long file lists shortened."""
-    parts = []
-    for result in commands:
-        argv = [os.fsencode(a).decode("utf-8", "backslashreplace") for a in result.argv]
-        if len(argv) > 12:
-            argv = [*argv[:6], f"... ({len(argv) - 9} more) ...", *argv[-3:]]
-        parts.append(" ".join(a if len(a) < 300 else a[:120] + "...(script)" for a in argv))
-    return "\n".join(parts)[:8000]
 
 
 def run_pipeline(

@@ -1,0 +1,164 @@
+"""One batch on a worker thread: hash, prepare staging, transfer, verify and commit.
+
+This runs off the main thread and never touches the database. The one moment it must wait for
+the main thread is right before the remote ``mv``: the files' COMMITTING state has to be on
+disk first, so that a restart knows they may already be in the endpoint buffer
+(``checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .checksum import blake2b_file
+from .detect import snapshot
+from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .runner import CommandResult
+from .settle import Snapshot
+
+log = logging.getLogger("hdfmgr")
+
+#: Per-file outcomes of a batch.
+COMMITTED = "committed"
+FAILED = "failed"
+UNVERIFIED = "unverified"
+CHANGED = "changed"
+
+
+@dataclass
+class BatchJob:
+    """What the main thread hands a worker: files of one directory and a staging slot."""
+
+    id: int
+    slot: int
+    staging_dir: str
+    final_dir: str
+    files: list[StagedFile]
+    snapshots: dict[str, Snapshot]
+    prepare: bool
+    clean: bool
+
+
+@dataclass
+class BatchReport:
+    """What the worker hands back: every command's result and every file's outcome."""
+
+    job: BatchJob
+    started: float
+    checksums: dict[str, str] = field(default_factory=dict)
+    hash_seconds: float = 0.0
+    prepare: CommandResult | None = None
+    transfers: list[CommandResult] = field(default_factory=list)
+    commit: CommandResult | None = None
+    outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    error_class: str | None = None
+    error: str | None = None
+    slot_clean: bool = True
+
+    def committed(self) -> list[str]:
+        return [f.rel for f in self.job.files if self.outcomes.get(f.rel, ("",))[0] == COMMITTED]
+
+    def commands(self) -> list[CommandResult]:
+        return [r for r in (self.prepare, *self.transfers, self.commit) if r is not None]
+
+    def fail(self, result: CommandResult, phase: str) -> None:
+        self.error_class = classify(result)
+        self.error = f"{phase}: {result.describe()}"
+        self.slot_clean = False
+
+
+#: Called with the job, the files about to be committed and new checksums; returns False when
+#: the daemon is shutting down and the commit must not start.
+Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
+
+
+def deliver(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint) -> BatchReport:
+    """Run one batch's commands; never raises (a bug becomes a failed batch, retried)."""
+    report = BatchReport(job, time.time())
+    try:
+        _steps(job, endpoint, checkpoint, report)
+    except Exception as exc:
+        log.exception("batch %d failed unexpectedly", job.id)
+        report.error_class, report.error = ErrorClass.LOCAL, f"internal error: {exc!r}"
+        report.slot_clean = False
+    return report
+
+
+def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:
+    files = _hash(job, report)
+    if not files:
+        report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
+        return
+    if job.prepare:
+        report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
+        if not report.prepare.ok:
+            report.fail(report.prepare, "preparing staging")
+            return
+    for argv in endpoint.transfer_argvs(files, job.staging_dir):
+        result = endpoint.transfer(argv)
+        report.transfers.append(result)
+        if not result.ok:
+            report.fail(result, "transfer")
+            return
+    # The transfer read the files while they could still change: commit only those that are
+    # still the version that was registered.
+    to_commit = []
+    for f in files:
+        if snapshot(f.path) != job.snapshots[f.rel]:
+            report.outcomes[f.rel] = (CHANGED, "changed or vanished during the transfer")
+            report.slot_clean = False
+        else:
+            to_commit.append(f)
+    if not to_commit or not checkpoint(job, to_commit, report.checksums):
+        return
+    result, listing = endpoint.commit(job.staging_dir, job.final_dir, to_commit)
+    report.commit = result
+    committed = listing.committed
+    mode = endpoint.config.verify
+    for f in to_commit:
+        if f.basename in committed:
+            report.outcomes[f.rel] = (COMMITTED, None)
+        elif f.basename in listing.verified:
+            report.outcomes[f.rel] = (FAILED, "verified but not moved into the endpoint buffer")
+        elif result.ok or listing.verified or listing.remaining:
+            report.outcomes[f.rel] = (UNVERIFIED, f"staged copy failed {mode} verification")
+    if listing.remaining:
+        report.slot_clean = False
+    if not result.ok:
+        report.fail(result, "verify and commit")
+    elif any(outcome == UNVERIFIED for outcome, _ in report.outcomes.values()):
+        report.error_class = ErrorClass.VERIFICATION
+        report.error = f"staged copy failed {mode} verification"
+
+
+def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:
+    """BLAKE2b each file that has none yet (once per version: it is stored afterwards)."""
+    t0 = time.monotonic()
+    files = []
+    for f in job.files:
+        digest = f.checksum
+        if digest is None:
+            try:
+                digest = blake2b_file(f.path)
+            except OSError as exc:
+                report.outcomes[f.rel] = (FAILED, f"cannot read: {exc.strerror}")
+                continue
+            report.checksums[f.rel] = digest
+        files.append(StagedFile(f.rel, f.path, f.size, digest))
+    report.hash_seconds = time.monotonic() - t0
+    return files
+
+
+def describe_commands(commands: list[CommandResult]) -> str:
+    """The rendered commands for the audit trail, with long file lists shortened."""
+    parts = []
+    for result in commands:
+        argv = [os.fsencode(a).decode("utf-8", "backslashreplace") for a in result.argv]
+        if len(argv) > 12:
+            argv = [*argv[:6], f"... ({len(argv) - 9} more) ...", *argv[-3:]]
+        parts.append(" ".join(a if len(a) < 300 else a[:120] + "...(script)" for a in argv))
+    return "\n".join(parts)[:8000]

@@ -10,17 +10,47 @@ import sys
 from .config import LoggingConfig
 
 
+class _Reopening:
+    """Reopen the log file at the next record once :meth:`request_reopen` was called.
+
+    The SIGHUP handler only sets a flag; the file is closed and reopened inside ``emit``, under
+    the handler's lock, so a signal arriving in the middle of a write never loses a line.
+    """
+
+    reopen_requested = False
+    stream: object
+
+    def request_reopen(self) -> None:
+        self.reopen_requested = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.reopen_requested:
+            self.reopen_requested = False
+            if self.stream is not None:
+                self.stream.close()  # type: ignore[attr-defined]
+                self.stream = None  # type: ignore[assignment]
+        super().emit(record)  # type: ignore[misc]  # reopens the file: after logrotate, a new one
+
+
+class RotatingFileHandler(_Reopening, logging.handlers.RotatingFileHandler):
+    pass
+
+
+class TimedRotatingFileHandler(_Reopening, logging.handlers.TimedRotatingFileHandler):
+    pass
+
+
 def setup(cfg: LoggingConfig, *, level: str | None = None) -> logging.Handler:
     """Send the ``hdfmgr`` loggers to stderr or to a rotating file, as configured."""
     handler: logging.Handler
     if cfg.file is None:
         handler = logging.StreamHandler(sys.stderr)
     elif cfg.rotate == "TIME":
-        handler = logging.handlers.TimedRotatingFileHandler(
+        handler = TimedRotatingFileHandler(
             cfg.file, when=cfg.when, interval=cfg.interval, backupCount=cfg.backup_count, encoding="utf-8"
         )
     else:
-        handler = logging.handlers.RotatingFileHandler(
+        handler = RotatingFileHandler(
             cfg.file, maxBytes=cfg.maxbytes, backupCount=cfg.backup_count, encoding="utf-8"
         )
     handler.setFormatter(logging.Formatter(cfg.format))
@@ -31,16 +61,13 @@ def setup(cfg: LoggingConfig, *, level: str | None = None) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level or cfg.level)
     root.propagate = False
-    if isinstance(handler, logging.FileHandler):
+    reopening = handler if isinstance(handler, _Reopening) else None
 
-        def reopen(signum: int, frame: object) -> None:
-            # FileHandler reopens its file on the next record once closed: after logrotate
-            # moved the old file away, the next line goes to a new one.
-            handler.acquire()
-            try:
-                handler.close()
-            finally:
-                handler.release()
+    def reopen(signum: int, frame: object) -> None:
+        # Logging to stderr there is nothing to reopen, but SIGHUP (systemctl reload) must
+        # not end the process as its default action would.
+        if reopening is not None:
+            reopening.request_reopen()
 
-        signal.signal(signal.SIGHUP, reopen)
+    signal.signal(signal.SIGHUP, reopen)
     return handler

@@ -1,0 +1,106 @@
+"""Deterministic kills at the two instants that matter most, then the restart's reconciliation.
+
+The remote command is wrapped so that it parks (sleeps) right before or right after the real
+verify-and-mv script, only while a flag file exists; the test kills the daemon's whole session
+there, removes the flag and restarts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.site import Consumer, Site, content, wait_for
+
+
+def parked_remote(tmp_path: Path, when: str) -> tuple[str, Path, Path]:
+    """A remote command that parks before or after the commit script while ``flag`` exists."""
+    flag = tmp_path / "park"
+    parked = tmp_path / "parked"
+    script = tmp_path / "remote"
+    run = 'sh -c "$1"; rc=$?'
+    park = f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then touch {parked}; sleep 60; fi'
+    body = f"{park}\n{run}\nexit $rc\n" if when == "before" else f"{run}\n{park}\nexit $rc\n"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return f"{script} {{command}}", flag, parked
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_during_commit_is_reconciled_without_loss_or_duplicate(tmp_path: Path, when: str) -> None:
+    site = Site(tmp_path / "site")
+    remote, flag, parked = parked_remote(tmp_path, when)
+    site.configure(remote=remote, num_threads=1)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    try:
+        flag.touch()
+        daemon = site.start()
+        for rel in names:
+            site.write(rel, content(rel))
+        wait_for(parked.exists, 20, "the commit to park")
+        states = set(site.states().values())
+        assert "committing" in states, states  # recorded before the remote mv could run
+        daemon.kill()
+        flag.unlink()
+        if when == "after":
+            # The mv happened: the endpoint has them although the database says committing.
+            wait_for(lambda: len(consumer.arrivals) >= 1, 10, "the first copies at the endpoint")
+        daemon = site.start()
+        try:
+            wait_for(lambda: set(site.held()) == set(names), 30, "everything held after restart")
+            wait_for(lambda: len(set(consumer.arrivals)) == len(names), 10, "consumer")
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert sorted(consumer.arrivals) == sorted(names), "each file must arrive exactly once"
+    assert not consumer.bad
+    log = daemon.output()
+    assert "recovered" in log and "interrupted while committing" in log
+    attempts = dict(site.query("select name, attempts from files"))
+    if when == "after":
+        # Recognised as delivered from the slot directory: never sent again.
+        assert "had been delivered" in log
+        assert set(attempts.values()) == {1}, attempts
+
+
+def test_committing_files_wait_while_the_endpoint_cannot_be_asked(tmp_path: Path) -> None:
+    """No guessing: with the endpoint unreachable at restart, in-doubt files are not resent."""
+    site = Site(tmp_path / "site")
+    remote, flag, parked = parked_remote(tmp_path, "after")
+    down = tmp_path / "down"
+    wrapper = tmp_path / "maybe-down"
+    wrapper.write_text(
+        f'#!/bin/sh\nif [ -e {down} ]; then echo "ssh: unreachable" >&2; exit 255; fi\nexec "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    site.configure(remote=f"{wrapper} {remote}", num_threads=1, retry_initial=0.2)
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    try:
+        flag.touch()
+        daemon = site.start()
+        site.write("x.fits", content("x.fits"))
+        wait_for(parked.exists, 20, "the commit to park")
+        daemon.kill()
+        flag.unlink()
+        down.touch()
+        daemon = site.start()
+        try:
+            wait_for(lambda: "cannot check staging" in daemon.output(), 20, "a deferred recovery")
+            assert site.states()["x.fits"] == "committing"
+            down.unlink()
+            wait_for(lambda: site.states().get("x.fits") == "held", 20, "recovery once reachable")
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert consumer.arrivals == ["x.fits"]
+    assert site.query("select attempts from files")[0][0] == 1
+    assert os.listdir(site.buffer) == []

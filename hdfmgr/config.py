@@ -58,6 +58,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "retry_initial": 5.0,
         "retry_max": 600.0,
         "breaker_threshold": 3,
+        "quarantine_after": 10,
         "name": None,
         "metrics_port": None,
         "metrics_address": "127.0.0.1",
@@ -108,6 +109,7 @@ class Config:
     retry_initial: float
     retry_max: float
     breaker_threshold: int
+    quarantine_after: int
     name: str
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     metrics_port: int | None = None
@@ -289,6 +291,7 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         retry_initial=_number(gen, "general", "retry_initial", minimum=0.01),
         retry_max=_number(gen, "general", "retry_max", minimum=0.01),
         breaker_threshold=_integer(gen, "general", "breaker_threshold", minimum=1),
+        quarantine_after=_integer(gen, "general", "quarantine_after", minimum=1),
         name=name or _default_name(buffer),
         raw=data,
         metrics_port=_optional_port(gen, "metrics_port"),

@@ -131,6 +131,7 @@ class Pipeline:
         self.db: pw.Database | None = None
         self.recorder: Recorder | None = None
         self.closing = False
+        self.sync_requested = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -252,6 +253,7 @@ class Pipeline:
             elif kind == "rescan":
                 log.info("rescan requested")
                 self.next_scan = 0.0
+                self.sync_requested = True
 
     def _idle(self) -> bool:
         return not (self.inflight or len(self.ready) or len(self.tracker) or self.unrecovered)
@@ -332,6 +334,8 @@ class Pipeline:
         self.next_scan = now + self.cfg.pause if not self.once else float("inf")
         if not os.path.isdir(self.buffer):
             return
+        if self.sync_requested:
+            self._sync_requeued()
         seen: set[str] = set()
         for rel, snap in scan(self.buffer):
             seen.add(rel)
@@ -349,6 +353,32 @@ class Pipeline:
         if gone:
             self._hold_committed(gone)  # records them as done, with the reason
         log.debug("scan: %d entries, %.3f s", len(seen), time.monotonic() - now)
+
+    def _sync_requeued(self) -> None:
+        """Pick up files an operator re-queued (``hdfmgr retry``): they go out now."""
+        self.sync_requested = False
+        now = time.monotonic()
+        for row in self._rec().requeued():
+            known = self.known.get(row.rel)
+            if known is not None and known.id != row.id:
+                continue  # a newer version of that path is already being handled
+            if known is None:
+                known = Known(
+                    row.id,
+                    row.size,
+                    row.mtime_ns,
+                    row.inode,
+                    row.state,
+                    row.attempts,
+                    row.checksum,
+                    since=now,
+                )
+                self.known[row.rel] = known
+            elif known.state in IN_FLIGHT:
+                continue
+            known.state = State.READY.value
+            if row.rel not in self.ready:
+                self._enqueue(row.rel, known)
 
     def _mark_vanished(self, rels: Iterable[str]) -> None:
         rels = list(rels)
@@ -596,6 +626,7 @@ class Pipeline:
         committed = report.committed()
         failed = [f for f in job.files if f.rel not in set(committed)]
         failures = []
+        quarantined: list[tuple[str, str]] = []
         for f in failed:
             known = self.known[f.rel]
             outcome, error = report.outcomes.get(f.rel, ("failed", None))
@@ -611,9 +642,15 @@ class Pipeline:
                     maximum=self.cfg.retry_max,
                     jitter=self.rng.random(),
                 )
-            failures.append(
-                Failure(known.id, outcome, error or report.error or "failed", error_class, wall + delay)
-            )
+            # A file that keeps failing for reasons of its own needs an operator; transport
+            # failures never quarantine (the breaker waits for the endpoint instead).
+            stuck = error_class in (ErrorClass.VERIFICATION, ErrorClass.LOCAL) and outcome != CHANGED
+            quarantine = stuck and known.attempts >= self.cfg.quarantine_after
+            message = error or report.error or "failed"
+            failures.append(Failure(known.id, outcome, message, error_class, wall + delay, quarantine))
+            if quarantine:
+                quarantined.append((f.rel, message))
+                continue
             known.state = State.FAILED.value
             if outcome == CHANGED:
                 self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
@@ -628,6 +665,14 @@ class Pipeline:
         )
         for rel in committed:
             self.known[rel].state = State.COMMITTED.value
+        for rel, message in quarantined:
+            log.error(
+                "%r quarantined after %d attempts (%s); it stays in the buffer: fix the cause, "
+                "then run 'hdfmgr retry'",
+                rel,
+                self.known.pop(rel).attempts,
+                message,
+            )
         self.counters.batches += 1
         if committed:
             size = sum(self.known[rel].size for rel in committed)

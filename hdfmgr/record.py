@@ -42,6 +42,7 @@ class Failure:
     error: str
     error_class: str
     next_try: float
+    quarantine: bool = False
 
 
 class Recorder:
@@ -74,6 +75,12 @@ class Recorder:
         )
         for row in query:
             yield ActiveRow(row[0], from_blob(row[1]), *row[2:])
+
+    def requeued(self) -> Iterator[ActiveRow]:
+        """Rows in state READY: after ``hdfmgr retry``, the ones the daemon does not know yet."""
+        for row in self.active():
+            if row.state == State.READY.value:
+                yield row
 
     def staging_dirs(self, batch_ids: Iterable[int]) -> dict[int, str]:
         query = TransferBatch.select(TransferBatch.id, TransferBatch.staging_dir).where(
@@ -193,7 +200,7 @@ class Recorder:
                 ).execute()
             for f in failures:
                 FileRecord.update(
-                    state=State.FAILED.value,
+                    state=(State.QUARANTINED if f.quarantine else State.FAILED).value,
                     next_try=f.next_try,
                     error_class=f.error_class,
                     last_error=f.error[-2000:],

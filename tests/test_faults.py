@@ -223,3 +223,36 @@ def test_rescan_concurrent_with_watcher_never_sends_twice(site: Site) -> None:
     assert site.query("select count(*) from files")[0][0] == 30
     assert site.query("select max(attempts) from files")[0][0] == 1
     assert site.query("select count(*) from attempts")[0][0] == 30
+
+
+def test_a_file_that_keeps_failing_verification_is_quarantined_then_retried(
+    site: Site, tmp_path: Path
+) -> None:
+    """Quarantine after quarantine_after attempts; `hdfmgr retry` sends it once fixed."""
+    broken = tmp_path / "broken"
+    corrupt = write_script(
+        tmp_path / "corrupting-cp",
+        'cp "$@" || exit 1\n'
+        "for last; do :; done\n"
+        f'if [ -e {broken} ] && [ -e "$last/bad.fits" ]; then printf X | dd of="$last/bad.fits" '
+        "conv=notrunc status=none; fi\n",
+    )
+    site.configure(transfer=f"{corrupt} {{batch}} {{dest}}", quarantine_after=2, verify="checksum")
+    broken.touch()
+    daemon = site.start()
+    try:
+        site.write("bad.fits", b"good content")
+        site.write("fine.fits", b"fine")
+        wait_for(lambda: site.states().get("bad.fits") == "quarantined", 20, "quarantine")
+        assert site.delivered() == {"fine.fits": b"fine"}
+        assert (site.buffer / "bad.fits").exists()
+        status = site.hdfmgr("status", str(site.config_path))
+        assert "quarantined 1" in status.stdout, status.stdout
+        broken.unlink()
+        retry = site.hdfmgr("retry", str(site.config_path))
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        wait_for(lambda: site.states().get("bad.fits") == "held", 20, "delivery after retry")
+        assert site.delivered()["bad.fits"] == b"good content"
+    finally:
+        assert daemon.stop() == 0
+    assert daemon.output().count("quarantined after 2 attempts") == 1

@@ -426,6 +426,7 @@ class Pipeline:
             self._scan()
         if now >= self.next_prune and not self.once:
             self.next_prune = now + max(60.0, min(self.cfg.expiration_time, 3600.0))
+            self._sweep_staging()
             if present:
                 removed = prune_empty_dirs(self.buffer, older_than=self.cfg.expiration_time, now=time.time())
                 if removed:

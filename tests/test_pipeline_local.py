@@ -290,3 +290,16 @@ def test_restart_delivers_what_was_left(site: Site) -> None:
     finally:
         daemon.stop()
     assert site.query("select max(attempts) from files")[0][0] == 1
+
+
+def test_polling_observer_for_network_filesystems(site: Site) -> None:
+    """general.observer: polling (NFS, GPFS): no close events, the stat rules decide."""
+    site.configure(observer="polling")
+    daemon = site.start()
+    try:
+        assert "polling observer" in daemon.output()
+        files = {f"p/{i}.fits": os.urandom(300) for i in range(5)}
+        site.write_many(files)
+        wait_for(lambda: site.held() == files, 20, "delivery with the polling observer")
+    finally:
+        assert daemon.stop() == 0

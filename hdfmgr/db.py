@@ -33,6 +33,11 @@ class State(StrEnum):
 #: States in which a file still needs work; a restart resumes every one of them.
 ACTIVE_STATES = tuple(s.value for s in State if s is not State.HELD)
 
+#: The backlog: files waiting to be delivered (``status``, metrics). A partial index covers
+#: exactly these rows, so that the backlog of a million-file database is read in milliseconds;
+#: queries must use this same tuple, in this order, for SQLite to use that index.
+WAITING_STATES = (State.READY.value, State.FAILED.value, State.STAGING.value, State.COMMITTING.value)
+
 
 class BaseModel(pw.Model):
     class Meta:
@@ -75,6 +80,17 @@ class FileRecord(BaseModel):
             (("source", "detected_at"), False),
             (("detected_at",), False),
         )
+
+
+def is_waiting() -> pw.Node:
+    """``state IN (WAITING_STATES)`` as literal SQL: SQLite uses a partial index only for a
+    query whose WHERE repeats the index's condition literally (not with bound parameters)."""
+    return pw.SQL('"state" IN (%s)' % ", ".join(f"'{s}'" for s in WAITING_STATES))  # noqa: UP031
+
+
+FileRecord.add_index(
+    FileRecord.index(FileRecord.source, FileRecord.detected_at, name="files_waiting").where(is_waiting())
+)
 
 
 class TransferBatch(BaseModel):

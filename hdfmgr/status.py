@@ -13,9 +13,9 @@ from typing import Any
 
 import peewee as pw
 
-from .db import FileRecord, State, TransferBatch
+from .db import WAITING_STATES, FileRecord, State, TransferBatch, is_waiting
 
-WAITING = (State.READY.value, State.FAILED.value, State.STAGING.value, State.COMMITTING.value)
+WAITING = WAITING_STATES
 
 #: Batch error classes that mean "the endpoint could not be reached" (they feed the breaker).
 TRANSPORT_CLASSES = ("transport", "timeout")
@@ -86,13 +86,13 @@ def backlog(source: str | None, *, now: float) -> dict[str, Any]:
     """Files still to deliver: count, bytes and the oldest one (by detection time)."""
     files, nbytes = (
         _scoped(FileRecord.select(pw.fn.COUNT(FileRecord.id), pw.fn.SUM(FileRecord.size)), source)
-        .where(FileRecord.state.in_(WAITING))
+        .where(is_waiting())
         .tuples()
         .get()
     )
     oldest = (
         _scoped(FileRecord.select(FileRecord.name, FileRecord.detected_at), source)
-        .where(FileRecord.state.in_(WAITING))
+        .where(is_waiting())
         .order_by(FileRecord.detected_at)
         .limit(1)
         .tuples()

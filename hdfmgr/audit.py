@@ -15,15 +15,12 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import peewee as pw
 
 from . import db as dbm
 from .db import Attempt, FileRecord, State, TransferBatch
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
 
 log = logging.getLogger("hdfmgr")
 
@@ -375,53 +372,6 @@ def watcher_pid(holding: Path) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-def adopt_requeued(pipeline: Pipeline) -> int:
-    """Pipeline hook for SIGUSR1: queue the files ``hdfmgr retry`` re-queued while it ran.
-
-    A watcher loads READY rows only at start; this picks up rows made READY since (by
-    ``hdfmgr retry``): unknown ones are added, FAILED ones waiting for their retry time go now.
-    Returns how many were queued.
-    """
-    from .pipeline import Known
-
-    mark = getattr(pipeline, "_requeue_mark", 0.0)
-    pipeline._requeue_mark = time.time() - 1.0  # type: ignore[attr-defined]
-    rows = (
-        FileRecord.select(
-            FileRecord.id,
-            FileRecord.relpath,
-            FileRecord.size,
-            FileRecord.mtime_ns,
-            FileRecord.inode,
-            FileRecord.attempts,
-            FileRecord.checksum,
-        )
-        .where(
-            (FileRecord.source == pipeline.cfg.name)
-            & (FileRecord.state == State.READY.value)
-            & (FileRecord.updated_at >= mark)
-        )
-        .tuples()
-    )
-    now = time.monotonic()
-    queued = 0
-    for row_id, relpath, size, mtime_ns, inode, attempts, checksum in rows:
-        rel = dbm.from_blob(relpath)
-        known = pipeline.known.get(rel)
-        if known is None:
-            known = Known(row_id, size, mtime_ns, inode, State.READY.value, attempts, checksum, since=now)
-            pipeline.known[rel] = known
-        elif known.id == row_id and known.state == State.FAILED.value:
-            known.state = State.READY.value
-        else:
-            continue
-        pipeline._enqueue(rel, known)
-        queued += 1
-    if queued:
-        log.info("re-queued by an operator: %d file(s)", queued)
-    return queued
 
 
 # ---------------------------------------------------------------------------------- helpers

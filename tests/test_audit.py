@@ -253,44 +253,24 @@ def test_retry_after_quarantine_delivers_on_next_start(local: Site) -> None:
     assert local.query("select count(*) from files")[0][0] == 1  # the same row, not a new one
 
 
-def test_retry_signals_a_running_watcher(local: Site) -> None:
-    local.configure(name="cam1", transfer=FAILING, retry_initial=600, retry_max=600)
+def test_retry_signals_a_running_watcher_which_sends_at_once(local: Site) -> None:
+    flag = local.root / "endpoint-down"
+    flag.touch()
+    local.configure(
+        name="cam1",
+        transfer="sh -c 'if [ -e \"$0\" ]; then echo down >&2; exit 3; fi; cp \"$@\"' {flag} {batch} {dest}",
+        params={"flag": str(flag)},
+        retry_initial=600,  # without the retry, the next try would be minutes away
+        retry_max=600,
+    )
     daemon = local.start()
     try:
         local.write("f.fits", b"fail then work")
         wait_for(lambda: local.states().get("f.fits") == "failed", 20, "failed")
+        flag.unlink()
         result = local.hdfmgr("retry", str(local.config_path))
         assert result.returncode == 0, result.stderr
         assert f"asked the running watcher (pid {daemon.proc.pid})" in result.stdout
-        wait_for(lambda: "rescan requested" in daemon.output(), 10, "the watcher to get SIGUSR1")
+        wait_for(lambda: local.held() == {"f.fits": b"fail then work"}, 20, "delivery after retry")
     finally:
         daemon.stop()
-
-
-def test_adopt_requeued_queues_rows_made_ready_while_running(local: Site) -> None:
-    """The pipeline hook for SIGUSR1 (see audit.adopt_requeued), driven in-process."""
-    from hdfmgr.pipeline import Known, Pipeline
-
-    cfg = config_mod.load(local.config_path)
-    pipeline = Pipeline(cfg, install_signals=False)
-    pipeline.db = dbm.connect(cfg)
-    dbm.create_schema(pipeline.db)
-    try:
-        now = time.time()
-        insert_files([
-            file_row("cam1", "was-quarantined.fits", state="ready", detected=now - 50),
-            file_row("cam1", "was-failed.fits", state="ready", detected=now - 40),
-            file_row("cam1", "queued.fits", state="ready", detected=now - 30),
-            file_row("cam2", "other.fits", state="ready", detected=now - 30),
-        ])
-        ids = {r.name: r.id for r in FileRecord.select()}
-        pipeline.known["was-failed.fits"] = Known(ids["was-failed.fits"], 1000, 0, 1, "failed")
-        pipeline.known["queued.fits"] = Known(ids["queued.fits"], 1000, 0, 1, "ready")
-        assert audit.adopt_requeued(pipeline) == 2
-        assert "was-quarantined.fits" in pipeline.ready and "was-failed.fits" in pipeline.ready
-        assert "queued.fits" not in pipeline.ready and "other.fits" not in pipeline.known
-        assert pipeline.known["was-failed.fits"].state == "ready"
-        assert audit.adopt_requeued(pipeline) == 0  # nothing changed since
-    finally:
-        pipeline.executor.shutdown()
-        pipeline.db.close()

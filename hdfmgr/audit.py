@@ -277,7 +277,8 @@ def render_show(rel: str, versions: list[dict[str, Any]]) -> str:
                 )
                 if t[key]
             )
-            rate = f", {t['rate_bytes_per_s'] / 1e6:.1f} MB/s" if t["rate_bytes_per_s"] else ""
+            delivered = t["batch_status"] in ("committed", "partial")  # a failed copy has no rate
+            rate = f", {t['rate_bytes_per_s'] / 1e6:.1f} MB/s" if t["rate_bytes_per_s"] and delivered else ""
             took = f" in {t['seconds']:.3f} s" if t["seconds"] is not None else ""
             lines.append(
                 f"  try {i}: batch {t['batch']} at {_when(t['started_at'], precise=True)}: "

@@ -218,8 +218,10 @@ def render(info: dict[str, Any]) -> str:
     lines.append("last ok:  " + _last(info["last_commit"]))
     rates = []
     for label, t in info["throughput"].items():
-        rates.append(f"{label} {t['files']} files {t['files_per_s']:.2f} files/s {t['mb_per_s']:.2f} MB/s")
-    lines.append("rate:     " + "   ".join(rates))
+        window = {"1m": "last minute", "1h": "last hour"}.get(label, label)
+        per_s = f"{t['files_per_s']:.2f} files/s, {t['mb_per_s']:.2f} MB/s"
+        rates.append(f"{window} {t['files']} files ({per_s})")
+    lines.append("rate:     " + "; ".join(rates))
     if "breaker" in info:
         lines.append("endpoint: " + _breaker(info["breaker"]))
     for src in info.get("sources", []):
@@ -259,7 +261,7 @@ def _breaker(b: dict[str, Any]) -> str:
     word = "FAILING, breaker open" if b["state"] == "open" else "failing"
     return (
         f"{word}: {b['transport_failures_in_a_row']} transport/timeout failure(s) in a row since {since}"
-        f" (derived from the batches table): {b['error']}"
+        f" (derived from the batches table)\n          {b['error']}"
     )
 
 

@@ -90,7 +90,7 @@ def test_summary_counts_backlog_throughput_and_failures(site: Site) -> None:
 
     text = status.render(info)
     assert "backlog:  3 files" in text and "wait/oldest.fits (10 min ago)" in text
-    assert "1m 30 files 0.50 files/s 0.50 MB/s" in text
+    assert "last minute 30 files (0.50 files/s, 0.50 MB/s); last hour 90 files" in text
     assert "[remote, exit 3]: scp: /staging/x: No space left on device" in text
     json.dumps(info)  # serialisable as it is
 

@@ -10,6 +10,7 @@ Usage:
   hdfmgr show [--json] [--all] CONFIG PATH
   hdfmgr retry CONFIG [PATH...]
   hdfmgr metrics [--all] [--output=FILE] CONFIG
+  hdfmgr report [--since=T] [--all] --output=FILE CONFIG
   hdfmgr status [--json] [--all] CONFIG
   hdfmgr doctor CONFIG
   hdfmgr -h | --help
@@ -29,6 +30,8 @@ Commands:
             buffer; a running watcher is asked (SIGUSR1) to pick them up at once.
   metrics   Prometheus metrics computed from the database, printed, or with --output
             written atomically for node-exporter's textfile collector.
+  report    A PNG of throughput, backlog and latency over time (since 24h ago unless
+            --since); needs matplotlib (pip install 'hdfmgr[report]').
   status    Files by state, backlog, last success and recent failures.
   doctor    Pre-flight: check the endpoint, its tools and directories, and the local paths;
             one OK/FAIL line per check; exit status 1 if any check fails.
@@ -80,7 +83,7 @@ EX_CONFIG = 78
 log = logging.getLogger("hdfmgr")
 
 #: Commands answered from the audit trail by hdfmgr/audit.py (and status.py).
-AUDIT_COMMANDS = ("files", "show", "retry", "metrics")
+AUDIT_COMMANDS = ("files", "show", "retry", "metrics", "report")
 
 WATCH_USAGE = """hdfmgr-watch: watch the handoff buffer and deliver every file until SIGTERM.
 
@@ -196,6 +199,20 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     return EX_OK
 
 
+def _report(source: str | None, output: str, since: float) -> int:
+    try:
+        import matplotlib  # noqa: F401
+
+        from . import report
+    except ImportError:
+        print("hdfmgr: report needs matplotlib: pip install 'hdfmgr[report]'", file=sys.stderr)
+        return EX_UNAVAILABLE
+    data = report.make(source, output, since=since)
+    print(f"report: {output}: {data['committed']} files, {data['bytes'] / 1e9:.2f} GB committed since "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}")
+    return EX_OK
+
+
 def _serve_metrics(config: config_mod.Config) -> None:
     """general.metrics_port: serve /metrics; a failure to bind is logged, never fatal."""
     from . import metrics
@@ -276,6 +293,8 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
     paths = args.get("PATH") or []
     paths = [paths] if isinstance(paths, str) else list(paths)
     try:
+        if command == "report":
+            return _report(source, args["--output"], audit.parse_since(args["--since"] or "24h"))
         if command == "files":
             state = args["--state"]
             if state is not None and state not in {s.value for s in dbm.State}:

@@ -174,6 +174,24 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .pipeline import Outcome, Pipeline
 
     pipeline = Pipeline(config, once=once)
+    progress = None
+    if once and sys.stderr.isatty():
+        from .progress import Progress
+
+        progress = Progress()
+
+        def show(p: Pipeline) -> None:
+            if not progress.due():
+                return
+            waiting, waiting_bytes = p.waiting()
+            progress.update(
+                done=p.counters.delivered,
+                done_bytes=p.counters.bytes,
+                waiting=waiting,
+                waiting_bytes=waiting_bytes,
+            )
+
+        pipeline.on_progress = show
     if not once and config.metrics_port is not None:
         _serve_metrics(config)
     try:
@@ -189,6 +207,8 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     except Exception:
         log.exception("internal error")
         return EX_SOFTWARE
+    if progress is not None:
+        progress.finish()
     if once:
         undelivered = pipeline._undelivered()
         print(

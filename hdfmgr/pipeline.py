@@ -29,6 +29,7 @@ from typing import Any
 import peewee as pw
 
 from . import db as dbm
+from . import metrics, sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
@@ -132,6 +133,8 @@ class Pipeline:
         self.recorder: Recorder | None = None
         self.closing = False
         self.sync_requested = False
+        #: Called on every pass of the loop (rescan's progress line throttles itself).
+        self.on_progress: Callable[[Pipeline], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,6 +166,7 @@ class Pipeline:
                 self.cfg.num_threads,
                 len(self.ready) + len(self.tracker),
             )
+            sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
         finally:
             self._shutdown()
@@ -211,6 +215,8 @@ class Pipeline:
             self._promote(now)
             self._release_retries(now)
             self._dispatch(now)
+            if self.on_progress is not None:
+                self.on_progress(self)
             if self.once and self._idle():
                 return Outcome.DRAINED if not self._undelivered() else Outcome.INCOMPLETE
 
@@ -258,10 +264,16 @@ class Pipeline:
     def _idle(self) -> bool:
         return not (self.inflight or len(self.ready) or len(self.tracker) or self.unrecovered)
 
+    def waiting(self) -> tuple[int, int]:
+        """Files (and bytes) known and not yet delivered, plus those still settling."""
+        pending = [k for k in self.known.values() if k.state != State.COMMITTED.value]
+        return len(pending) + len(self.tracker), sum(k.size for k in pending)
+
     def _undelivered(self) -> list[str]:
         return [rel for rel, k in self.known.items() if k.state != State.COMMITTED.value]
 
     def _drain_and_stop(self) -> Outcome:
+        sdnotify.notify("STOPPING=1")
         if self.inflight:
             log.info(
                 "stopping: waiting for %d batch(es) in flight (at most %.0f s)",
@@ -453,6 +465,7 @@ class Pipeline:
         else:
             self.breaker.probe_failed(time.monotonic(), jitter=self.rng.random())
             log.debug("probe failed: %s", result.describe())
+        metrics.breaker_state(self.cfg.name, self.breaker.state.value)
 
     # ------------------------------------------------------------------ registration
 
@@ -699,6 +712,7 @@ class Pipeline:
         if (not failed or not transport) and self.breaker.record_success():
             log.warning("endpoint reachable again; resuming dispatch")
             self._endpoint_back()
+        metrics.breaker_state(self.cfg.name, self.breaker.state.value)
 
     def _endpoint_back(self) -> None:
         """After an outage, files that backed off because of it go out now, not in 10 min."""

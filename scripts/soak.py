@@ -119,35 +119,39 @@ def main() -> int:
     flow = threading.Thread(target=writer, daemon=True)
     daemon = site.start()
     flow.start()
-    deadline = time.monotonic() + args.minutes * 60
-    kills = outages = 0
-    outage_seconds = 0.0
-    events: list[str] = []
-    fault_rng = random.Random(args.seed + 1)
-    while time.monotonic() < deadline:
-        stop.wait(fault_rng.uniform(5, 25))
-        if time.monotonic() >= deadline:
-            break
-        if fault_rng.random() < 0.6:
-            daemon.kill()
-            kills += 1
-            events.append(f"{time.strftime('%H:%M:%S')} kill -9")
-            daemon = site.start()
-        else:
-            length = fault_rng.uniform(2, 20)
-            down.touch()
-            outages += 1
-            outage_seconds += length
-            events.append(f"{time.strftime('%H:%M:%S')} outage {length:.0f} s")
-            stop.wait(length)
-            down.unlink()
-    stop.set()
-    flow.join(10)
-    drain_started = time.monotonic()
-    wait_for(lambda: not site.waiting(), 300, "the buffer to drain")
-    wait_for(lambda: len(set(consumer.arrivals)) >= len(written), 60, "the consumer")
-    drain = time.monotonic() - drain_started
-    rc = daemon.stop(60)
+    try:
+        deadline = time.monotonic() + args.minutes * 60
+        kills = outages = 0
+        outage_seconds = 0.0
+        events: list[str] = []
+        fault_rng = random.Random(args.seed + 1)
+        while time.monotonic() < deadline:
+            stop.wait(fault_rng.uniform(5, 25))
+            if time.monotonic() >= deadline:
+                break
+            if fault_rng.random() < 0.6:
+                daemon.kill()
+                kills += 1
+                events.append(f"{time.strftime('%H:%M:%S')} kill -9")
+                daemon = site.start()
+            else:
+                length = fault_rng.uniform(2, 20)
+                down.touch()
+                outages += 1
+                outage_seconds += length
+                events.append(f"{time.strftime('%H:%M:%S')} outage {length:.0f} s")
+                stop.wait(length)
+                down.unlink()
+        stop.set()
+        flow.join(10)
+        drain_started = time.monotonic()
+        wait_for(lambda: not site.waiting(), 300, "the buffer to drain")
+        wait_for(lambda: len(set(consumer.arrivals)) >= len(written), 60, "the consumer")
+        drain = time.monotonic() - drain_started
+        rc = daemon.stop(60)
+    except BaseException:
+        daemon.kill()  # never leave a daemon behind
+        raise
     consumer.stop_event.set()
     consumer.join(5)
 

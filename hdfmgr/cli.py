@@ -251,6 +251,16 @@ def _serve_metrics(config: config_mod.Config) -> None:
     log.info("metrics: http://%s:%d/metrics", host, port)
 
 
+def _signal_watcher(pid: int) -> bool:
+    """SIGUSR1 to the running watcher: rescan now (and pick up re-queued files)."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        print(f"hdfmgr: cannot signal the running watcher (pid {pid}): {exc.strerror}", file=sys.stderr)
+        return False
+    return True
+
+
 def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) -> int:
     """A watcher owns the buffer: ask it to rescan and wait for what is waiting now."""
     from .detect import scan
@@ -260,10 +270,7 @@ def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) ->
         return EX_UNAVAILABLE
     buffer = os.fspath(config.buffer)
     waiting = {rel for rel, snap in scan(buffer) if snap is not None and not config.excluded(rel)}
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError as exc:
-        print(f"hdfmgr: cannot signal the running watcher (pid {pid}): {exc.strerror}", file=sys.stderr)
+    if not _signal_watcher(pid):
         return EX_UNAVAILABLE
     print(f"rescan: watcher pid {pid} is running; asked it to rescan, waiting for {len(waiting)} file(s)")
     deadline = time.monotonic() + wait
@@ -349,10 +356,7 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
         if pid is None:
             print("retry: no watcher is running; the next hdfmgr-watch or hdfmgr-rescan sends them")
         else:
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except OSError as exc:
-                print(f"hdfmgr: cannot signal the watcher (pid {pid}): {exc.strerror}", file=sys.stderr)
+            if not _signal_watcher(pid):
                 return EX_UNAVAILABLE
             print(f"retry: asked the running watcher (pid {pid}) to pick them up")
     skipped = any(result[k] for k in ("missing", "unknown", "not_retryable"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
 import shutil
 import sys
@@ -85,24 +84,7 @@ def main() -> int:
         logging={"level": "INFO"},
     )
 
-    class CheckingConsumer(Consumer):
-        def run(self) -> None:
-            while not self.stop_event.is_set():
-                for dirpath, _dirs, names in os.walk(self.root):
-                    for name in names:
-                        path = os.path.join(dirpath, name)
-                        rel = os.path.relpath(path, self.root)
-                        try:
-                            data = Path(path).read_bytes()
-                        except FileNotFoundError:
-                            continue
-                        if data != EXPECTED.get(rel):
-                            self.bad.append(rel)
-                        self.arrivals.append(rel)
-                        os.unlink(path)
-                time.sleep(0.005)
-
-    consumer = CheckingConsumer(site.ep_buffer)
+    consumer = Consumer(site.ep_buffer, expect=EXPECTED.get)
     consumer.start()
     stop = threading.Event()
     written: list[str] = []

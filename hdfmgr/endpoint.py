@@ -36,7 +36,7 @@ COMMIT_SCRIPT = "; ".join(
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
         "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",
-        'tail -z -n +2 "$w" | LC_ALL=C sort -z | LC_ALL=C comm -z -12 - "$h" > "$k"',
+        'LC_ALL=C comm -z -12 "$w" "$h" > "$k"',
         'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$k"; '
         'else LC_ALL=C cut -z -d/ -f 2- "$k"; fi; }',
         'if mkdir -p -- "$d"; then names | xargs -0r mv -f -t "$d" --; r=$?; else r=98; fi',
@@ -54,7 +54,7 @@ LIST_SCRIPT = (
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000'; fi; done; exit 0"
 )
 
-#: Removes this instance's slot directories from earlier runs (and their temp files).
+#: Removes this instance's slot directories (and their .want/.have/.ok lists) from earlier runs.
 SWEEP_SCRIPT = 'find "$1" -mindepth 1 -maxdepth 1 -name "$2*" -not -name "$3*" -exec rm -rf -- {} +; exit 0'
 
 
@@ -111,8 +111,13 @@ def parse_commit_output(stdout: bytes) -> CommitReport:
 
 
 def expected_records(final_dir: str, files: Sequence[StagedFile], mode: str) -> bytes:
-    """The stdin of the commit script: the final directory, then one record per file."""
-    records = [os.fsencode(final_dir)]
+    """The stdin of the commit script: the final directory, then one record per file.
+
+    Sorted bytewise, as ``LC_ALL=C sort -z`` would, so the script can ``comm`` it as it is.
+    The directory (absolute: it starts with '/', below every digit and hex letter) sorts
+    first, where the script reads it, and matches no staged file.
+    """
+    records = []
     for f in files:
         name = os.fsencode(f.basename)
         if mode == "checksum":
@@ -121,7 +126,8 @@ def expected_records(final_dir: str, files: Sequence[StagedFile], mode: str) -> 
             records.append(f.checksum.encode("ascii") + b"  " + name)
         else:
             records.append(str(f.size).encode("ascii") + b"/" + name)
-    return b"\0".join(records) + b"\0"
+    records.sort()
+    return b"\0".join([os.fsencode(final_dir), *records]) + b"\0"
 
 
 class Endpoint:

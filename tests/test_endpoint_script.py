@@ -433,7 +433,8 @@ def test_parse_commit_output_edge_cases() -> None:
 def test_expected_records_size_mode() -> None:
     files = [StagedFile("d/a", "/b/d/a", 10), StagedFile("d/new\nline", "/b/d/new\nline", 0)]
     data = expected_records("/ep/buffer/d", files, "size")
-    assert data == b"/ep/buffer/d\x0010/a\x000/new\nline\x00"
+    # Sorted bytewise (as LC_ALL=C sort -z) after the directory.
+    assert data == b"/ep/buffer/d\x000/new\nline\x0010/a\x00"
 
 
 def test_expected_records_checksum_mode() -> None:

@@ -152,7 +152,10 @@ def connect(config: Config) -> pw.Database:
                 "journal_mode": "wal",
                 "synchronous": "normal",
                 "foreign_keys": 1,
-                "cache_size": -16000,
+                # SQLite's default 2 MB page cache. The pages stay in the OS page cache anyway;
+                # 16 MB here cost the daemon 16 MB of RSS with 100,000 files waiting
+                # (scripts/bench, scale) and no measurable time at start-up or in a drain.
+                "cache_size": -2000,
             },
         )
     else:

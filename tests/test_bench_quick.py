@@ -1,0 +1,37 @@
+"""``scripts/bench --quick`` as a smoke test: every workload, transport and reference runs on
+small sizes and the delivery is checked for correctness (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(150)
+def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    hdfmgr = [r for r in rows if r["method"].startswith("hdfmgr")]
+    assert {r["workload"] for r in hdfmgr} >= {"backlog small", "backlog big", "trickle 20/s"}
+    assert {r["transport"] for r in hdfmgr} >= {"local", "scp+share", "rsync"}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    # {batch} mode: a bounded number of commands per batch, never one per file.
+    small = [r for r in hdfmgr if r["workload"] == "backlog small"]
+    assert all(r["commands_per_batch_steady_max"] <= 3 for r in small)
+    assert all(r["spawned_by_daemon"] < r["files"] for r in small)
+    restart = [r for r in rows if r["method"] == "restart"]
+    assert restart and all(r["rehashed"] == 0 for r in restart)
+    assert (out / "benchmarks-quick.md").exists()

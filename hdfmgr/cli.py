@@ -192,8 +192,10 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             )
 
         pipeline.on_progress = show
-    if not once and config.metrics_port is not None:
-        _serve_metrics(config)
+    if not once and config.metrics_port is not None and _serve_metrics(config):
+        from . import metrics
+
+        pipeline.on_breaker = metrics.breaker_state
     try:
         outcome = pipeline.run()
     except LockBusy as busy:
@@ -228,12 +230,14 @@ def _report(source: str | None, output: str, since: float) -> int:
         print("hdfmgr: report needs matplotlib: pip install 'hdfmgr[report]'", file=sys.stderr)
         return EX_UNAVAILABLE
     data = report.make(source, output, since=since)
-    print(f"report: {output}: {data['committed']} files, {data['bytes'] / 1e9:.2f} GB committed since "
-          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}")
+    print(
+        f"report: {output}: {data['committed']} files, {data['bytes'] / 1e9:.2f} GB committed since "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}"
+    )
     return EX_OK
 
 
-def _serve_metrics(config: config_mod.Config) -> None:
+def _serve_metrics(config: config_mod.Config) -> bool:
     """general.metrics_port: serve /metrics; a failure to bind is logged, never fatal."""
     from . import metrics
 
@@ -246,9 +250,10 @@ def _serve_metrics(config: config_mod.Config) -> None:
         )
     except OSError as exc:
         log.error("cannot serve metrics on %s:%s: %s", config.metrics_address, config.metrics_port, exc)
-        return
+        return False
     host, port = server.server_address[:2]
     log.info("metrics: http://%s:%d/metrics", host, port)
+    return True
 
 
 def _signal_watcher(pid: int) -> bool:
@@ -304,8 +309,10 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
     from . import audit
 
     if not dbm.schema_exists(database):  # type: ignore[arg-type]
-        print(f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
-              file=sys.stderr)
+        print(
+            f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
+            file=sys.stderr,
+        )
         return EX_CANTCREAT
     source = None if args.get("--all") else config.name
     if command == "metrics":

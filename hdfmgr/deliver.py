@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,21 +90,20 @@ def deliver(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint) -> BatchR
 
 
 def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:
-    files = _hash(job, report)
+    # Hash while the transfer runs: the digest is needed only at the commit, and on a large
+    # file hashing alone takes about as long as a local copy.
+    hashed: list[StagedFile] = []
+    hasher = threading.Thread(target=lambda: hashed.extend(_hash(job, report)), name=f"hash-{job.id}")
+    hasher.start()
+    try:
+        if not _transfer(job, endpoint, report):
+            return
+    finally:
+        hasher.join()
+    files = [f for f in hashed if f.rel not in report.outcomes]
     if not files:
         report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
         return
-    if job.prepare:
-        report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
-        if not report.prepare.ok:
-            report.fail(report.prepare, "preparing staging")
-            return
-    for argv in endpoint.transfer_argvs(files, job.staging_dir):
-        result = endpoint.transfer(argv)
-        report.transfers.append(result)
-        if not result.ok:
-            report.fail(result, "transfer")
-            return
     # The transfer read the files while they could still change: commit only those that are
     # still the version that was registered.
     to_commit = []
@@ -133,6 +133,22 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
     elif any(outcome == UNVERIFIED for outcome, _ in report.outcomes.values()):
         report.error_class = ErrorClass.VERIFICATION
         report.error = f"staged copy failed {mode} verification"
+
+
+def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:
+    """Prepare the slot if needed and run the transfer command(s); False on a failure."""
+    if job.prepare:
+        report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
+        if not report.prepare.ok:
+            report.fail(report.prepare, "preparing staging")
+            return False
+    for argv in endpoint.transfer_argvs(job.files, job.staging_dir):
+        result = endpoint.transfer(argv)
+        report.transfers.append(result)
+        if not result.ok:
+            report.fail(result, "transfer")
+            return False
+    return True
 
 
 def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:

@@ -806,6 +806,7 @@ class Pipeline:
         slot directory means moved (committed, never send again). If the endpoint cannot be
         asked, those files wait, untouched, until it can.
         """
+        self._rec().close_interrupted_batches(time.time())
         staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
         if staging:
             self._set_state(staging, State.READY, error="interrupted during transfer; sending again")

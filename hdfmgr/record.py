@@ -83,6 +83,14 @@ class Recorder:
             if row.state == State.READY.value:
                 yield row
 
+    def close_interrupted_batches(self, wall: float) -> int:
+        """Batches a killed run left 'running' (their files are reconciled separately)."""
+        return (
+            TransferBatch.update(status="interrupted", finished_at=wall)
+            .where((TransferBatch.source == self.source) & (TransferBatch.status == "running"))
+            .execute()
+        )
+
     def checksums(self, ids: Sequence[int]) -> dict[int, str]:
         """Stored BLAKE2b of the given rows (a file version is hashed once, then read back)."""
         if not ids:

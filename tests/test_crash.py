@@ -77,6 +77,8 @@ def test_kill9_loop_keeps_every_invariant(tmp_path: Path) -> None:
     assert sorted(consumer.arrivals) == sorted(names), "missing or duplicate deliveries"
     assert site.held() == {rel: content(rel) for rel in names}
     assert site.waiting() == {}
+    batches = dict(site.query("select status, count(*) from batches group by status"))
+    assert "running" not in batches, batches  # killed runs' batches are closed as interrupted
     states = site.query("select state, count(*) from files group by state")
     assert states == [("held", len(names))], states
     assert not [p for p in site.staging.rglob("*") if p.is_file()], "files left in staging"

@@ -175,8 +175,10 @@ def render_files(rows: list[dict[str, Any]], *, with_source: bool = False) -> st
             line.insert(0, r["source"])
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
-             for row in table]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in table
+    ]
     if len(rows) == 0:
         lines.append("(no file matches)")
     return "\n".join(line.rstrip() for line in lines)

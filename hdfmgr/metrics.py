@@ -56,7 +56,21 @@ log = logging.getLogger("hdfmgr")
 
 BATCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 LATENCY_BUCKETS = (
-    0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+    86400.0,
 )
 
 
@@ -119,8 +133,13 @@ class Metrics:
     ``sources`` None means every source in the database.
     """
 
-    def __init__(self, sources: Iterable[str] | None = None, *, refresh_on_collect: bool = False,
-                 breaker_threshold: int = 3) -> None:
+    def __init__(
+        self,
+        sources: Iterable[str] | None = None,
+        *,
+        refresh_on_collect: bool = False,
+        breaker_threshold: int = 3,
+    ) -> None:
         self.sources = list(sources) if sources is not None else None
         self.refresh_on_collect = refresh_on_collect
         self.breaker_threshold = breaker_threshold
@@ -264,25 +283,52 @@ class Metrics:
             families = [
                 c("hdfmgr_files_committed", "Files verified and moved into the endpoint buffer.", labels=src),
                 c("hdfmgr_bytes_committed", "Bytes of the committed files.", labels=src),
-                c("hdfmgr_failures", "Files whose delivery attempt failed, by error class.",
-                  labels=[*src, "error_class"]),
+                c(
+                    "hdfmgr_failures",
+                    "Files whose delivery attempt failed, by error class.",
+                    labels=[*src, "error_class"],
+                ),
                 c("hdfmgr_batches", "Finished batches by outcome.", labels=[*src, "status"]),
                 g("hdfmgr_backlog_files", "Files waiting to be delivered.", labels=src),
                 g("hdfmgr_backlog_bytes", "Bytes waiting to be delivered.", labels=src),
-                g("hdfmgr_backlog_oldest_age_seconds", "Age of the oldest waiting file (0 when none waits).",
-                  labels=src),
+                g(
+                    "hdfmgr_backlog_oldest_age_seconds",
+                    "Age of the oldest waiting file (0 when none waits).",
+                    labels=src,
+                ),
                 g("hdfmgr_quarantined_files", "Files that need an operator (hdfmgr retry).", labels=src),
-                g("hdfmgr_breaker_open", "1 when the endpoint is considered unreachable (derived from the "
-                  "latest batches unless the daemon reports it).", labels=src),
-                g("hdfmgr_last_commit_timestamp_seconds", "Unix time of the last commit (0 if never).",
-                  labels=src),
+                g(
+                    "hdfmgr_breaker_open",
+                    "1 when the endpoint is considered unreachable (derived from the "
+                    "latest batches unless the daemon reports it).",
+                    labels=src,
+                ),
+                g(
+                    "hdfmgr_last_commit_timestamp_seconds",
+                    "Unix time of the last commit (0 if never).",
+                    labels=src,
+                ),
             ]
-            (files, nbytes, failures, batches, backlog_files, backlog_bytes, oldest, quarantined, breaker,
-             last) = families
-            durations = HistogramMetricFamily("hdfmgr_batch_duration_seconds", "Batch duration, start to "
-                                              "finish.", labels=src)
-            latencies = HistogramMetricFamily("hdfmgr_latency_seconds", "Per file, detection (close-write) "
-                                              "to commit in the endpoint buffer.", labels=src)
+            (
+                files,
+                nbytes,
+                failures,
+                batches,
+                backlog_files,
+                backlog_bytes,
+                oldest,
+                quarantined,
+                breaker,
+                last,
+            ) = families
+            durations = HistogramMetricFamily(
+                "hdfmgr_batch_duration_seconds", "Batch duration, start to finish.", labels=src
+            )
+            latencies = HistogramMetricFamily(
+                "hdfmgr_latency_seconds",
+                "Per file, detection (close-write) to commit in the endpoint buffer.",
+                labels=src,
+            )
             for source, s in stats:
                 files.add_metric([source], s.files)
                 nbytes.add_metric([source], s.bytes)

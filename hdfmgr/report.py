@@ -101,7 +101,9 @@ def plot(data: dict[str, Any], output: str, *, title: str) -> None:
     twin.set_ylabel("files/s")
     ax1.set_title(
         f"throughput: {data['committed']} files, {data['bytes'] / 1e9:.2f} GB "
-        f"(bins of {_duration(data['width'])})", fontsize=10, loc="left",
+        f"(bins of {_duration(data['width'])})",
+        fontsize=10,
+        loc="left",
     )
     handles = ax1.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax1.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)

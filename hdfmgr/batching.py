@@ -65,26 +65,42 @@ class ReadyQueue:
             if not files:
                 del self._by_dir[directory]
 
-    def take_batch(self, *, chunk_size: int, budget: int, path_bytes: int) -> list[Candidate]:
+    def take_batch(
+        self, *, chunk_size: int, budget: int, path_bytes: int, spread: bool = False
+    ) -> list[Candidate]:
         """Remove and return the next batch: the oldest file and its oldest siblings.
 
-        ``budget`` is the argv space for file arguments and ``path_bytes`` the length of the
-        absolute prefix each relative path gets; the batch stops before either limit.
+        With ``spread`` the batch goes on into the next-oldest directories until it is full,
+        taking only files whose basename is not in the batch yet (the staging slot is flat);
+        a file left out waits for the next batch. ``budget`` is the argv space for file
+        arguments and ``path_bytes`` the length of the absolute prefix each relative path
+        gets; the batch stops before either limit.
         """
         if not self._by_dir:
             return []
         # By its oldest file, not its first added: a retried file comes back with its old age.
-        directory = min(self._by_dir, key=lambda d: min(c.since for c in self._by_dir[d].values()))
-        files = self._by_dir[directory]
-        ordered = sorted(files.values(), key=lambda c: c.since)
+        oldest = {d: min(c.since for c in files.values()) for d, files in self._by_dir.items()}
+        directories = (
+            sorted(oldest, key=oldest.__getitem__) if spread else [min(oldest, key=oldest.__getitem__)]
+        )
         batch: list[Candidate] = []
+        names: set[str] = set()
         used = 0
-        for item in ordered:
-            cost = path_bytes + len(item.rel.encode("utf-8", "surrogateescape")) + 1 + 8
-            if batch and (len(batch) >= chunk_size or used + cost > budget):
+        full = False
+        for directory in directories:
+            for item in sorted(self._by_dir[directory].values(), key=lambda c: c.since):
+                cost = path_bytes + len(item.rel.encode("utf-8", "surrogateescape")) + 1 + 8
+                if batch and (len(batch) >= chunk_size or used + cost > budget):
+                    full = True
+                    break
+                name = os.path.basename(item.rel)
+                if name in names:
+                    continue
+                names.add(name)
+                batch.append(item)
+                used += cost
+            if full:
                 break
-            batch.append(item)
-            used += cost
         for item in batch:
             self.remove(item.rel)
         return batch

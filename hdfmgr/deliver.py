@@ -32,12 +32,11 @@ CHANGED = "changed"
 
 @dataclass
 class BatchJob:
-    """What the main thread hands a worker: files of one directory and a staging slot."""
+    """What the main thread hands a worker: files with distinct basenames and a staging slot."""
 
     id: int
     slot: int
     staging_dir: str
-    final_dir: str
     files: list[StagedFile]
     snapshots: dict[str, Snapshot]
     prepare: bool
@@ -115,7 +114,7 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
             to_commit.append(f)
     if not to_commit or not checkpoint(job, to_commit, report.checksums):
         return
-    result, listing = endpoint.commit(job.staging_dir, job.final_dir, to_commit)
+    result, listing = endpoint.commit(job.staging_dir, None, to_commit)
     report.commit = result
     committed = listing.committed
     mode = endpoint.config.verify

@@ -27,21 +27,27 @@ from .runner import CommandResult
 from .templates import quote_remote
 
 #: One line (a tcsh login shell cannot take a newline inside quotes) and no '!' (history).
+#: Arguments: the slot directory, the verification mode, the number of final directories.
+#: Stdin: the final directories, then per file "<i>:<size>/<name>" or "<i>:<b2sum>  <name>",
+#: i counting the directories from 1, each directory's records sorted as LC_ALL=C sort -z.
 COMMIT_SCRIPT = "; ".join(
     [
-        "s=$1; m=$2; w=$s.want; h=$s.have; k=$s.ok",
+        "s=$1; m=$2; n=$3; w=$s.want; h=$s.have; k=$s.ok; e=$s.each",
         'cd "$s" || exit 97',
         'cat > "$w" || exit 97',
-        "d=$(head -z -n 1 \"$w\" | tr -d '\\000'; echo x); d=${d%x}",
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
         "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",
-        'LC_ALL=C comm -z -12 "$w" "$h" > "$k"',
-        'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$k"; '
-        'else LC_ALL=C cut -z -d/ -f 2- "$k"; fi; }',
-        'if mkdir -p -- "$d"; then names | xargs -0r mv -f -t "$d" --; r=$?; else r=98; fi',
-        "names; printf '/\\000'; find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'",
-        'rm -f -- "$w" "$h" "$k"',
+        'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$1"; '
+        'else LC_ALL=C cut -z -d/ -f 2- "$1"; fi; }',
+        ': > "$k"; r=0; i=0',
+        'while [ "$i" -lt "$n" ]; do i=$((i+1)); '
+        'd=$(sed -z -n "${i}p" "$w" | tr -d \'\\000\'; echo x); d=${d%x}; '
+        'LC_ALL=C grep -z "^$i:" "$w" | LC_ALL=C cut -z -d: -f 2- | LC_ALL=C comm -z -12 - "$h" > "$e"; '
+        'cat "$e" >> "$k"; '
+        'if mkdir -p -- "$d"; then names "$e" | xargs -0r mv -f -t "$d" -- || r=1; else r=98; fi; done',
+        "names \"$k\"; printf '/\\000'; find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'",
+        'rm -f -- "$w" "$h" "$k" "$e"',
         "exit $r",
     ]
 )
@@ -110,24 +116,38 @@ def parse_commit_output(stdout: bytes) -> CommitReport:
     return report
 
 
-def expected_records(final_dir: str, files: Sequence[StagedFile], mode: str) -> bytes:
-    """The stdin of the commit script: the final directory, then one record per file.
-
-    Sorted bytewise, as ``LC_ALL=C sort -z`` would, so the script can ``comm`` it as it is.
-    The directory (absolute: it starts with '/', below every digit and hex letter) sorts
-    first, where the script reads it, and matches no staged file.
-    """
-    records = []
+def commit_groups(
+    files: Sequence[StagedFile], final_dir: Callable[[str], str]
+) -> list[tuple[str, list[StagedFile]]]:
+    """The batch's files by final directory, in first-seen order."""
+    groups: dict[str, list[StagedFile]] = {}
     for f in files:
-        name = os.fsencode(f.basename)
-        if mode == "checksum":
-            if f.checksum is None:
-                raise ValueError(f"no checksum for {f.rel!r}")
-            records.append(f.checksum.encode("ascii") + b"  " + name)
-        else:
-            records.append(str(f.size).encode("ascii") + b"/" + name)
-    records.sort()
-    return b"\0".join([os.fsencode(final_dir), *records]) + b"\0"
+        groups.setdefault(final_dir(os.path.dirname(f.rel)), []).append(f)
+    return list(groups.items())
+
+
+def expected_records(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str) -> bytes:
+    """The stdin of the commit script: the final directories, then one record per file.
+
+    A file's record is ``<i>:`` (its directory's number) and what the script's listing of
+    staging shows for a good copy: ``<size>/<name>`` or ``<b2sum>  <name>``. Each directory's
+    records are sorted bytewise, as ``LC_ALL=C sort -z`` would, so the script can ``comm``
+    them as they are.
+    """
+    directories = [os.fsencode(final) for final, _ in groups]
+    records = []
+    for number, (_, files) in enumerate(groups, start=1):
+        own = []
+        for f in files:
+            name = os.fsencode(f.basename)
+            if mode == "checksum":
+                if f.checksum is None:
+                    raise ValueError(f"no checksum for {f.rel!r}")
+                own.append(f.checksum.encode("ascii") + b"  " + name)
+            else:
+                own.append(str(f.size).encode("ascii") + b"/" + name)
+        records.extend(b"%d:" % number + record for record in sorted(own))
+    return b"\0".join([*directories, *records]) + b"\0"
 
 
 class Endpoint:
@@ -189,12 +209,21 @@ class Endpoint:
     def commit(
         self,
         slot_dir: str,
-        final_dir: str,
+        final_dir: str | None,
         files: Sequence[StagedFile],
         on_start: Callable[[int], None] | None = None,
     ) -> tuple[CommandResult, CommitReport]:
-        stdin = expected_records(final_dir, files, self.config.verify)
-        result = self.remote(COMMIT_SCRIPT, slot_dir, self.config.verify, stdin=stdin, on_start=on_start)
+        """Verify the staged ``files`` and move the good ones, in one remote command.
+
+        Each file goes to the endpoint buffer's directory of its own relative directory, or
+        all of them to ``final_dir`` when one is given. Basenames must be distinct (they
+        share one flat slot directory).
+        """
+        groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
+        stdin = expected_records(groups, self.config.verify)
+        result = self.remote(
+            COMMIT_SCRIPT, slot_dir, self.config.verify, str(len(groups)), stdin=stdin, on_start=on_start
+        )
         return result, parse_commit_output(result.stdout)
 
     def list_slots(self, slot_dirs: Sequence[str]) -> tuple[CommandResult, dict[str, set[str]] | None]:

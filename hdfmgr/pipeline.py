@@ -560,7 +560,10 @@ class Pipeline:
             if not self.buffer_present:
                 return
             batch = self.ready.take_batch(
-                chunk_size=self.cfg.chunk_size, budget=self.budget, path_bytes=len(self.buffer) + 1
+                chunk_size=self.cfg.chunk_size,
+                budget=self.budget,
+                path_bytes=len(self.buffer) + 1,
+                spread=True,
             )
             files: list[StagedFile] = []
             snaps: dict[str, Snapshot] = {}
@@ -597,7 +600,6 @@ class Pipeline:
             id=batch_id,
             slot=slot,
             staging_dir=staging_dir,
-            final_dir=self.endpoint.final_dir(os.path.dirname(files[0].rel)),
             files=files,
             snapshots=snaps,
             prepare=dirty or not self.slot_ready.get(slot, False),

@@ -214,3 +214,21 @@ def test_arg_budget_without_sysconf(monkeypatch: pytest.MonkeyPatch, error: type
 
     monkeypatch.setattr(os, "sysconf", broken)
     assert 16 * 1024 <= arg_budget(env_bytes=0) < 128 * 1024
+
+
+def test_spread_fills_the_batch_from_the_next_oldest_directories() -> None:
+    q = ReadyQueue()
+    for rel, since in [("old/a", 1.0), ("old/b", 2.0), ("new/c", 3.0), ("newer/a", 4.0), ("newer/d", 5.0)]:
+        q.add(Candidate(rel, 1, since))
+    batch = q.take_batch(chunk_size=10, budget=BIG, path_bytes=5, spread=True)
+    # newer/a waits: the flat staging slot already has an "a" in this batch.
+    assert rels(batch) == ["old/a", "old/b", "new/c", "newer/d"]
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5, spread=True)) == ["newer/a"]
+
+
+def test_spread_respects_chunk_size_across_directories() -> None:
+    q = ReadyQueue()
+    for i in range(6):
+        q.add(Candidate(f"d{i % 3}/f{i}", 1, float(i)))
+    assert len(q.take_batch(chunk_size=4, budget=BIG, path_bytes=5, spread=True)) == 4
+    assert len(q.take_batch(chunk_size=4, budget=BIG, path_bytes=5, spread=True)) == 2

@@ -432,27 +432,54 @@ def test_parse_commit_output_edge_cases() -> None:
 
 def test_expected_records_size_mode() -> None:
     files = [StagedFile("d/a", "/b/d/a", 10), StagedFile("d/new\nline", "/b/d/new\nline", 0)]
-    data = expected_records("/ep/buffer/d", files, "size")
-    # Sorted bytewise (as LC_ALL=C sort -z) after the directory.
-    assert data == b"/ep/buffer/d\x000/new\nline\x0010/a\x00"
+    data = expected_records([("/ep/buffer/d", files)], "size")
+    # The directory, then its records numbered and sorted bytewise (as LC_ALL=C sort -z).
+    assert data == b"/ep/buffer/d\x001:0/new\nline\x001:10/a\x00"
+
+
+def test_expected_records_several_directories() -> None:
+    one = [StagedFile("x/b", "/b/x/b", 2), StagedFile("x/a", "/b/x/a", 1)]
+    two = [StagedFile("y/c", "/b/y/c", 3)]
+    data = expected_records([("/ep/x", one), ("/ep/y", two)], "size")
+    assert data == b"/ep/x\0/ep/y\0" + b"1:1/a\0" + b"1:2/b\0" + b"2:3/c\0"
 
 
 def test_expected_records_checksum_mode() -> None:
     digest = hashlib.blake2b(b"x").hexdigest()
     name = os.fsdecode(b"d/\xff")
-    data = expected_records("/f", [StagedFile(name, "/b/" + name, 1, digest)], "checksum")
-    assert data == b"/f\0" + digest.encode() + b"  \xff\0"
-    assert len(digest) == 128  # the script cuts names at byte 131
+    data = expected_records([("/f", [StagedFile(name, "/b/" + name, 1, digest)])], "checksum")
+    assert data == b"/f\0" + b"1:" + digest.encode() + b"  \xff\0"
+    assert len(digest) == 128  # the script cuts names at byte 131 once "1:" is gone
 
 
 def test_expected_records_checksum_required() -> None:
     with pytest.raises(ValueError, match="no checksum"):
-        expected_records("/f", [StagedFile("a", "/b/a", 1)], "checksum")
+        expected_records([("/f", [StagedFile("a", "/b/a", 1)])], "checksum")
 
 
 def test_expected_records_non_utf8_final_dir() -> None:
     final = os.fsdecode(b"/ep/\xff")
-    assert expected_records(final, [], "size") == b"/ep/\xff\0"
+    assert expected_records([(final, [])], "size") == b"/ep/\xff\0"
+
+
+def test_commit_into_several_directories_in_one_command(site: Site) -> None:
+    """A batch spanning directories: one flat slot, one remote command, each file home."""
+    slot = site.endpoint.slot_dir(0)
+    assert site.endpoint.prepare(slot, clean=False).ok
+    files = []
+    for rel in ("a/one.fits", "b/c/two.fits", "top.fits", os.fsdecode(b"odd\xff dir/three\nfits")):
+        data = rel.encode("utf-8", "surrogateescape") * 3
+        (Path(slot) / os.path.basename(rel)).write_bytes(data)
+        files.append(StagedFile(rel, "/unused/" + rel, len(data)))
+    files.append(StagedFile("b/missing.fits", "/unused/b/missing.fits", 5))
+    result, report = site.endpoint.commit(slot, None, files)
+    assert result.ok, result.stderr
+    assert report.committed == {"one.fits", "two.fits", "top.fits", os.fsdecode(b"three\nfits")}
+    for f in files[:-1]:
+        final = os.path.join(os.fsencode(site.ep_buffer), os.fsencode(f.rel))
+        with open(final, "rb") as delivered:
+            assert delivered.read() == f.rel.encode("utf-8", "surrogateescape") * 3
+    assert not os.listdir(slot)
 
 
 def test_staged_file_basename() -> None:

@@ -66,7 +66,13 @@ class ReadyQueue:
                 del self._by_dir[directory]
 
     def take_batch(
-        self, *, chunk_size: int, budget: int, path_bytes: int, spread: bool = False
+        self,
+        *,
+        chunk_size: int,
+        budget: int,
+        path_bytes: int,
+        spread: bool = False,
+        max_bytes: int | None = None,
     ) -> list[Candidate]:
         """Remove and return the next batch: the oldest file and its oldest siblings.
 
@@ -74,7 +80,9 @@ class ReadyQueue:
         taking only files whose basename is not in the batch yet (the staging slot is flat);
         a file left out waits for the next batch. ``budget`` is the argv space for file
         arguments and ``path_bytes`` the length of the absolute prefix each relative path
-        gets; the batch stops before either limit.
+        gets; the batch stops before either limit. ``max_bytes`` bounds the data of one batch
+        (at least one file always goes), so that large files spread over the transfer slots
+        instead of queueing behind one another in a single batch.
         """
         if not self._by_dir:
             return []
@@ -86,11 +94,13 @@ class ReadyQueue:
         batch: list[Candidate] = []
         names: set[str] = set()
         used = 0
+        data = 0
         full = False
         for directory in directories:
             for item in sorted(self._by_dir[directory].values(), key=lambda c: c.since):
                 cost = path_bytes + len(item.rel.encode("utf-8", "surrogateescape")) + 1 + 8
-                if batch and (len(batch) >= chunk_size or used + cost > budget):
+                too_big = max_bytes is not None and data + item.size > max_bytes
+                if batch and (len(batch) >= chunk_size or used + cost > budget or too_big):
                     full = True
                     break
                 name = os.path.basename(item.rel)
@@ -99,6 +109,7 @@ class ReadyQueue:
                 names.add(name)
                 batch.append(item)
                 used += cost
+                data += item.size
             if full:
                 break
         for item in batch:

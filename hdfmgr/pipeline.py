@@ -47,6 +47,10 @@ log = logging.getLogger("hdfmgr")
 
 IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
 
+#: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
+#: copying in parallel) instead of queueing in one batch; small files are unaffected.
+BATCH_BYTES = 256 * 1024 * 1024
+
 
 class Outcome(Enum):
     """How a run of the loop ended."""
@@ -564,6 +568,7 @@ class Pipeline:
                 budget=self.budget,
                 path_bytes=len(self.buffer) + 1,
                 spread=True,
+                max_bytes=BATCH_BYTES,
             )
             files: list[StagedFile] = []
             snaps: dict[str, Snapshot] = {}

@@ -232,3 +232,14 @@ def test_spread_respects_chunk_size_across_directories() -> None:
         q.add(Candidate(f"d{i % 3}/f{i}", 1, float(i)))
     assert len(q.take_batch(chunk_size=4, budget=BIG, path_bytes=5, spread=True)) == 4
     assert len(q.take_batch(chunk_size=4, budget=BIG, path_bytes=5, spread=True)) == 2
+
+
+def test_max_bytes_spreads_large_files_over_batches_but_always_sends_one() -> None:
+    q = ReadyQueue()
+    for i in range(5):
+        q.add(Candidate(f"big/f{i}", 100, float(i)))
+    assert len(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5, spread=True, max_bytes=250)) == 2
+    q.add(Candidate("huge/h", 10_000, -1.0))
+    assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5, spread=True, max_bytes=250)) == [
+        "huge/h"
+    ]

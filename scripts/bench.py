@@ -653,7 +653,9 @@ class Bench:
             directory = top / (f"night{d:03d}" if dirs > 1 else "night")
             directory.mkdir(parents=True)
             for i in range(per_dir):
-                rel = f"{directory.name}/img{i:05d}.fits"
+                # Unique across directories, as a camera's names are (they carry the
+                # observation id): batches may then span directories.
+                rel = f"{directory.name}/img{d:03d}_{i:05d}.fits"
                 digest = hashlib.blake2b()
                 with open(top / rel, "wb") as f:
                     left = size

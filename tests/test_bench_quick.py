@@ -4,6 +4,8 @@ small sizes and the delivery is checked for correctness (no timing is asserted).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -15,13 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(150)
 def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    try:
+        result = subprocess.run(
+            [str(ROOT / "scripts" / "bench"), "--quick", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+    finally:
+        # A bench killed at the timeout must not leave its daemons (own sessions) behind.
+        kill_processes_mentioning(str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     hdfmgr = [r for r in rows if r["method"].startswith("hdfmgr")]
@@ -35,3 +41,16 @@ def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     restart = [r for r in rows if r["method"] == "restart"]
     assert restart and all(r["rehashed"] == 0 for r in restart)
     assert (out / "benchmarks-quick.md").exists()
+
+
+def kill_processes_mentioning(text: str) -> None:
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            continue

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from hdfmgr import config as config_mod
 from hdfmgr import db as dbm
 from hdfmgr.db import Attempt, FileRecord, TransferBatch
+from tests.site import Site
 
 
-def file_row(source: str, rel: str, *, state: str = "held", size: int = 1000, detected: float,
-             committed: float | None = None, **extra: Any) -> dict[str, Any]:
+@contextmanager
+def recording_site(tmp_path: Path, engine: str | None) -> Iterator[Site]:
+    """A site named cam1 whose database (SQLite or the test PostgreSQL) has the schema."""
+    site = Site(tmp_path, engine=engine)
+    site.configure(name="cam1")
+    database = dbm.connect(config_mod.load(site.config_path))
+    dbm.create_schema(database)
+    try:
+        yield site
+    finally:
+        database.close()
+
+
+def file_row(
+    source: str,
+    rel: str,
+    *,
+    state: str = "held",
+    size: int = 1000,
+    detected: float,
+    committed: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     row = {
         "source": source,
         "relpath": dbm.to_blob(rel),
@@ -66,9 +91,19 @@ def insert_files(rows: Iterable[dict[str, Any]], chunk: int = 1000) -> int:
     return n
 
 
-def batch(source: str, *, started: float, status: str = "committed", files: int = 1,
-          committed: int | None = None, error_class: str | None = None, stderr: str | None = None,
-          returncode: int | None = 0, seconds: float = 0.5, nbytes: int = 1000) -> TransferBatch:
+def batch(
+    source: str,
+    *,
+    started: float,
+    status: str = "committed",
+    files: int = 1,
+    committed: int | None = None,
+    error_class: str | None = None,
+    stderr: str | None = None,
+    returncode: int | None = 0,
+    seconds: float = 0.5,
+    nbytes: int = 1000,
+) -> TransferBatch:
     return TransferBatch.create(
         source=source,
         staging_dir=f"/staging/hdfmgr.{source}.x.0",

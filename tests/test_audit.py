@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from hdfmgr import audit
-from hdfmgr import config as config_mod
 from hdfmgr import db as dbm
 from hdfmgr.db import FileRecord
-from tests.audit_data import attempt, batch, file_row, insert_files
+from tests.audit_data import attempt, batch, file_row, insert_files, recording_site
 from tests.site import HOSTILE_NAMES, Site, wait_for
 
 FAILING = "sh -c 'echo nope: disk on fire >&2; exit 3' sh {batch} {dest}"
@@ -29,14 +28,8 @@ FAILING = "sh -c 'echo nope: disk on fire >&2; exit 3' sh {batch} {dest}"
 
 @pytest.fixture
 def site(tmp_path: Path, engine: str | None) -> Iterator[Site]:
-    site = Site(tmp_path, engine=engine)
-    site.configure(name="cam1")
-    database = dbm.connect(config_mod.load(site.config_path))
-    dbm.create_schema(database)
-    try:
-        yield site
-    finally:
-        database.close()
+    with recording_site(tmp_path, engine) as made:
+        yield made
 
 
 @pytest.fixture
@@ -59,9 +52,10 @@ def test_parse_since() -> None:
     assert audit.parse_since("15", now=now) == now - 15
     assert audit.parse_since("1.5h", now=now) == now - 5400
     assert audit.parse_since("2026-11-27") == dt.datetime(2026, 11, 27).timestamp()
-    assert audit.parse_since("2026-11-27T18:30:00+00:00") == dt.datetime(
-        2026, 11, 27, 18, 30, tzinfo=dt.UTC
-    ).timestamp()
+    assert (
+        audit.parse_since("2026-11-27T18:30:00+00:00")
+        == dt.datetime(2026, 11, 27, 18, 30, tzinfo=dt.UTC).timestamp()
+    )
     with pytest.raises(ValueError, match="neither an age"):
         audit.parse_since("yesterday")
 
@@ -77,8 +71,22 @@ NAMES = [
     *HOSTILE_NAMES,
 ]
 PATTERNS = [
-    "*.fits", "night1/*", "night?/img00[12].fits", "*img[!0-9]*", "*/sub/*", "a.txt", "x[[]1].fits",
-    "per%cent_*", "*\n*", "-*", "*$(*", "{dest}*", "*[*]*", "[", "*ünï*", "night1/img00?.fits",
+    "*.fits",
+    "night1/*",
+    "night?/img00[12].fits",
+    "*img[!0-9]*",
+    "*/sub/*",
+    "a.txt",
+    "x[[]1].fits",
+    "per%cent_*",
+    "*\n*",
+    "-*",
+    "*$(*",
+    "{dest}*",
+    "*[*]*",
+    "[",
+    "*ünï*",
+    "night1/img00?.fits",
 ]
 
 
@@ -106,8 +114,11 @@ def test_resolve_paths(tmp_path: Path) -> None:
 def test_files_filters(site: Site) -> None:
     now = time.time()
     rows = [file_row("cam1", n, detected=now - 100 - i, committed=now - 50) for i, n in enumerate(NAMES)]
-    rows.append(file_row("cam1", "late.fits", state="failed", detected=now - 5, error_class="remote",
-                         last_error="boom"))
+    rows.append(
+        file_row(
+            "cam1", "late.fits", state="failed", detected=now - 5, error_class="remote", last_error="boom"
+        )
+    )
     rows.append(file_row("cam1", "ancient.fits", detected=now - 10 * 86400, committed=now - 10 * 86400))
     rows.append(file_row("cam2", "night1/other.fits", state="ready", detected=now - 1))
     insert_files(rows)
@@ -117,7 +128,9 @@ def test_files_filters(site: Site) -> None:
     assert everything[0]["name"] == "late.fits"  # newest detection first
     assert [r["name"] for r in audit.files("cam1", state="failed")] == ["late.fits"]
     assert {r["name"] for r in audit.files("cam1", since=now - 3600, limit=1000)} == {
-        *(dbm.display(n) for n in NAMES), "late.fits"}
+        *(dbm.display(n) for n in NAMES),
+        "late.fits",
+    }
     for pattern in PATTERNS:
         got = {r["name"] for r in audit.files("cam1", name=pattern, limit=1000)}
         candidates = [*NAMES, "late.fits", "ancient.fits"]
@@ -138,8 +151,14 @@ def test_files_and_show_commands(site: Site) -> None:
     now = time.time()
     insert_files([file_row("cam1", "n/a.fits", detected=now - 20, committed=now - 18, held_as="n/a.fits.1")])
     row = FileRecord.get(FileRecord.name == "n/a.fits")
-    b1 = batch("cam1", started=now - 19.5, status="failed", error_class="transport", returncode=255,
-               stderr="ssh: connect to host example.edu port 22: Connection refused")
+    b1 = batch(
+        "cam1",
+        started=now - 19.5,
+        status="failed",
+        error_class="transport",
+        returncode=255,
+        stderr="ssh: connect to host example.edu port 22: Connection refused",
+    )
     attempt(b1, row.id, "failed", "transfer: exit 255")
     b2 = batch("cam1", started=now - 18.8, files=3, nbytes=3_000_000, seconds=0.8)
     attempt(b2, row.id)
@@ -173,15 +192,17 @@ def test_retry_requeues_only_what_can_be_sent(site: Site) -> None:
     site.write("back.fits", b"b")
     site.write("failed.fits", b"f")
     site.write("twice.fits", b"t")
-    insert_files([
-        file_row("cam1", "back.fits", state="quarantined", detected=now - 9, error_class="local"),
-        file_row("cam1", "gone.fits", state="quarantined", detected=now - 8),
-        file_row("cam1", "failed.fits", state="failed", detected=now - 7, next_try=now + 500),
-        file_row("cam1", "twice.fits", state="quarantined", detected=now - 6),
-        file_row("cam1", "twice.fits", state="held", detected=now - 5, committed=now - 4),
-        file_row("cam1", "done.fits", state="held", detected=now - 3, committed=now - 2),
-        file_row("cam2", "back.fits", state="quarantined", detected=now - 9),
-    ])
+    insert_files(
+        [
+            file_row("cam1", "back.fits", state="quarantined", detected=now - 9, error_class="local"),
+            file_row("cam1", "gone.fits", state="quarantined", detected=now - 8),
+            file_row("cam1", "failed.fits", state="failed", detected=now - 7, next_try=now + 500),
+            file_row("cam1", "twice.fits", state="quarantined", detected=now - 6),
+            file_row("cam1", "twice.fits", state="held", detected=now - 5, committed=now - 4),
+            file_row("cam1", "done.fits", state="held", detected=now - 3, committed=now - 2),
+            file_row("cam2", "back.fits", state="quarantined", detected=now - 9),
+        ]
+    )
     named = site.hdfmgr("retry", str(site.config_path), "done.fits", "unknown.fits")
     assert named.returncode == 65
     assert "'done.fits': neither quarantined nor failed" in named.stdout
@@ -206,7 +227,7 @@ def test_show_tells_a_real_files_story(local: Site) -> None:
     marker = local.root / "failed-once"
     local.configure(
         name="cam1",
-        transfer="sh -c 'if [ ! -e \"$0\" ]; then touch \"$0\"; echo boom >&2; exit 3; fi; cp \"$@\"' "
+        transfer='sh -c \'if [ ! -e "$0" ]; then touch "$0"; echo boom >&2; exit 3; fi; cp "$@"\' '
         "{marker} {batch} {dest}",
         params={"marker": str(marker)},
     )
@@ -258,7 +279,7 @@ def test_retry_signals_a_running_watcher_which_sends_at_once(local: Site) -> Non
     flag.touch()
     local.configure(
         name="cam1",
-        transfer="sh -c 'if [ -e \"$0\" ]; then echo down >&2; exit 3; fi; cp \"$@\"' {flag} {batch} {dest}",
+        transfer='sh -c \'if [ -e "$0" ]; then echo down >&2; exit 3; fi; cp "$@"\' {flag} {batch} {dest}',
         params={"flag": str(flag)},
         retry_initial=600,  # without the retry, the next try would be minutes away
         retry_max=600,

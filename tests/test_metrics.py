@@ -16,22 +16,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hdfmgr import config as config_mod
-from hdfmgr import db as dbm
 from hdfmgr import metrics
-from tests.audit_data import batch, file_row, insert_files
+from tests.audit_data import batch, file_row, insert_files, recording_site
 from tests.site import Site, wait_for
 
 
 @pytest.fixture
 def site(tmp_path: Path, engine: str | None) -> Iterator[Site]:
-    site = Site(tmp_path, engine=engine)
-    site.configure(name="cam1")
-    database = dbm.connect(config_mod.load(site.config_path))
-    dbm.create_schema(database)
-    try:
-        yield site
-    finally:
-        database.close()
+    with recording_site(tmp_path, engine) as made:
+        yield made
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -48,22 +41,40 @@ def value(parsed: dict, name: str, **labels: str) -> float:
 
 
 def populate(now: float) -> None:
-    insert_files([
-        # Latencies 0.3, 3, 40 s (buckets 0.5, 5, 60).
-        file_row("cam1", "a.fits", size=100, detected=now - 100.3, committed=now - 100),
-        file_row("cam1", "b.fits", size=200, detected=now - 63, committed=now - 60),
-        file_row("cam1", "c.fits", size=300, detected=now - 50, committed=now - 10),
-        file_row("cam1", "w1.fits", state="ready", size=1000, detected=now - 30),
-        file_row("cam1", "w2.fits", state="failed", size=500, detected=now - 20),
-        file_row("cam1", "q.fits", state="quarantined", detected=now - 20),
-        file_row("cam2", "x.fits", size=7, detected=now - 5, committed=now - 4),
-    ])
+    insert_files(
+        [
+            # Latencies 0.3, 3, 40 s (buckets 0.5, 5, 60).
+            file_row("cam1", "a.fits", size=100, detected=now - 100.3, committed=now - 100),
+            file_row("cam1", "b.fits", size=200, detected=now - 63, committed=now - 60),
+            file_row("cam1", "c.fits", size=300, detected=now - 50, committed=now - 10),
+            file_row("cam1", "w1.fits", state="ready", size=1000, detected=now - 30),
+            file_row("cam1", "w2.fits", state="failed", size=500, detected=now - 20),
+            file_row("cam1", "q.fits", state="quarantined", detected=now - 20),
+            file_row("cam2", "x.fits", size=7, detected=now - 5, committed=now - 4),
+        ]
+    )
     batch("cam1", started=now - 101, seconds=0.2, files=1, nbytes=100)
     batch("cam1", started=now - 62, seconds=3.0, files=1, nbytes=200)
-    batch("cam1", started=now - 40, seconds=1.0, status="partial", files=3, committed=1,
-          error_class="verification", stderr="b2sum mismatch")
-    batch("cam1", started=now - 30, seconds=20.0, status="failed", files=2, committed=0,
-          error_class="transport", returncode=255)
+    batch(
+        "cam1",
+        started=now - 40,
+        seconds=1.0,
+        status="partial",
+        files=3,
+        committed=1,
+        error_class="verification",
+        stderr="b2sum mismatch",
+    )
+    batch(
+        "cam1",
+        started=now - 30,
+        seconds=20.0,
+        status="failed",
+        files=2,
+        committed=0,
+        error_class="transport",
+        returncode=255,
+    )
     batch("cam1", started=now - 25, seconds=0.1, status="failed", files=1, committed=0)  # a local failure
     batch("cam2", started=now - 5, seconds=0.5)
 
@@ -127,8 +138,9 @@ def test_refresh_reads_only_what_is_new_and_breaker_override(site: Site) -> None
     assert (s.files, s.bytes, s.batches) == (3, 600, {"committed": 2, "partial": 1, "failed": 2})
     insert_files([file_row("cam1", "d.fits", size=50, detected=now - 2, committed=now - 1)])
     batch("cam1", started=now - 3, seconds=2.0, status="failed", error_class="timeout", files=1, committed=0)
-    batch("cam1", started=now - 2, seconds=0.5, status="failed", error_class="transport", files=1,
-          committed=0)
+    batch(
+        "cam1", started=now - 2, seconds=0.5, status="failed", error_class="transport", files=1, committed=0
+    )
     m.refresh(now)
     assert (s.files, s.bytes, s.latency.counts[-1]) == (4, 650, 0)
     assert s.failures["timeout"] == 1 and s.failures["transport"] == 3
@@ -142,8 +154,15 @@ def test_refresh_reads_only_what_is_new_and_breaker_override(site: Site) -> None
 
 def test_batch_done_api() -> None:
     m = metrics.Metrics(["cam9"])
-    m.batch_done("cam9", status="committed", seconds=1.5, committed_files=2, committed_bytes=2048,
-                 latencies=[0.7, 12.0], now=1000.0)
+    m.batch_done(
+        "cam9",
+        status="committed",
+        seconds=1.5,
+        committed_files=2,
+        committed_bytes=2048,
+        latencies=[0.7, 12.0],
+        now=1000.0,
+    )
     m.batch_done("cam9", status="failed", seconds=600.0, failures={"timeout": 3})
     m.set_backlog("cam9", files=3, nbytes=300, oldest_age=42.0)
     m.set_breaker("cam9", "open")
@@ -163,8 +182,11 @@ def test_daemon_serves_metrics_on_loopback(tmp_path: Path) -> None:
     site.configure(name="cam1", metrics_port=0)  # 0: any free port; the daemon logs which
     daemon = site.start()
     try:
-        line = wait_for(lambda: re.search(r"metrics: http://(127\.0\.0\.1):(\d+)/metrics", daemon.output()),
-                        10, "metrics address in the log")
+        line = wait_for(
+            lambda: re.search(r"metrics: http://(127\.0\.0\.1):(\d+)/metrics", daemon.output()),
+            10,
+            "metrics address in the log",
+        )
         url = f"http://127.0.0.1:{line.group(2)}/metrics"
         files = {f"n/{i}.fits": b"x" * (1000 + i) for i in range(12)}
         site.write_many(files)

@@ -178,10 +178,23 @@ class Site:
             start_new_session=True,
         )
         daemon = Daemon(proc, log)
+        STARTED.append(daemon)
         wait_for(lambda: daemon.started() or proc.poll() is not None, 30, "daemon start")
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited early ({proc.returncode}):\n{daemon.output()}")
         return daemon
+
+
+#: Every daemon a test started; conftest kills what a failed test left running.
+STARTED: list[Daemon] = []
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        daemon = STARTED.pop()
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        daemon.close()
 
 
 @dataclass

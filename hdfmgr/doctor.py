@@ -219,35 +219,33 @@ def _remote_dirs(config: config_mod.Config, endpoint: Endpoint, timeout: float) 
 def _remote_tools(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
     tools = [*REMOTE_TOOLS, "stat"] + (["b2sum"] if config.verify == "checksum" else [])
     what = "remote tools found: " + " ".join(tools)
-    result = endpoint.remote(TOOLS_SCRIPT, *tools, timeout=timeout)
-    if not result.ok:
-        return Check(what, False, _why(result), "check that sh works on the endpoint host")
-    missing = result.stdout.decode("utf-8", "replace").split()
-    if missing:
-        return Check(
-            what,
-            False,
-            "not found on the remote PATH: " + " ".join(missing),
-            "install GNU coreutils and findutils on the endpoint host (b2sum: coreutils >= 8.26), "
-            "or put them on the remote account's PATH",
-        )
-    return Check(what, True)
+    return _listing_check(
+        what,
+        endpoint.remote(TOOLS_SCRIPT, *tools, timeout=timeout),
+        "not found on the remote PATH: ",
+        "install GNU coreutils and findutils on the endpoint host (b2sum: coreutils >= 8.26), "
+        "or put them on the remote account's PATH",
+    )
 
 
 def _gnu_options(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
     what = "remote tools accept the GNU options hdfmgr uses"
-    result = endpoint.remote(GNU_SCRIPT, config.verify, timeout=timeout)
+    return _listing_check(
+        what,
+        endpoint.remote(GNU_SCRIPT, config.verify, timeout=timeout),
+        "not supported: ",
+        "install GNU coreutils and findutils on the endpoint host (BSD and busybox versions lack "
+        "these options)",
+    )
+
+
+def _listing_check(what: str, result: CommandResult, problem: str, fix: str) -> Check:
+    """A remote script that prints what is wrong (words) and nothing when all is well."""
     if not result.ok:
         return Check(what, False, _why(result), "check that sh works on the endpoint host")
-    unsupported = result.stdout.decode("utf-8", "replace").strip()
-    if unsupported:
-        return Check(
-            what,
-            False,
-            "not supported: " + unsupported,
-            "install GNU coreutils and findutils on the endpoint host (BSD and busybox versions lack "
-            "these options)",
-        )
+    found = result.stdout.decode("utf-8", "replace").split()
+    if found:
+        return Check(what, False, problem + " ".join(found), fix)
     return Check(what, True)
 
 

@@ -330,10 +330,17 @@ class Pipeline:
             return
         # Files can be inside before the new directory's watch exists; a directory moved in
         # brings complete files and no events at all.
+        delivered: list[str] = []
         for child, snap in scan(self.buffer, rel):
-            self._seen(child, snap, now, Evidence.CLOSED if moved_in else Evidence.SEEN)
+            self._seen(child, snap, now, Evidence.CLOSED if moved_in else Evidence.SEEN, delivered)
+        if delivered:
+            self._hold_committed(delivered)
 
-    def _seen(self, rel: str, snap: Snapshot | None, now: float, evidence: Evidence) -> None:
+    def _seen(
+        self, rel: str, snap: Snapshot | None, now: float, evidence: Evidence, delivered: list[str]
+    ) -> None:
+        """A scan saw ``rel``; a delivered file still in the buffer goes to ``delivered``
+        (moved to holding by the caller, one transaction for the lot)."""
         if self.cfg.excluded(rel):
             return
         if snap is None:
@@ -344,7 +351,7 @@ class Pipeline:
             known.scanned = self.scan_number
         if known is not None and known.matches(snap):
             if known.state == State.COMMITTED.value:
-                self._hold_committed([rel])
+                delivered.append(rel)
             return
         if known is not None and known.state in IN_FLIGHT:
             return  # looked at again when its batch reports
@@ -365,9 +372,10 @@ class Pipeline:
             self._sync_requeued()
         self.scan_number += 1
         entries = 0
+        delivered: list[str] = []
         for rel, snap in scan(self.buffer):
             entries += 1
-            self._seen(rel, snap, now, Evidence.SEEN)
+            self._seen(rel, snap, now, Evidence.SEEN, delivered)
         unseen = [(rel, k) for rel, k in self.known.items() if k.scanned != self.scan_number]
         vanished = [
             rel
@@ -376,9 +384,10 @@ class Pipeline:
         ]
         if vanished:
             self._mark_vanished(vanished)
-        gone = [rel for rel, k in unseen if k.state == State.COMMITTED.value]
-        if gone:
-            self._hold_committed(gone)  # records them as done, with the reason
+        # Still in the buffer: moved to holding. Gone from it: recorded as done, with the reason.
+        delivered += [rel for rel, k in unseen if k.state == State.COMMITTED.value]
+        if delivered:
+            self._hold_committed(delivered)
         log.debug("scan: %d entries, %.3f s", entries, time.monotonic() - now)
 
     def _sync_requeued(self) -> None:

@@ -3,7 +3,8 @@
 This runs off the main thread and never touches the database. The one moment it must wait for
 the main thread is right before the remote ``mv``: the files' COMMITTING state has to be on
 disk first, so that a restart knows they may already be in the endpoint buffer
-(``checkpoint``).
+(``checkpoint``). After the commit the worker also moves the delivered files to holding
+(``hold``), so that the main thread, which every batch's records go through, only records.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from .checksum import blake2b_file
 from .detect import snapshot
 from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .holding import HoldError
 from .runner import CommandResult
 from .settle import Snapshot
 
@@ -58,6 +60,11 @@ class BatchReport:
     error_class: str | None = None
     error: str | None = None
     slot_clean: bool = True
+    #: Delivered files moved to holding: relative path in the buffer -> relative path in holding.
+    held: dict[str, str] = field(default_factory=dict)
+    #: Delivered files left in the buffer: relative path -> why (HoldError or changed).
+    hold_errors: dict[str, str] = field(default_factory=dict)
+    changed_after: dict[str, str] = field(default_factory=dict)
 
     def committed(self) -> list[str]:
         return [f.rel for f in self.job.files if self.outcomes.get(f.rel, ("",))[0] == COMMITTED]
@@ -75,8 +82,15 @@ class BatchReport:
 #: the daemon is shutting down and the commit must not start.
 Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
 
+#: Moves one delivered file (relative path) to holding; returns its relative path there.
+Holder = Callable[[str], str]
 
-def deliver(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint) -> BatchReport:
+CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
+
+
+def deliver(
+    job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, hold: Holder | None = None
+) -> BatchReport:
     """Run one batch's commands; never raises (a bug becomes a failed batch, retried)."""
     report = BatchReport(job, time.time())
     try:
@@ -85,7 +99,28 @@ def deliver(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint) -> BatchR
         log.exception("batch %d failed unexpectedly", job.id)
         report.error_class, report.error = ErrorClass.LOCAL, f"internal error: {exc!r}"
         report.slot_clean = False
+        return report
+    if hold is not None:
+        try:
+            _hold(job, report, hold)
+        except Exception:
+            # The files are delivered whatever happens here; the main thread holds the rest.
+            log.exception("batch %d: moving to holding failed unexpectedly", job.id)
     return report
+
+
+def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
+    """Delivered files that are still the delivered version go to holding."""
+    for f in job.files:
+        if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
+            continue
+        if snapshot(f.path) != job.snapshots[f.rel]:
+            report.changed_after[f.rel] = CHANGED_AFTER
+            continue
+        try:
+            report.held[f.rel] = hold(f.rel)
+        except HoldError as exc:
+            report.hold_errors[f.rel] = str(exc)
 
 
 def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:

@@ -7,10 +7,11 @@ state a batch needs only two commands: the transfer and one remote command that 
 staged file and moves the good ones into the endpoint buffer.
 
 Commit script. The remote command is a constant POSIX sh script run as ``sh -c SCRIPT``; the
-only arguments on its command line are the slot directory and the verification mode. The data
-(the final directory and the expected ``size/name`` or ``b2sum`` records) travels NUL-separated
-on stdin, so no filename is ever parsed by a remote shell. The script prints the names it
-verified and moved, a ``/`` record, and the names still in staging.
+only arguments on its command line are the slot directory, the verification mode, two numbers
+and a second constant script. The data (the expected ``size/name`` or ``b2sum`` records and
+the final directories) travels NUL-separated on stdin and reaches that second script through
+``xargs -0`` as arguments, so no filename is ever parsed by a remote shell. The script prints
+the names it verified, a ``/`` record, and the names still in staging.
 """
 
 from __future__ import annotations
@@ -26,28 +27,50 @@ from .config import Config
 from .runner import CommandResult
 from .templates import quote_remote
 
-#: One line (a tcsh login shell cannot take a newline inside quotes) and no '!' (history).
-#: Arguments: the slot directory, the verification mode, the number of final directories.
-#: Stdin: the final directories, then per file "<i>:<size>/<name>" or "<i>:<b2sum>  <name>",
-#: i counting the directories from 1, each directory's records sorted as LC_ALL=C sort -z.
-COMMIT_SCRIPT = "; ".join(
+#: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
+#: have no '!' (history expansion).
+#:
+#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT``, hands
+#: the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x`` (``-x``: all
+#: of them or nothing, never a second, partial invocation). Arguments are never parsed by a
+#: shell, so the names need no quoting, and the moves need one ``mv`` per final directory,
+#: not a pipeline of filters per directory: a batch costs about a dozen processes on the
+#: endpoint whatever its size.
+COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3"'
+
+#: Arguments: the slot directory, the mode, the number of records, then the records and the
+#: plan. Records (NREC of them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the
+#: listing of a good staged copy shows, ``<size>/<name>`` or ``<b2sum>  <name>``. The plan:
+#: each final directory with a '/' appended (a name never contains '/'), then the names that
+#: go there. Staged files that match no record (partial, corrupt, strays) are deleted; one
+#: ``mkdir -p`` creates the missing directories and each directory gets one ``mv`` of its
+#: planned names that are still there. ``eval`` only ever sees argument numbers. Output: the verified
+#: names, a ``/`` record, the names still in staging; the exit status is not 0 when a mkdir or
+#: mv failed.
+MOVE_SCRIPT = "; ".join(
     [
-        "s=$1; m=$2; n=$3; w=$s.want; h=$s.have; k=$s.ok; e=$s.each",
-        'cd "$s" || exit 97',
-        'cat > "$w" || exit 97',
+        "s=$1; m=$2; c=$3; shift 3; w=$s.want; h=$s.have; k=$s.ok; b=$s.bad",
+        'i=0; while [ "$i" -lt "$c" ]; do printf \'%s\\000\' "$1"; shift; i=$((i+1)); done > "$w"',
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
         "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",
         'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$1"; '
         'else LC_ALL=C cut -z -d/ -f 2- "$1"; fi; }',
-        ': > "$k"; r=0; i=0',
-        'while [ "$i" -lt "$n" ]; do i=$((i+1)); '
-        'd=$(sed -z -n "${i}p" "$w" | tr -d \'\\000\'; echo x); d=${d%x}; '
-        'LC_ALL=C grep -z "^$i:" "$w" | LC_ALL=C cut -z -d: -f 2- | LC_ALL=C comm -z -12 - "$h" > "$e"; '
-        'cat "$e" >> "$k"; '
-        'if mkdir -p -- "$d"; then names "$e" | xargs -0r mv -f -t "$d" -- || r=1; else r=98; fi; done',
+        'LC_ALL=C comm -z -23 "$h" "$w" > "$b"',
+        'if [ -s "$b" ]; then names "$b" | xargs -0r rm -f --; fi',
+        'LC_ALL=C comm -z -12 "$w" "$h" > "$k"',
+        "r=0; j=0; n=",
+        "for x do j=$((j+1)); case $x in */) "
+        r'if [ -d "$x" ]; then :; else n="$n \"\${$j}\""; fi ;; esac; done',
+        r'if [ -n "$n" ]; then eval "mkdir -p --$n" || r=98; fi',
+        "j=0; t=; l=",
+        "for x do j=$((j+1)); case $x in */) "
+        r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi; '
+        r't=$x; l=; if [ -d "$t" ]; then :; else t=; fi ;; '
+        r'*) if [ -n "$t" ] && [ -f "./$x" ]; then l="$l \"\${$j}\""; fi ;; esac; done',
+        r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi',
         "names \"$k\"; printf '/\\000'; find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'",
-        'rm -f -- "$w" "$h" "$k" "$e"',
+        'rm -f -- "$w" "$h" "$k" "$b"',
         "exit $r",
     ]
 )
@@ -126,28 +149,29 @@ def commit_groups(
     return list(groups.items())
 
 
-def expected_records(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str) -> bytes:
-    """The stdin of the commit script: the final directories, then one record per file.
+def commit_payload(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str) -> tuple[bytes, int]:
+    """The stdin of the commit script and how many records it starts with.
 
-    A file's record is ``<i>:`` (its directory's number) and what the script's listing of
-    staging shows for a good copy: ``<size>/<name>`` or ``<b2sum>  <name>``. Each directory's
-    records are sorted bytewise, as ``LC_ALL=C sort -z`` would, so the script can ``comm``
-    them as they are.
+    First one record per file, what the script's listing of staging shows for a good copy
+    (``<size>/<name>`` or ``<b2sum>  <name>``), all sorted bytewise as ``LC_ALL=C sort -z``
+    sorts, so that ``comm`` takes them as they are (basenames are distinct in a batch). Then
+    the plan: each final directory with a '/' appended, followed by its names.
     """
-    directories = [os.fsencode(final) for final, _ in groups]
     records = []
-    for number, (_, files) in enumerate(groups, start=1):
-        own = []
+    plan = []
+    for final, files in groups:
+        plan.append(os.fsencode(final) + b"/")
         for f in files:
             name = os.fsencode(f.basename)
+            plan.append(name)
             if mode == "checksum":
                 if f.checksum is None:
                     raise ValueError(f"no checksum for {f.rel!r}")
-                own.append(f.checksum.encode("ascii") + b"  " + name)
+                records.append(f.checksum.encode("ascii") + b"  " + name)
             else:
-                own.append(str(f.size).encode("ascii") + b"/" + name)
-        records.extend(b"%d:" % number + record for record in sorted(own))
-    return b"\0".join([*directories, *records]) + b"\0"
+                records.append(str(f.size).encode("ascii") + b"/" + name)
+    records.sort()
+    return b"\0".join([*records, *plan]) + b"\0", len(records)
 
 
 class Endpoint:
@@ -220,9 +244,18 @@ class Endpoint:
         share one flat slot directory).
         """
         groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
-        stdin = expected_records(groups, self.config.verify)
+        stdin, count = commit_payload(groups, self.config.verify)
+        # xargs's -s: the whole command line it builds, arguments and NULs, with room to spare.
+        size = len(stdin) + len(MOVE_SCRIPT) + len(slot_dir) + 4096
         result = self.remote(
-            COMMIT_SCRIPT, slot_dir, self.config.verify, str(len(groups)), stdin=stdin, on_start=on_start
+            COMMIT_SCRIPT,
+            slot_dir,
+            self.config.verify,
+            str(count),
+            str(size),
+            MOVE_SCRIPT,
+            stdin=stdin,
+            on_start=on_start,
         )
         return result, parse_commit_output(result.stdout)
 

@@ -24,10 +24,6 @@ def hold(buffer: str, holding: str, rel: str) -> str:
     """
     src = os.path.join(buffer, rel)
     directory = os.path.dirname(rel)
-    try:
-        os.makedirs(os.path.join(holding, directory), exist_ok=True)
-    except OSError as exc:
-        raise HoldError(exc.errno, f"cannot create holding directory: {exc.strerror}") from None
     base = os.path.basename(rel)
     tmp: str | None = None
     try:
@@ -35,7 +31,13 @@ def hold(buffer: str, holding: str, rel: str) -> str:
             candidate = os.path.join(directory, base if n == 0 else f"{base}.{n}")
             dst = os.path.join(holding, candidate)
             try:
-                os.link(tmp or src, dst)
+                try:
+                    os.link(tmp or src, dst)
+                except FileNotFoundError:
+                    # The holding directory is missing (the source was checked just before):
+                    # create it and try again, instead of a makedirs for every file.
+                    _make_holding_dir(os.path.join(holding, directory))
+                    os.link(tmp or src, dst)
             except FileExistsError:
                 if tmp is None and _same_file(src, dst):
                     # A previous run linked it and was killed before the unlink.
@@ -65,6 +67,32 @@ def hold(buffer: str, holding: str, rel: str) -> str:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+
+
+def _make_holding_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise HoldError(exc.errno, f"cannot create holding directory: {exc.strerror}") from None
+
+
+def find_held(holding: str, rel: str, inode: int) -> str | None:
+    """Where in holding ``rel`` went, if the file with ``inode`` is there; None otherwise.
+
+    A run that moved a delivered file and was killed before recording it left the file in
+    holding under ``rel`` or a suffixed name; the inode tells it from other versions.
+    """
+    for n in range(10000):
+        candidate = rel if n == 0 else f"{rel}.{n}"
+        try:
+            st = os.lstat(os.path.join(holding, candidate))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        if st.st_ino == inode:
+            return candidate
+    return None
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -33,10 +33,10 @@ from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
-from .deliver import CHANGED, UNVERIFIED, BatchJob, BatchReport, deliver
+from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
-from .holding import HoldError, hold, prune_empty_dirs
+from .holding import HoldError, find_held, hold, prune_empty_dirs
 from .lock import InstanceLock, lock_path
 from .record import Failure, Recorder
 from .retry import CircuitBreaker, backoff
@@ -130,6 +130,8 @@ class Pipeline:
         self.warned: set[str] = set()
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
+        #: Files checked and registered per pass of the loop: enough to fill every slot.
+        self.promote_slice = max(256, config.chunk_size * config.num_threads)
         self.observer: Any = None
         self.observer_kind = "none"
         self.buffer_present = True
@@ -495,7 +497,9 @@ class Pipeline:
     # ------------------------------------------------------------------ registration
 
     def _promote(self, now: float) -> None:
-        due = self.tracker.pop_due(now)
+        # A slice at a time: with a backlog of thousands, the first batches leave while the
+        # rest are still being checked and recorded, instead of after all of them.
+        due = self.tracker.pop_due(now, limit=self.promote_slice)
         if not due:
             return
         wall = time.time()
@@ -623,7 +627,11 @@ class Pipeline:
 
     def _deliver(self, job: BatchJob) -> None:
         """Worker thread: run the batch, hand the report to the loop."""
-        self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint)))
+        self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint, self._hold_one)))
+
+    def _hold_one(self, rel: str) -> str:
+        """Worker thread: one delivered file to holding (plain file-system calls, no state)."""
+        return hold(self.buffer, self.holding, rel)
 
     def _checkpoint(self, job: BatchJob, files: list[StagedFile], checksums: dict[str, str]) -> bool:
         """Worker thread: have the loop record COMMITTING, and wait until it has."""
@@ -667,7 +675,8 @@ class Pipeline:
         now = time.monotonic()
         wall = time.time()
         committed = report.committed()
-        failed = [f for f in job.files if f.rel not in set(committed)]
+        delivered = set(committed)
+        failed = [f for f in job.files if f.rel not in delivered]
         failures = []
         quarantined: list[tuple[str, str]] = []
         for f in failed:
@@ -699,15 +708,20 @@ class Pipeline:
                 self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
             else:
                 heapq.heappush(self.retry_heap, (now + delay, f.rel))
+        held = report.held
         self._rec().finish_batch(
             report,
-            committed=[self.known[rel].id for rel in committed],
+            committed=[self.known[rel].id for rel in committed if rel not in held],
+            held=[self.known[rel].id for rel in committed if held.get(rel) == rel],
+            renamed=[(self.known[rel].id, held[rel]) for rel in committed if held.get(rel, rel) != rel],
             failures=failures,
             checksums=self._new_checksums(report.checksums),
             wall=wall,
         )
         for rel in committed:
             self.known[rel].state = State.COMMITTED.value
+        size = sum(self.known[rel].size for rel in committed)
+        self._after_hold(report)
         for rel, message in quarantined:
             log.error(
                 "%r quarantined after %d attempts (%s); it stays in the buffer: fix the cause, "
@@ -718,7 +732,6 @@ class Pipeline:
             )
         self.counters.batches += 1
         if committed:
-            size = sum(self.known[rel].size for rel in committed)
             self.counters.delivered += len(committed)
             self.counters.bytes += size
             directory = os.path.dirname(job.files[0].rel)
@@ -730,7 +743,9 @@ class Pipeline:
                 wall - report.started,
                 f" from {directory}/" if directory else "",
             )
-            self._hold_committed(committed)
+            rest = [rel for rel in committed if rel in self.known]
+            if rest:
+                self._hold_committed(rest)
         transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
         if failed:
             self.counters.failed += len(failed)
@@ -743,6 +758,24 @@ class Pipeline:
             self._endpoint_back()
         if self.on_breaker is not None:
             self.on_breaker(self.cfg.name, self.breaker.state.value)
+
+    def _after_hold(self, report: BatchReport) -> None:
+        """What the worker did with the delivered files: held, changed, or not movable."""
+        for rel in report.held:
+            del self.known[rel]
+        for rel, reason in report.changed_after.items():
+            self._retire(rel, self.known[rel], reason)
+        for rel, error in report.hold_errors.items():
+            self._hold_failed(rel, self.known[rel], error)
+        if report.held:
+            self.warned.discard("holding")
+
+    def _hold_failed(self, rel: str, known: Known, error: str) -> None:
+        """It stays in the buffer, delivered; the next scan tries again."""
+        self._rec().note_error(known.id, ErrorClass.LOCAL, error)
+        if "holding" not in self.warned:
+            self.warned.add("holding")
+            log.error("cannot move delivered files to holding %s: %s (will retry)", self.holding, error)
 
     def _endpoint_back(self) -> None:
         """After an outage, files that backed off because of it go out now, not in 10 min."""
@@ -760,18 +793,22 @@ class Pipeline:
             if known is None:
                 continue
             snap = snapshot(os.path.join(self.buffer, rel))
+            if snap is None:
+                # Moved to holding by a run that ended before recording it?
+                held_as = find_held(self.holding, rel, known.inode)
+                if held_as == rel:
+                    plain.append(rel)
+                    continue
+                if held_as is not None:
+                    renamed.append((rel, held_as))
+                    continue
             if snap is None or not known.matches(snap):
-                self._retire(
-                    rel, known, "changed or vanished in the buffer after delivery; not moved to holding"
-                )
+                self._retire(rel, known, CHANGED_AFTER)
                 continue
             try:
                 held_as = hold(self.buffer, self.holding, rel)
             except HoldError as exc:
-                self._rec().note_error(known.id, ErrorClass.LOCAL, str(exc))
-                if "holding" not in self.warned:
-                    self.warned.add("holding")
-                    log.error("cannot move delivered files to holding %s: %s (will retry)", self.holding, exc)
+                self._hold_failed(rel, known, str(exc))
                 continue
             if held_as == rel:
                 plain.append(rel)

@@ -211,13 +211,21 @@ class Recorder:
         failures: Sequence[Failure],
         checksums: Sequence[tuple[int, str]],
         wall: float,
+        held: Sequence[int] = (),
+        renamed: Sequence[tuple[int, str]] = (),
     ) -> None:
-        """The batch's timings and commands, and every file's outcome, in one transaction."""
+        """The batch's timings and commands, and every file's outcome, in one transaction.
+
+        ``committed`` are delivered files still in the buffer; ``held`` and ``renamed`` are
+        delivered files the worker already moved to holding (under their own name or a
+        suffixed one): they go straight to HELD, one write instead of two.
+        """
         transfer_seconds = sum(r.duration for r in report.transfers) if report.transfers else None
         nbytes = sum(f.size for f in report.job.files)
         commands = report.commands()
         last = commands[-1] if commands else None
-        status = "committed" if not failures else ("partial" if committed else "failed")
+        delivered_count = len(committed) + len(held) + len(renamed)
+        status = "committed" if not failures else ("partial" if delivered_count else "failed")
         with self.db.atomic():
             TransferBatch.update(
                 finished_at=wall,
@@ -232,21 +240,21 @@ class Recorder:
                 returncode=last.returncode if last is not None else None,
                 stderr="\n".join(r.stderr_tail() for r in commands if r.stderr) or report.error,
                 command=describe_commands(commands),
-                committed=len(committed),
+                committed=delivered_count,
             ).where(TransferBatch.id == report.job.id).execute()
             self._set_checksums(checksums)
+            delivered = {"committed_at": wall, "updated_at": wall, "error_class": None, "last_error": None}
+            self._update_ids(committed, {"state": State.COMMITTED.value, **delivered})
             self._update_ids(
-                committed,
-                {
-                    "state": State.COMMITTED.value,
-                    "committed_at": wall,
-                    "updated_at": wall,
-                    "error_class": None,
-                    "last_error": None,
-                },
+                held, {"state": State.HELD.value, "held_at": wall, **delivered}, copy=("held_as", "name")
             )
+            self._held_renamed(renamed, wall, delivered)
             self._update_ids(
-                committed, {"outcome": "committed"}, table=Attempt, key="file_id", batch=report.job.id
+                [*committed, *held, *(row_id for row_id, _ in renamed)],
+                {"outcome": "committed"},
+                table=Attempt,
+                key="file_id",
+                batch=report.job.id,
             )
             for f in failures:
                 FileRecord.update(
@@ -268,10 +276,16 @@ class Recorder:
                 {"state": State.HELD.value, "held_at": wall, "updated_at": wall},
                 copy=("held_as", "name"),
             )
-            for row_id, held_as in renamed:
-                FileRecord.update(
-                    state=State.HELD.value, held_as=display(held_as), held_at=wall, updated_at=wall
-                ).where(FileRecord.id == row_id).execute()
+            self._held_renamed(renamed, wall)
+
+    def _held_renamed(
+        self, renamed: Sequence[tuple[int, str]], wall: float, extra: dict[str, Any] | None = None
+    ) -> None:
+        values = {"held_at": wall, "updated_at": wall, **(extra or {})}
+        for row_id, held_as in renamed:
+            FileRecord.update(state=State.HELD.value, held_as=display(held_as), **values).where(
+                FileRecord.id == row_id
+            ).execute()
 
     def set_state(
         self,

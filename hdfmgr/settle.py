@@ -113,10 +113,13 @@ class SettleTracker:
             heapq.heappop(self._heap)
         return None
 
-    def pop_due(self, now: float) -> list[str]:
-        """Paths whose quiet time has passed; the caller stats each and calls :meth:`check`."""
-        out = []
-        while self._heap and self._heap[0][0] <= now:
+    def pop_due(self, now: float, limit: int | None = None) -> list[str]:
+        """Paths whose quiet time has passed; the caller stats each and calls :meth:`check`.
+
+        At most ``limit`` of them, oldest deadline first; the rest stay due.
+        """
+        out: list[str] = []
+        while self._heap and self._heap[0][0] <= now and (limit is None or len(out) < limit):
             due, rel = heapq.heappop(self._heap)
             entry = self._pending.get(rel)
             if entry is not None and entry.due == due:

@@ -107,8 +107,19 @@ def start_server() -> PostgresServer:
     data = root / "data"
     user = "hdfmgr"
     subprocess.run(
-        [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8",
-         "--no-sync", "--locale=C"],
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -119,8 +130,20 @@ def start_server() -> PostgresServer:
         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
     )
     started = subprocess.run(
-        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options,
-         "-w", "-t", "60", "start"],
+        [
+            *prefix,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
         capture_output=True,
         text=True,
     )
@@ -134,8 +157,16 @@ def start_server() -> PostgresServer:
 def stop_server(server: PostgresServer) -> None:
     prefix, _, _ = _run_as()
     subprocess.run(
-        [*prefix, str(postgres_bin() / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w",
-         "stop"],
+        [
+            *prefix,
+            str(postgres_bin() / "pg_ctl"),
+            "-D",
+            str(server.root / "data"),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

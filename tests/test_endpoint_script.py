@@ -21,7 +21,7 @@ from hdfmgr.endpoint import (
     ErrorClass,
     StagedFile,
     classify,
-    expected_records,
+    commit_payload,
     parse_commit_output,
 )
 from hdfmgr.runner import CommandResult
@@ -214,9 +214,10 @@ def test_commit_rejects_a_wrong_size(site: Site) -> None:
     result, report = site.endpoint.commit(slot, final, [good, bad])
     assert result.ok, result.stderr
     assert report.committed == {"good"}
-    assert "bad" in report.remaining and "bad" not in report.committed
+    assert report.verified == {"good"} and report.remaining == set()
     assert listing(final) == {b"good": b"good data"}
-    assert listing(slot) == {b"bad": b"partial"}
+    # the partial copy is gone: the slot is clean for the next batch, and the retry sends it again
+    assert listing(slot) == {}
 
 
 def test_commit_reports_strays_and_ignores_missing(site: Site) -> None:
@@ -229,9 +230,10 @@ def test_commit_reports_strays_and_ignores_missing(site: Site) -> None:
     result, report = site.endpoint.commit(slot, final, [f, missing])
     assert result.ok, result.stderr
     assert report.committed == {"expected"}
-    assert report.remaining == {"stray"}
+    assert report.remaining == set()
     assert "never-arrived" not in report.verified | report.remaining
     assert listing(final) == {b"expected": b"1234"}
+    assert listing(slot) == {}  # a stray never reaches the buffer; it is deleted
 
 
 def test_commit_with_nothing_staged(site: Site) -> None:
@@ -326,9 +328,9 @@ def test_checksum_mode_rejects_same_size_other_content(checksum_site: Site) -> N
     result, report = site.endpoint.commit(slot, final, [good, bad])
     assert result.ok, result.stderr
     assert report.committed == {"good"}
-    assert report.remaining == {"bad"}
+    assert report.remaining == set()
     assert listing(final) == {b"good": b"the right bytes"}
-    assert listing(slot) == {b"bad": b"the wrong bytes"}
+    assert listing(slot) == {}
 
 
 def test_checksum_mode_hostile_names(checksum_site: Site) -> None:
@@ -430,36 +432,87 @@ def test_parse_commit_output_edge_cases() -> None:
     assert parse_commit_output(b"a\0").committed == {"a"}
 
 
-def test_expected_records_size_mode() -> None:
+def test_commit_payload_size_mode() -> None:
     files = [StagedFile("d/a", "/b/d/a", 10), StagedFile("d/new\nline", "/b/d/new\nline", 0)]
-    data = expected_records([("/ep/buffer/d", files)], "size")
-    # The directory, then its records numbered and sorted bytewise (as LC_ALL=C sort -z).
-    assert data == b"/ep/buffer/d\x001:0/new\nline\x001:10/a\x00"
+    data, count = commit_payload([("/ep/buffer/d", files)], "size")
+    # The records sorted bytewise (as LC_ALL=C sort -z), then the directory and its names.
+    assert count == 2
+    assert data == b"0/new\nline\x0010/a\x00/ep/buffer/d/\x00a\x00new\nline\x00"
 
 
-def test_expected_records_several_directories() -> None:
+def test_commit_payload_several_directories() -> None:
     one = [StagedFile("x/b", "/b/x/b", 2), StagedFile("x/a", "/b/x/a", 1)]
     two = [StagedFile("y/c", "/b/y/c", 3)]
-    data = expected_records([("/ep/x", one), ("/ep/y", two)], "size")
-    assert data == b"/ep/x\0/ep/y\0" + b"1:1/a\0" + b"1:2/b\0" + b"2:3/c\0"
+    data, count = commit_payload([("/ep/x", one), ("/ep/y", two)], "size")
+    assert count == 3
+    assert data == b"1/a\0" + b"2/b\0" + b"3/c\0" + b"/ep/x/\0b\0a\0" + b"/ep/y/\0c\0"
 
 
-def test_expected_records_checksum_mode() -> None:
+def test_commit_payload_checksum_mode() -> None:
     digest = hashlib.blake2b(b"x").hexdigest()
     name = os.fsdecode(b"d/\xff")
-    data = expected_records([("/f", [StagedFile(name, "/b/" + name, 1, digest)])], "checksum")
-    assert data == b"/f\0" + b"1:" + digest.encode() + b"  \xff\0"
-    assert len(digest) == 128  # the script cuts names at byte 131 once "1:" is gone
+    data, count = commit_payload([("/f", [StagedFile(name, "/b/" + name, 1, digest)])], "checksum")
+    assert count == 1
+    assert data == digest.encode() + b"  \xff\0" + b"/f/\0\xff\0"
+    assert len(digest) == 128  # the script cuts names at byte 131
 
 
-def test_expected_records_checksum_required() -> None:
+def test_commit_payload_checksum_required() -> None:
     with pytest.raises(ValueError, match="no checksum"):
-        expected_records([("/f", [StagedFile("a", "/b/a", 1)])], "checksum")
+        commit_payload([("/f", [StagedFile("a", "/b/a", 1)])], "checksum")
 
 
-def test_expected_records_non_utf8_final_dir() -> None:
+def test_commit_payload_non_utf8_final_dir() -> None:
     final = os.fsdecode(b"/ep/\xff")
-    assert expected_records([(final, [])], "size") == b"/ep/\xff\0"
+    assert commit_payload([(final, [])], "size") == (b"/ep/\xff/\0", 0)
+
+
+def test_commit_names_like_the_scripts_own_words(site: Site) -> None:
+    """The move step evals only argument numbers: names that look like them stay names."""
+    slot = site.slot()
+    names = ["D", "${1}", '"${2}"', "$t", "$l", "-t", "x\\", "*"]
+    files = []
+    for name in names:
+        files.append(site.local(f"d/{name}", os.fsencode(name)))
+        stage(slot, name, os.fsencode(name))
+    result, report = site.endpoint.commit(slot, None, files)
+    assert result.ok, result.stderr
+    assert report.committed == set(names)
+    assert listing(site.ep_buffer / "d") == {os.fsencode(n): os.fsencode(n) for n in names}
+    no_pwned(site.root)
+
+
+def test_commit_many_directories_and_files(site: Site) -> None:
+    """A full batch over many directories: every file lands in its own directory."""
+    slot = site.slot()
+    files = []
+    for d in range(25):
+        for i in range(40):
+            rel = f"night{d:02d}/img{d:02d}_{i:03d}.fits"
+            data = rel.encode() * 5
+            files.append(StagedFile(rel, "/unused/" + rel, len(data)))
+            stage(slot, os.path.basename(rel), data)
+    result, report = site.endpoint.commit(slot, None, files)
+    assert result.ok, result.stderr
+    assert len(report.committed) == 1000 and report.remaining == set()
+    for f in files:
+        assert (site.ep_buffer / f.rel).read_bytes() == f.rel.encode() * 5
+    assert os.listdir(slot) == []
+
+
+def test_commit_unwritable_final_directory(site: Site) -> None:
+    """A directory that cannot be created fails the command; the other directory still moves."""
+    slot = site.slot()
+    (site.ep_buffer / "blocked").write_bytes(b"a file where a directory should be")
+    bad = StagedFile("blocked/a", "/unused/blocked/a", 1)
+    good = StagedFile("ok/b", "/unused/ok/b", 1)
+    stage(slot, "a", b"1")
+    stage(slot, "b", b"2")
+    result, report = site.endpoint.commit(slot, None, [bad, good])
+    assert not result.ok
+    assert report.committed == {"b"}
+    assert report.remaining == {"a"}
+    assert (site.ep_buffer / "ok" / "b").read_bytes() == b"2"
 
 
 def test_commit_into_several_directories_in_one_command(site: Site) -> None:

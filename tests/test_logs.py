@@ -98,8 +98,9 @@ def test_daemon_reopens_its_log_on_sighup(tmp_path: Path) -> None:
     logfile.parent.mkdir()
     site.configure(logging={"file": str(logfile), "level": "INFO"})
     # Not Site.start: it watches stdout, and this daemon logs into the file.
-    proc = subprocess.Popen([sys.executable, "-m", "hdfmgr", "run", str(site.config_path)], cwd=tmp_path,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hdfmgr", "run", str(site.config_path)], cwd=tmp_path, start_new_session=True
+    )
     try:
         wait_for(lambda: logfile.exists() and "started:" in logfile.read_text(), 30, "started")
         os.rename(logfile, logfile.with_suffix(".log.1"))

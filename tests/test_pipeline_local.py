@@ -192,7 +192,7 @@ def test_holding_never_overwritten(site: Site) -> None:
 def test_failed_transfer_is_retried_and_recorded(site: Site) -> None:
     marker = site.root / "failed-once"
     site.configure(
-        transfer="sh -c 'if [ ! -e \"$0\" ]; then touch \"$0\"; echo boom >&2; exit 3; fi; cp \"$@\"' "
+        transfer='sh -c \'if [ ! -e "$0" ]; then touch "$0"; echo boom >&2; exit 3; fi; cp "$@"\' '
         "{marker} {batch} {dest}",
         params={"marker": str(marker)},
     )

@@ -423,3 +423,14 @@ def test_known_no_writer_and_unchanged_is_ready(tracker: SettleTracker) -> None:
     s = snap(100, 0.0)
     tracker.note("a", Evidence.OPENED, 0.0, s)
     assert tracker.check("a", s, SETTLE, wall(SETTLE), writing=False) is Verdict.READY
+
+
+def test_pop_due_limit_hands_out_oldest_first_and_keeps_the_rest() -> None:
+    tracker = SettleTracker(settle=0.1, stable_age=0.0, open_grace=1.0)
+    for i in range(5):
+        tracker.note(f"f{i}", Evidence.SEEN, float(i), Snapshot(1, 1, i))
+    assert tracker.pop_due(10.0, limit=2) == ["f0", "f1"]
+    assert tracker.next_due() == 2.1
+    assert tracker.pop_due(10.0, limit=2) == ["f2", "f3"]
+    assert tracker.pop_due(10.0) == ["f4"]
+    assert tracker.pop_due(10.0) == []

@@ -47,10 +47,14 @@ def test_summary_counts_backlog_throughput_and_failures(site: Site) -> None:
     now = time.time()
     rows = [
         # 30 committed in the last minute, 1 MB each; 60 more between 1 min and 1 h ago.
-        *(file_row("cam1", f"n/a{i}.fits", size=1_000_000, detected=now - 50, committed=now - 30)
-          for i in range(30)),
-        *(file_row("cam1", f"n/b{i}.fits", size=2_000_000, detected=now - 1900, committed=now - 1800)
-          for i in range(60)),
+        *(
+            file_row("cam1", f"n/a{i}.fits", size=1_000_000, detected=now - 50, committed=now - 30)
+            for i in range(30)
+        ),
+        *(
+            file_row("cam1", f"n/b{i}.fits", size=2_000_000, detected=now - 1900, committed=now - 1800)
+            for i in range(60)
+        ),
         # Older than an hour: counted as held, not in any window.
         *(file_row("cam1", f"old{i}.fits", detected=now - 90000, committed=now - 86400) for i in range(5)),
         # The backlog: waiting in several states, the oldest detected 600 s ago.
@@ -63,10 +67,22 @@ def test_summary_counts_backlog_throughput_and_failures(site: Site) -> None:
     ]
     insert_files(rows)
     batch("cam1", started=now - 40)
-    batch("cam1", started=now - 20, status="failed", error_class="remote", returncode=3,
-          stderr="first line\nscp: /staging/x: No space left on device\n\n")
-    batch("cam2", started=now - 10, status="failed", error_class="transport", returncode=255,
-          stderr="ssh: connect to host example.edu port 22: Connection refused")
+    batch(
+        "cam1",
+        started=now - 20,
+        status="failed",
+        error_class="remote",
+        returncode=3,
+        stderr="first line\nscp: /staging/x: No space left on device\n\n",
+    )
+    batch(
+        "cam2",
+        started=now - 10,
+        status="failed",
+        error_class="transport",
+        returncode=255,
+        stderr="ssh: connect to host example.edu port 22: Connection refused",
+    )
 
     info = status.summary("cam1", now=now)
 
@@ -107,8 +123,14 @@ def test_breaker_derived_from_latest_batches(site: Site) -> None:
     now = time.time()
     batch("cam1", started=now - 100)
     for i in range(3):
-        batch("cam1", started=now - 50 + i, status="failed", error_class="timeout" if i else "transport",
-              returncode=255, stderr=f"ssh: connect to host example.edu port 22: Connection timed out {i}")
+        batch(
+            "cam1",
+            started=now - 50 + i,
+            status="failed",
+            error_class="timeout" if i else "transport",
+            returncode=255,
+            stderr=f"ssh: connect to host example.edu port 22: Connection timed out {i}",
+        )
     info = status.summary("cam1", breaker_threshold=3, now=now)
     b = info["breaker"]
     assert b["state"] == "open" and b["transport_failures_in_a_row"] == 3
@@ -124,10 +146,12 @@ def test_breaker_derived_from_latest_batches(site: Site) -> None:
 
 def test_status_command_json_and_all(site: Site) -> None:
     now = time.time()
-    insert_files([
-        file_row("cam1", "a.fits", detected=now - 5, committed=now - 1),
-        file_row("cam2", "b.fits", state="ready", detected=now - 5),
-    ])
+    insert_files(
+        [
+            file_row("cam1", "a.fits", detected=now - 5, committed=now - 1),
+            file_row("cam2", "b.fits", state="ready", detected=now - 5),
+        ]
+    )
     result = site.hdfmgr("status", "--json", str(site.config_path))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -160,8 +184,10 @@ def test_status_answers_on_a_large_database(site: Site) -> None:
     t0 = time.perf_counter()
     info = status.summary("cam1", now=now)
     elapsed = time.perf_counter() - t0
-    print(f"\nstatus on {n} files ({site.engine or 'sqlite'}): {elapsed * 1000:.0f} ms "
-          f"(insert {inserted:.1f} s)")
+    print(
+        f"\nstatus on {n} files ({site.engine or 'sqlite'}): {elapsed * 1000:.0f} ms "
+        f"(insert {inserted:.1f} s)"
+    )
     assert info["backlog"]["files"] == n // 100
     assert info["states"]["held"] == n - n // 100
     assert info["throughput"]["1h"]["files"] > 0

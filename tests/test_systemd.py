@@ -56,8 +56,9 @@ def test_systemd_analyze_verify_accepts_the_unit(name: str, tmp_path: Path) -> N
     text = (ETC / name).read_text().replace("/usr/local/bin/hdfmgr-watch", str(watch))
     target = tmp_path / (name.replace("@.", "@camera1.") if "@" in name else name)
     target.write_text(text)
-    result = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(target)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     # Unknown keys and bad values are only warnings (exit 0): none may concern our unit.
     ours = [line for line in result.stderr.splitlines() if target.name in line or str(tmp_path) in line]

@@ -27,6 +27,10 @@ class Candidate:
         return os.path.dirname(self.rel)
 
 
+#: Argument bytes one file costs the commit beyond its name twice: a checksum, separators.
+COMMIT_RECORD_BYTES = 140
+
+
 def arg_budget(env_bytes: int | None = None) -> int:
     """Bytes of argv one command may use: half of ARG_MAX less the environment, for safety."""
     try:
@@ -80,9 +84,11 @@ class ReadyQueue:
         taking only files whose basename is not in the batch yet (the staging slot is flat);
         a file left out waits for the next batch. ``budget`` is the argv space for file
         arguments and ``path_bytes`` the length of the absolute prefix each relative path
-        gets; the batch stops before either limit. ``max_bytes`` bounds the data of one batch
-        (at least one file always goes), so that large files spread over the transfer slots
-        instead of queueing behind one another in a single batch.
+        gets; the batch stops before either limit. The remote commit gets each name as an
+        argument too, so a file's cost is whichever of the two commands it weighs more in.
+        ``max_bytes`` bounds the data of one batch (at least one file always goes), so that
+        large files spread over the transfer slots instead of queueing behind one another in
+        a single batch.
         """
         if not self._by_dir:
             return []
@@ -98,7 +104,9 @@ class ReadyQueue:
         full = False
         for directory in directories:
             for item in sorted(self._by_dir[directory].values(), key=lambda c: c.since):
-                cost = path_bytes + len(item.rel.encode("utf-8", "surrogateescape")) + 1 + 8
+                rel_bytes = len(item.rel.encode("utf-8", "surrogateescape"))
+                # The transfer's argv, or the commit's (name twice, a size or a checksum).
+                cost = max(path_bytes + rel_bytes + 1 + 8, 2 * rel_bytes + COMMIT_RECORD_BYTES)
                 too_big = max_bytes is not None and data + item.size > max_bytes
                 if batch and (len(batch) >= chunk_size or used + cost > budget or too_big):
                     full = True

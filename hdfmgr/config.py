@@ -45,7 +45,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "interval": 1,
     },
     "general": {
-        "chunk_size": 1000,
+        "chunk_size": 5000,
         "num_threads": 2,
         "timeout": 600.0,
         "pause": 60.0,

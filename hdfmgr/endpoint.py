@@ -83,8 +83,12 @@ LIST_SCRIPT = (
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000'; fi; done; exit 0"
 )
 
-#: Removes this instance's slot directories (and their .want/.have/.ok lists) from earlier runs.
-SWEEP_SCRIPT = 'find "$1" -mindepth 1 -maxdepth 1 -name "$2*" -not -name "$3*" -exec rm -rf -- {} +; exit 0'
+#: Removes this instance's slot directories (and their temporary lists) from earlier runs,
+#: then creates the slot directories given after the first three arguments.
+SWEEP_SCRIPT = (
+    'find "$1" -mindepth 1 -maxdepth 1 -name "$2*" -not -name "$3*" -exec rm -rf -- {} +; '
+    'shift 3; if [ "$#" -gt 0 ]; then mkdir -p -- "$@"; fi'
+)
 
 
 class ErrorClass:
@@ -276,6 +280,12 @@ class Endpoint:
                 present.setdefault(directory, set()).add(name)
         return result, present
 
-    def sweep(self) -> CommandResult:
-        """Remove this instance's slot directories left by earlier runs."""
-        return self.remote(SWEEP_SCRIPT, self.config.staging, self.prefix, f"{self.prefix}{self.generation}.")
+    def sweep(self, create: Sequence[str] = ()) -> CommandResult:
+        """Remove this instance's slot directories left by earlier runs; create ``create``.
+
+        At start-up this one command also prepares every slot, so that no first batch needs
+        a remote command of its own for that.
+        """
+        return self.remote(
+            SWEEP_SCRIPT, self.config.staging, self.prefix, f"{self.prefix}{self.generation}.", *create
+        )

@@ -130,6 +130,8 @@ class Pipeline:
         self.warned: set[str] = set()
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
+        self.sweeping = False  # a sweep of old staging directories is running
+        self.preparing = False  # ... and it creates the slot directories: no dispatch yet
         #: Files checked and registered per pass of the loop: enough to fill every slot.
         self.promote_slice = max(256, config.chunk_size * config.num_threads)
         self.observer: Any = None
@@ -168,7 +170,7 @@ class Pipeline:
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
             self._load_known()
             self._recover()
-            self._sweep_staging()
+            self._sweep_staging(prepare=True)
             if not self.once:
                 self._start_observer()
             self._scan(initial=True)
@@ -271,13 +273,17 @@ class Pipeline:
                 self._on_checkpoint(*entry[1:])
             elif kind == "probe":
                 self._on_probe(entry[1])
+            elif kind == "swept":
+                self._on_swept(entry[1], entry[2])
             elif kind == "rescan":
                 log.info("rescan requested")
                 self.next_scan = 0.0
                 self.sync_requested = True
 
     def _idle(self) -> bool:
-        return not (self.inflight or len(self.ready) or len(self.tracker) or self.unrecovered)
+        return not (
+            self.inflight or len(self.ready) or len(self.tracker) or self.unrecovered or self.sweeping
+        )
 
     def waiting(self) -> tuple[int, int]:
         """Files (and bytes) known and not yet delivered, plus those still settling."""
@@ -574,7 +580,7 @@ class Pipeline:
             and self.breaker.allows_dispatch()
             and not self.stop_event.is_set()
         ):
-            if not self.buffer_present:
+            if not self.buffer_present or self.preparing:
                 return
             batch = self.ready.take_batch(
                 chunk_size=self.cfg.chunk_size,
@@ -917,12 +923,31 @@ class Pipeline:
         for rel in rels:
             self.known[rel].state = state.value
 
-    def _sweep_staging(self) -> None:
-        if self.unrecovered:
+    def _sweep_staging(self, *, prepare: bool = False) -> None:
+        """Clean up earlier runs' staging on a thread of its own (it is a remote command).
+
+        With ``prepare`` it also creates every slot directory, and dispatch waits for it: at
+        start-up the first batches then need no remote command but their own two.
+        """
+        if self.unrecovered or self.sweeping:
             return  # their slot directories are the evidence; sweep after recovery
-        result = self.endpoint.sweep()
+        slots = [self.endpoint.slot_dir(slot) for slot in range(self.cfg.num_threads)] if prepare else []
+        self.sweeping = True
+        self.preparing = prepare
+
+        def sweep() -> None:
+            self.queue.put(("swept", len(slots), self.endpoint.sweep(slots)))
+
+        threading.Thread(target=sweep, name="hdfmgr-sweep", daemon=True).start()
+
+    def _on_swept(self, prepared: int, result: CommandResult) -> None:
+        self.sweeping = self.preparing = False
         if not result.ok:
             log.warning("could not clean old staging directories: %s", result.describe())
+            return
+        for slot in range(prepared):
+            if not self.slot_dirty.get(slot, False):
+                self.slot_ready[slot] = True
 
 
 def run_pipeline(

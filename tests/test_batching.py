@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdfmgr.batching import Candidate, ReadyQueue, arg_budget
+from hdfmgr.batching import COMMIT_RECORD_BYTES, Candidate, ReadyQueue, arg_budget
 
 BIG = 1 << 30  # a budget that never limits
 
@@ -25,8 +25,20 @@ def rels(batch: list[Candidate]) -> list[str]:
 
 
 def cost(rel: str, path_bytes: int) -> int:
-    """What one file argument costs in argv: its absolute path, its NUL and its pointer."""
-    return path_bytes + len(os.fsencode(rel)) + 1 + 8
+    """What one file costs in argv: in the transfer its absolute path, its NUL and its
+    pointer; in the commit its name twice and a record (the larger counts)."""
+    size = len(os.fsencode(rel))
+    return max(path_bytes + size + 1 + 8, 2 * size + COMMIT_RECORD_BYTES)
+
+
+def test_commit_arguments_bound_a_batch_of_long_names() -> None:
+    """A short buffer prefix does not let the commit's arguments (names twice) overflow."""
+    names = [f"d/{'n' * 200}{i:04d}" for i in range(100)]
+    q = queue(*((n, float(i)) for i, n in enumerate(names)))
+    budget = 10_000
+    batch = q.take_batch(chunk_size=1000, budget=budget, path_bytes=1)
+    commit_bytes = sum(2 * len(c.rel) + COMMIT_RECORD_BYTES for c in batch)
+    assert 0 < len(batch) < 100 and commit_bytes <= budget
 
 
 def test_candidate_directory() -> None:

@@ -553,3 +553,14 @@ def test_staged_file_basename() -> None:
 def test_classify(returncode: int, timed_out: bool, expected: str) -> None:
     result = CommandResult(("x",), returncode, b"", b"", 0.0, 1.0, timed_out)
     assert classify(result) == expected
+
+
+def test_sweep_creates_the_given_slot_directories(site: Site) -> None:
+    old = site.staging / "hdfmgr.t1.g0.1"
+    old.mkdir()
+    slots = [site.endpoint.slot_dir(0), site.endpoint.slot_dir(1)]
+    result = site.endpoint.sweep(slots)
+    assert result.ok, result.stderr
+    assert not old.exists()
+    assert all(Path(slot).is_dir() for slot in slots)
+    assert sorted(os.listdir(site.staging)) == ["hdfmgr.t1.g1.0", "hdfmgr.t1.g1.1"]

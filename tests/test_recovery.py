@@ -104,3 +104,35 @@ def test_committing_files_wait_while_the_endpoint_cannot_be_asked(tmp_path: Path
     assert consumer.arrivals == ["x.fits"]
     assert site.query("select attempts from files")[0][0] == 1
     assert os.listdir(site.buffer) == []
+
+
+def test_a_file_held_but_not_recorded_is_found_in_holding(tmp_path: Path) -> None:
+    """Killed between the move to holding and its record: the restart finds it by inode.
+
+    The database is put back to that moment by hand (COMMITTED, no held_as) after a normal
+    delivery; the restart must record HELD with the holding name, not 'vanished'.
+    """
+    site = Site(tmp_path / "site")
+    site.configure()
+    site.write("d/a.fits", content("d/a.fits"))
+    site.write("d/b.fits", content("d/b.fits"))
+    # A file already in holding under the same name: the delivered one went to a.fits.1.
+    (site.holding / "d").mkdir(parents=True)
+    (site.holding / "d" / "a.fits").write_bytes(b"an older version")
+    result = site.hdfmgr("rescan", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    assert site.held() == {
+        "d/a.fits": b"an older version",
+        "d/a.fits.1": content("d/a.fits"),
+        "d/b.fits": content("d/b.fits"),
+    }
+    site.query("update files set state = 'committed', held_as = null, held_at = null")
+    assert set(site.states().values()) == {"committed"}
+    result = site.hdfmgr("rescan", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    rows = site.query("select name, state, held_as, last_error from files order by name")
+    assert rows == [
+        ("d/a.fits", "held", "d/a.fits.1", None),
+        ("d/b.fits", "held", "d/b.fits", None),
+    ]
+    assert "vanished" not in result.stderr

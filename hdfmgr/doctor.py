@@ -29,7 +29,7 @@ EX_FAIL = 1
 
 #: External programs the commit, list and sweep scripts run on the endpoint (plus ``stat`` for
 #: this check). ``b2sum`` is added in checksum mode.
-REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "cat", "tr", "mkdir", "rm")
+REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm")
 
 #: Prints the tools (arguments) the remote shell cannot find, one per line.
 TOOLS_SCRIPT = 'for t; do command -v "$t" >/dev/null 2>&1 || printf \'%s\\n\' "$t"; done; exit 0'
@@ -41,10 +41,10 @@ GNU_SCRIPT = "; ".join(
         "find / -maxdepth 0 -printf '' >/dev/null 2>&1 || b=\"$b, find -printf\"",
         'sort -z </dev/null >/dev/null 2>&1 || b="$b, sort -z"',
         'head -z -n 1 </dev/null >/dev/null 2>&1 || b="$b, head -z"',
-        'tail -z -n +2 </dev/null >/dev/null 2>&1 || b="$b, tail -z"',
         'cut -z -b 1- </dev/null >/dev/null 2>&1 || b="$b, cut -z"',
         'comm -z -12 - /dev/null </dev/null >/dev/null 2>&1 || b="$b, comm -z"',
         'xargs -0r true </dev/null >/dev/null 2>&1 || b="$b, xargs -0r"',
+        'xargs -0 -x -s 8192 true </dev/null >/dev/null 2>&1 || b="$b, xargs -x -s"',
         'mv --version >/dev/null 2>&1 || b="$b, mv -t"',
         'if [ "$1" = checksum ] && command -v b2sum >/dev/null 2>&1; then'
         ' b2sum -z /dev/null >/dev/null 2>&1 || b="$b, b2sum -z"; fi',

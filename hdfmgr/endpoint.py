@@ -50,7 +50,7 @@ COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr 
 MOVE_SCRIPT = "; ".join(
     [
         "s=$1; m=$2; c=$3; shift 3; w=$s.want; h=$s.have; k=$s.ok; b=$s.bad",
-        'i=0; while [ "$i" -lt "$c" ]; do printf \'%s\\000\' "$1"; shift; i=$((i+1)); done > "$w"',
+        'printf \'%s\\000\' "$@" > "$b"; LC_ALL=C head -z -n "$c" "$b" > "$w"; shift "$c"',
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
         "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",

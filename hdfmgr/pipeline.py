@@ -569,6 +569,9 @@ class Pipeline:
             _, rel = heapq.heappop(self.retry_heap)
             known = self.known.get(rel)
             if known is not None and known.state == State.FAILED.value and not self.once:
+                # In line from the moment it is due again, behind files that were ready
+                # before: files that keep failing never starve the ones not yet tried.
+                known.since = now
                 self._enqueue(rel, known)
 
     # ------------------------------------------------------------------ dispatch

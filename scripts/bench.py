@@ -466,7 +466,9 @@ class Bench:
         self.reps: int = args.reps or (1 if self.quick else 3)
         self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.sites = Path(args.sites).resolve() if args.sites else default_sites(self.out)
+        # The big workload keeps a tree and one site (buffer + endpoint copies) at a time.
+        need = 3 * self.sizes.big_count * self.sizes.big_size + 512 * MiB
+        self.sites = Path(args.sites).resolve() if args.sites else default_sites(self.out, need)
         self.sites.mkdir(parents=True, exist_ok=True)
         # Sites, the generated trees (hard-linked into each buffer) and the code snapshot.
         self.work = Path(tempfile.mkdtemp(prefix="hdfmgr-bench-", dir=self.sites))
@@ -1421,8 +1423,8 @@ TARGETS = [
 ]
 
 
-def default_sites(out: Path) -> Path:
-    """/dev/shm when it is a tmpfs, else ``out``.
+def default_sites(out: Path, need: int) -> Path:
+    """/dev/shm when it is a tmpfs with ``need`` bytes free, else ``out``.
 
     On a RAM filesystem the ratios measure the software: on this machine's shared disk one
     ``cp -r`` of the small tree took from 0.14 s to 2.4 s within minutes.
@@ -1432,9 +1434,11 @@ def default_sites(out: Path) -> Path:
         kind = subprocess.run(
             ["stat", "-f", "-c", "%T", str(shm)], capture_output=True, text=True, timeout=10, check=False
         ).stdout.strip()
+        st = os.statvfs(shm)
     except OSError:
         return out
-    return shm if kind == "tmpfs" and os.access(shm, os.W_OK) else out
+    roomy = st.f_bavail * st.f_frsize >= need
+    return shm if kind == "tmpfs" and roomy and os.access(shm, os.W_OK) else out
 
 
 def machine() -> list[str]:

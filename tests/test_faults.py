@@ -256,3 +256,35 @@ def test_a_file_that_keeps_failing_verification_is_quarantined_then_retried(
     finally:
         assert daemon.stop() == 0
     assert daemon.output().count("quarantined after 2 attempts") == 1
+
+
+def test_files_that_keep_failing_do_not_starve_new_ones(site: Site, tmp_path: Path) -> None:
+    """A retried file queues from the moment it is due again, behind files already waiting.
+
+    Ten files whose transfer always fails, retried every 0.05 s, one file per batch and one
+    slot: that is enough to keep the slot busy with retries forever if a retry kept its
+    original place in the queue. New files must still go out.
+    """
+    picky = write_script(
+        tmp_path / "picky-cp",
+        'for a; do case "$a" in *bad*) echo "refusing $a" >&2; exit 1;; esac; done\nexec cp "$@"\n',
+    )
+    site.configure(
+        transfer=f"{picky} {{batch}} {{dest}}",
+        chunk_size=1,
+        num_threads=1,
+        retry_initial=0.05,
+        retry_max=0.05,
+    )
+    daemon = site.start()
+    try:
+        for i in range(10):
+            site.write(f"bad/bad{i}.fits", b"x")
+        retried = "select count(*) from files where name like 'bad/%' and attempts >= 2"
+        wait_for(lambda: site.query(retried)[0][0] == 10, 20, "every bad file failed and retried")
+        good = {f"good/g{i}.fits": f"good {i}".encode() for i in range(5)}
+        site.write_many(good)
+        wait_for(lambda: set(good) <= set(site.held()), 20, "the new files delivered")
+        assert not any(rel.startswith("bad/") for rel in site.held())  # still being retried
+    finally:
+        assert daemon.stop() == 0

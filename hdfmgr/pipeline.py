@@ -60,26 +60,53 @@ class Outcome(Enum):
     INCOMPLETE = "incomplete"  # once mode: some files could not be delivered
 
 
-@dataclass(slots=True)
+def _stamp(mtime_ns: int, inode: int) -> int:
+    """mtime and inode in one int: one object a file instead of two (3 MB per 100,000)."""
+    return (inode << 64) | (mtime_ns + (1 << 63))
+
+
 class Known:
     """The in-memory mirror of an active database row."""
 
-    id: int
-    size: int
-    mtime_ns: int
-    inode: int
-    state: str
-    attempts: int = 0
-    #: The BLAKE2b is in the database (read back per batch: 177 bytes a file is too much
-    #: to keep in memory for a backlog of 100,000).
-    hashed: bool = False
-    since: float = 0.0
-    #: Number of the last full scan that saw the file (a set of 100,000 names per scan
-    #: would cost more memory than all of these).
-    scanned: int = 0
+    __slots__ = ("attempts", "hashed", "id", "scanned", "since", "size", "stamp", "state")
+
+    def __init__(
+        self,
+        id: int,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        state: str,
+        attempts: int = 0,
+        hashed: bool = False,
+        since: float = 0.0,
+    ) -> None:
+        self.id = id
+        self.size = size
+        self.stamp = _stamp(mtime_ns, inode)
+        self.state = state
+        self.attempts = attempts
+        #: The BLAKE2b is in the database (read back per batch: 177 bytes a file is too
+        #: much to keep in memory for a backlog of 100,000).
+        self.hashed = hashed
+        self.since = since
+        #: Number of the last full scan that saw the file (a set of 100,000 names per scan
+        #: would cost more memory than all of these).
+        self.scanned = 0
+
+    @property
+    def mtime_ns(self) -> int:
+        return (self.stamp & ((1 << 64) - 1)) - (1 << 63)
+
+    @property
+    def inode(self) -> int:
+        return self.stamp >> 64
 
     def matches(self, snap: Snapshot) -> bool:
-        return (self.size, self.mtime_ns, self.inode) == (snap.size, snap.mtime_ns, snap.inode)
+        return self.size == snap.size and self.stamp == _stamp(snap.mtime_ns, snap.inode)
+
+    def restamp(self, snap: Snapshot) -> None:
+        self.size, self.stamp = snap.size, _stamp(snap.mtime_ns, snap.inode)
 
 
 @dataclass
@@ -546,7 +573,7 @@ class Pipeline:
         if changed:
             rec.new_version([(known.id, snap) for _, snap, known in changed], wall)
             for rel, snap, known in changed:
-                known.size, known.mtime_ns, known.inode = snap.size, snap.mtime_ns, snap.inode
+                known.restamp(snap)
                 known.hashed, known.state, known.since = False, State.READY.value, now
                 self._enqueue(rel, known)
         if new:

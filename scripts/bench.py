@@ -1508,7 +1508,8 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         if row.get("sites_fs"):
             lines.append(f"- filesystem of the sites: {row['sites_fs']} ({row['sites']})")
         modified = ", ".join(row["modified"]) or "none"
-        lines.append(f"- hdfmgr: commit {row['commit']}; uncommitted changes under hdfmgr/: {modified}")
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"- hdfmgr: commit {row['commit']}{note}; uncommitted changes under hdfmgr/: {modified}")
     for row in by.get(("machine", "ssh true"), []):
         lines.append(
             f"- one remote command over the loopback sshd (`ssh host true`, median of 5): "

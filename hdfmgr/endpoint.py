@@ -280,12 +280,19 @@ class Endpoint:
                 present.setdefault(directory, set()).add(name)
         return result, present
 
-    def sweep(self, create: Sequence[str] = ()) -> CommandResult:
+    def sweep(
+        self, create: Sequence[str] = (), on_start: Callable[[int], None] | None = None
+    ) -> CommandResult:
         """Remove this instance's slot directories left by earlier runs; create ``create``.
 
         At start-up this one command also prepares every slot, so that no first batch needs
         a remote command of its own for that.
         """
         return self.remote(
-            SWEEP_SCRIPT, self.config.staging, self.prefix, f"{self.prefix}{self.generation}.", *create
+            SWEEP_SCRIPT,
+            self.config.staging,
+            self.prefix,
+            f"{self.prefix}{self.generation}.",
+            *create,
+            on_start=on_start,
         )

@@ -158,6 +158,7 @@ class Pipeline:
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
         self.sweeping = False  # a sweep of old staging directories is running
+        self.sweep_pid: int | None = None  # its process group, ended at shutdown
         self.preparing = False  # ... and it creates the slot directories: no dispatch yet
         #: Files checked and registered per pass of the loop: enough to fill every slot.
         self.promote_slice = max(256, config.chunk_size * config.num_threads)
@@ -217,6 +218,13 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         self.closing = True
+        pid = self.sweep_pid
+        if pid is not None:
+            # Housekeeping only: a sweep still running (a hung endpoint) must not outlive us.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
         if self.observer is not None:
             stop_observer(self.observer)
             self.observer = None
@@ -965,8 +973,13 @@ class Pipeline:
         self.sweeping = True
         self.preparing = prepare
 
+        def started(pid: int) -> None:
+            self.sweep_pid = pid
+
         def sweep() -> None:
-            self.queue.put(("swept", len(slots), self.endpoint.sweep(slots)))
+            result = self.endpoint.sweep(slots, on_start=started)
+            self.sweep_pid = None
+            self.queue.put(("swept", len(slots), result))
 
         threading.Thread(target=sweep, name="hdfmgr-sweep", daemon=True).start()
 

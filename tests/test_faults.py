@@ -288,3 +288,21 @@ def test_files_that_keep_failing_do_not_starve_new_ones(site: Site, tmp_path: Pa
         assert not any(rel.startswith("bad/") for rel in site.held())  # still being retried
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_hung_staging_sweep_does_not_outlive_the_daemon(site: Site, tmp_path: Path) -> None:
+    """The start-up sweep runs on a thread of its own; at shutdown its process group ends."""
+    pidfile = tmp_path / "sweep.pid"
+    remote = write_script(
+        tmp_path / "remote",
+        f'case "$1" in *"-not -name"*) echo $$ > {pidfile}; exec sleep 300;; esac\nexec sh -c "$1"\n',
+    )
+    site.configure(remote=f"{remote} {{command}}")
+    daemon = site.start()
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the sweep to hang")
+        pid = int(pidfile.read_text())
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        assert daemon.stop() == 0
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the hung sweep to be ended")

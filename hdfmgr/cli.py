@@ -173,7 +173,7 @@ def _dispatch(command: str, args: dict) -> int:
 def _database_module(config: config_mod.Config) -> ModuleType:
     """``hdfmgr.db``; on SQLite, peewee is imported without its PostgreSQL driver.
 
-    peewee imports psycopg2 whenever it is installed: about 13 MB of memory and 10 ms of
+    peewee imports psycopg2 whenever it is installed: about 10 MB of memory and 10 ms of
     start-up that a daemon on SQLite never uses.
     """
     if "peewee" not in sys.modules and not config.database.startswith("postgres"):

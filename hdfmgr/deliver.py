@@ -62,8 +62,9 @@ class BatchReport:
     slot_clean: bool = True
     #: Delivered files moved to holding: relative path in the buffer -> relative path in holding.
     held: dict[str, str] = field(default_factory=dict)
-    #: Delivered files left in the buffer: relative path -> why (HoldError or changed).
+    #: Delivered files that could not be moved (relative path -> the HoldError's message).
     hold_errors: dict[str, str] = field(default_factory=dict)
+    #: Delivered files that changed or vanished in the buffer since (relative path -> why).
     changed_after: dict[str, str] = field(default_factory=dict)
 
     def committed(self) -> list[str]:

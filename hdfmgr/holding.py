@@ -86,8 +86,6 @@ def find_held(holding: str, rel: str, inode: int) -> str | None:
         candidate = rel if n == 0 else f"{rel}.{n}"
         try:
             st = os.lstat(os.path.join(holding, candidate))
-        except FileNotFoundError:
-            return None
         except OSError:
             return None
         if st.st_ino == inode:

@@ -787,7 +787,9 @@ class Pipeline:
                 wall - report.started,
                 f" from {directory}/" if directory else "",
             )
-            rest = [rel for rel in committed if rel in self.known]
+            # Normally none: the worker held them, or says why not (a holding error is
+            # retried by the next scan, not at once). Only if the worker's step broke off.
+            rest = [rel for rel in committed if rel in self.known and rel not in report.hold_errors]
             if rest:
                 self._hold_committed(rest)
         transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)

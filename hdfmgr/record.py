@@ -245,10 +245,7 @@ class Recorder:
             self._set_checksums(checksums)
             delivered = {"committed_at": wall, "updated_at": wall, "error_class": None, "last_error": None}
             self._update_ids(committed, {"state": State.COMMITTED.value, **delivered})
-            self._update_ids(
-                held, {"state": State.HELD.value, "held_at": wall, **delivered}, copy=("held_as", "name")
-            )
-            self._held_renamed(renamed, wall, delivered)
+            self._write_held(held, renamed, wall, delivered)
             self._update_ids(
                 [*committed, *held, *(row_id for row_id, _ in renamed)],
                 {"outcome": "committed"},
@@ -271,21 +268,19 @@ class Recorder:
     def held(self, plain: Sequence[int], renamed: Sequence[tuple[int, str]], wall: float) -> None:
         """Files now in holding: under their own name (``plain``) or a suffixed one."""
         with self.db.atomic():
-            self._update_ids(
-                plain,
-                {"state": State.HELD.value, "held_at": wall, "updated_at": wall},
-                copy=("held_as", "name"),
-            )
-            self._held_renamed(renamed, wall)
+            self._write_held(plain, renamed, wall)
 
-    def _held_renamed(
-        self, renamed: Sequence[tuple[int, str]], wall: float, extra: dict[str, Any] | None = None
+    def _write_held(
+        self,
+        plain: Sequence[int],
+        renamed: Sequence[tuple[int, str]],
+        wall: float,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        values = {"held_at": wall, "updated_at": wall, **(extra or {})}
+        values = {"state": State.HELD.value, "held_at": wall, "updated_at": wall, **(extra or {})}
+        self._update_ids(plain, values, copy=("held_as", "name"))
         for row_id, held_as in renamed:
-            FileRecord.update(state=State.HELD.value, held_as=display(held_as), **values).where(
-                FileRecord.id == row_id
-            ).execute()
+            FileRecord.update(held_as=display(held_as), **values).where(FileRecord.id == row_id).execute()
 
     def set_state(
         self,

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,46 @@ def test_status_answers_on_a_large_database(site: Site) -> None:
     assert info["backlog"]["files"] == n // 100
     assert info["states"]["held"] == n - n // 100
     assert info["throughput"]["1h"]["files"] > 0
+
+
+def test_backlog_seeks_the_state_index_after_analyze_and_old_indexes_go(tmp_path: Path) -> None:
+    """SQLite: with ANALYZE's statistics an IN list over the states scans the whole table; the
+    backlog's per-state queries must still seek the (source, state, detected_at) index. An
+    index of an earlier schema (each one an extra write per state change) is dropped on open.
+    """
+    site = Site(tmp_path)
+    site.configure(name="cam1")
+    database = dbm.connect(config_mod.load(site.config_path))
+    try:
+        dbm.create_schema(database)
+        database.execute_sql('CREATE INDEX "files_state_updated_at" ON "files" ("state", "updated_at")')
+        dbm.create_schema(database)
+        names = {
+            row[0] for row in database.execute_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert not names & set(dbm.RETIRED_INDEXES)
+        now = time.time()
+        insert_files(
+            file_row("cam1", f"n/{i:05d}.fits", state="ready" if i % 50 == 0 else "held", detected=now - i)
+            for i in range(5000)
+        )
+        database.execute_sql("ANALYZE")
+        statements: list[tuple[str, Any]] = []
+        real = database.execute_sql
+
+        def spy(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+            statements.append((sql, params))
+            return real(sql, params, *args, **kwargs)
+
+        database.execute_sql = spy  # type: ignore[method-assign]
+        try:
+            backlog = status.backlog("cam1", now=now)
+        finally:
+            del database.execute_sql
+        assert backlog["files"] == 100 and backlog["oldest"] == "n/04950.fits"
+        assert statements
+        for sql, params in statements:
+            plan = " ".join(str(row[-1]) for row in real(f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "files_source_state_detected_at" in plan and "SCAN" not in plan, (sql, plan)
+    finally:
+        database.close()

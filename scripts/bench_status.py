@@ -146,9 +146,9 @@ def main() -> int:
     reference = [
         py,
         "-c",
-        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
-        "print(c.execute(\"select state, count(*) from files where source = 'bench' group by state\").fetchall())",
+        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); print(c.execute(sys.argv[2]).fetchall())",
         str(root / "handoff.db"),
+        "SELECT state, COUNT(*) FROM files WHERE source = 'bench' GROUP BY state",
     ]
     commands = {
         "reference: bare sqlite3 count by state": reference,

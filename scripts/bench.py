@@ -1514,8 +1514,9 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         lines.append(
             f"- one remote command over the loopback sshd (`ssh host true`, median of 5): "
             f"{row['new_connection_seconds']:.3f} s on a new connection, "
-            f"{row['shared_seconds']:.3f} s on a shared one. Most of it is the remote login shell starting"
-            " (root's `~/.bashrc` runs `pyenv init`): every method pays it once per remote command."
+            f"{row['shared_seconds']:.3f} s on a shared one. On a shared one it is mostly the remote"
+            " login shell starting (here root's `~/.bashrc` runs `pyenv init`), which every method pays"
+            " once per remote command; a new connection adds its key exchange."
         )
     lines.append("")
     # ---- drains

@@ -46,12 +46,14 @@ def summary(
     now = time.time() if now is None else now
     info: dict[str, Any] = {"source": source, "generated_at": round(now, 3)}
     counts = {state.value: 0 for state in State}
-    for state, n in (
-        _scoped(FileRecord.select(FileRecord.state, pw.fn.COUNT(FileRecord.id)), source)
-        .group_by(FileRecord.state)
+    # Grouped by source too, also for every source: the (source, state, ...) index then
+    # delivers the rows in group order, a walk of that index instead of a sort of the table.
+    for _source, state, n in (
+        _scoped(FileRecord.select(FileRecord.source, FileRecord.state, pw.fn.COUNT(FileRecord.id)), source)
+        .group_by(FileRecord.source, FileRecord.state)
         .tuples()
     ):
-        counts[state] = n
+        counts[state] += n
     info["states"] = counts
     info["backlog"] = backlog(source, now=now)
     info["last_commit"] = last_commit(source, now=now)

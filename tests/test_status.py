@@ -151,6 +151,8 @@ def test_status_command_json_and_all(site: Site) -> None:
         [
             file_row("cam1", "a.fits", detected=now - 5, committed=now - 1),
             file_row("cam2", "b.fits", state="ready", detected=now - 5),
+            file_row("cam2", "c.fits", detected=now - 9, committed=now - 2),
+            file_row("cam3", "d.fits", state="failed", detected=now - 7),
         ]
     )
     result = site.hdfmgr("status", "--json", str(site.config_path))
@@ -158,7 +160,9 @@ def test_status_command_json_and_all(site: Site) -> None:
     info = json.loads(result.stdout)
     assert info["source"] == "cam1" and info["states"]["held"] == 1 and info["backlog"]["files"] == 0
     everything = json.loads(site.hdfmgr("status", "--json", "--all", str(site.config_path)).stdout)
-    assert everything["source"] is None and everything["backlog"]["files"] == 1
+    assert everything["source"] is None and everything["backlog"]["files"] == 2
+    assert everything["states"]["held"] == 2 and everything["states"]["ready"] == 1
+    assert everything["states"]["failed"] == 1 and everything["backlog"]["oldest"] == "d.fits"
     text = site.hdfmgr("status", str(site.config_path))
     assert text.returncode == 0 and "last ok:  a.fits" in text.stdout and "source:   cam1" in text.stdout
 

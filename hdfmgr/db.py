@@ -30,9 +30,6 @@ class State(StrEnum):
     QUARANTINED = "quarantined"  # needs an operator (``hdfmgr retry`` re-queues it)
 
 
-#: States in which a file still needs work; a restart resumes every one of them.
-ACTIVE_STATES = tuple(s.value for s in State if s is not State.HELD)
-
 #: The backlog: files waiting to be delivered (``status``, metrics).
 WAITING_STATES = (State.READY.value, State.FAILED.value, State.STAGING.value, State.COMMITTING.value)
 

@@ -20,6 +20,9 @@ from .settle import Snapshot
 #: Rows per statement: well under SQLite's 32766 bound parameters and PostgreSQL's limits.
 CHUNK = 500
 
+#: The states a restart resumes: everything but done (held) and waiting for an operator.
+RESUMED_STATES = tuple(s.value for s in State if s not in (State.HELD, State.QUARANTINED))
+
 
 @dataclass(frozen=True, slots=True)
 class ActiveRow:
@@ -53,29 +56,34 @@ class Recorder:
         self.source = source
 
     def active(self) -> Iterator[ActiveRow]:
-        """Rows of files not yet done: what a restart must resume."""
-        query = (
-            FileRecord.select(
-                FileRecord.id,
-                FileRecord.relpath,
-                FileRecord.size,
-                FileRecord.mtime_ns,
-                FileRecord.inode,
-                FileRecord.state,
-                FileRecord.attempts,
-                FileRecord.checksum.is_null(False),
-                FileRecord.next_try,
-                FileRecord.last_batch,
-            )
-            .where(
-                (FileRecord.source == self.source)
-                & FileRecord.state.not_in([State.HELD.value, State.QUARANTINED.value])
-            )
-            .tuples()
+        """Rows of files not yet done: what a restart must resume.
+
+        One index seek per state: a ``NOT IN (held, quarantined)`` walked every row of the
+        source, so that a start-up after months of operation read the whole history (0.18 s
+        for 2,000 active rows among 1,000,000).
+        """
+        columns = (
+            FileRecord.id,
+            FileRecord.relpath,
+            FileRecord.size,
+            FileRecord.mtime_ns,
+            FileRecord.inode,
+            FileRecord.state,
+            FileRecord.attempts,
+            FileRecord.checksum.is_null(False),
+            FileRecord.next_try,
+            FileRecord.last_batch,
         )
-        # iterator(): no cache of every row (at 100,000 rows the cache was 50 MB of peak RSS).
-        for row in query.iterator():
-            yield ActiveRow(row[0], from_blob(row[1]), *row[2:7], bool(row[7]), *row[8:])
+        for state in RESUMED_STATES:
+            query = (
+                FileRecord.select(*columns)
+                .where((FileRecord.source == self.source) & (FileRecord.state == state))
+                .order_by(FileRecord.detected_at)
+                .tuples()
+            )
+            # iterator(): no cache of every row (at 100,000 rows the cache was 50 MB of peak RSS).
+            for row in query.iterator():
+                yield ActiveRow(row[0], from_blob(row[1]), *row[2:7], bool(row[7]), *row[8:])
 
     def requeued(self) -> Iterator[ActiveRow]:
         """Rows in state READY: after ``hdfmgr retry``, the ones the daemon does not know yet."""

@@ -16,6 +16,7 @@ import pytest
 from hdfmgr import config as config_mod
 from hdfmgr import db as dbm
 from hdfmgr import status
+from hdfmgr.record import Recorder
 from tests.audit_data import batch, file_row, insert_files
 from tests.site import Site
 
@@ -200,8 +201,9 @@ def test_status_answers_on_a_large_database(site: Site) -> None:
 
 def test_backlog_seeks_the_state_index_after_analyze_and_old_indexes_go(tmp_path: Path) -> None:
     """SQLite: with ANALYZE's statistics an IN list over the states scans the whole table; the
-    backlog's per-state queries must still seek the (source, state, detected_at) index. An
-    index of an earlier schema (each one an extra write per state change) is dropped on open.
+    backlog's and the restart's per-state queries must still seek the (source, state,
+    detected_at) index. An index of an earlier schema (each one an extra write per state
+    change) is dropped on open.
     """
     site = Site(tmp_path)
     site.configure(name="cam1")
@@ -230,12 +232,15 @@ def test_backlog_seeks_the_state_index_after_analyze_and_old_indexes_go(tmp_path
         database.execute_sql = spy  # type: ignore[method-assign]
         try:
             backlog = status.backlog("cam1", now=now)
+            # What a restart resumes: the same index, not a walk of the source's history.
+            resumed = list(Recorder(database, "cam1").active())
         finally:
             del database.execute_sql
         assert backlog["files"] == 100 and backlog["oldest"] == "n/04950.fits"
+        assert len(resumed) == 100 and {row.state for row in resumed} == {"ready"}
         assert statements
         for sql, params in statements:
             plan = " ".join(str(row[-1]) for row in real(f"EXPLAIN QUERY PLAN {sql}", params))
-            assert "files_source_state_detected_at" in plan and "SCAN" not in plan, (sql, plan)
+            assert "files_source_state_detected_at (source=? AND state=?)" in plan, (sql, plan)
     finally:
         database.close()

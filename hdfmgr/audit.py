@@ -324,7 +324,8 @@ def retry(
         seen = {dbm.from_blob(r[1]) for r in rows}
         result["unknown"] = [dbm.display(rel) for rel in rels if rel not in seen]
     else:
-        rows = list(query.where(FileRecord.state.in_(RETRYABLE)).order_by(FileRecord.id).tuples())
+        # One index seek per state (an IN list over states can make SQLite scan the table).
+        rows = sorted(row for state in RETRYABLE for row in query.where(FileRecord.state == state).tuples())
     newest: dict[bytes, int] = {}
     if rows:
         for relpath, top in (

@@ -176,18 +176,18 @@ def _database_module(config: config_mod.Config) -> ModuleType:
     peewee imports psycopg2 whenever it is installed: about 10 MB of memory and 10 ms of
     start-up that a daemon on SQLite never uses.
     """
-    if "peewee" not in sys.modules and not config.database.startswith("postgres"):
-        blocked = "psycopg2" not in sys.modules
+    blocked = (
+        "peewee" not in sys.modules
+        and "psycopg2" not in sys.modules
+        and not config.database.startswith("postgres")
+    )
+    if blocked:
+        sys.modules["psycopg2"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        from . import db
+    finally:
         if blocked:
-            sys.modules["psycopg2"] = None  # type: ignore[assignment]  # import raises ImportError
-        try:
-            from . import db
-        finally:
-            if blocked:
-                del sys.modules["psycopg2"]
-        return db
-    from . import db
-
+            del sys.modules["psycopg2"]
     return db
 
 

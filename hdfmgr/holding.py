@@ -11,6 +11,15 @@ import time
 log = logging.getLogger(__name__)
 
 
+#: Names tried in holding for one file: its own, then ``.1`` ... up to this many.
+MAX_SUFFIX = 10000
+
+
+def _suffixed(rel: str, n: int) -> str:
+    """The n-th name a file may get in holding: ``rel`` itself, then ``rel.1``, ``rel.2``, ..."""
+    return rel if n == 0 else f"{rel}.{n}"
+
+
 class HoldError(OSError):
     """The file could not be moved to holding; it stays in the buffer, already delivered."""
 
@@ -24,11 +33,10 @@ def hold(buffer: str, holding: str, rel: str) -> str:
     """
     src = os.path.join(buffer, rel)
     directory = os.path.dirname(rel)
-    base = os.path.basename(rel)
     tmp: str | None = None
     try:
-        for n in range(10000):
-            candidate = os.path.join(directory, base if n == 0 else f"{base}.{n}")
+        for n in range(MAX_SUFFIX):
+            candidate = _suffixed(rel, n)
             dst = os.path.join(holding, candidate)
             try:
                 try:
@@ -82,8 +90,8 @@ def find_held(holding: str, rel: str, inode: int) -> str | None:
     A run that moved a delivered file and was killed before recording it left the file in
     holding under ``rel`` or a suffixed name; the inode tells it from other versions.
     """
-    for n in range(10000):
-        candidate = rel if n == 0 else f"{rel}.{n}"
+    for n in range(MAX_SUFFIX):
+        candidate = _suffixed(rel, n)
         try:
             st = os.lstat(os.path.join(holding, candidate))
         except OSError:

@@ -51,7 +51,8 @@ Options:
   --version       Show the version.
 
 Exit status: 0 success; 64 usage error; 65 rescan left files undelivered; 69 the running
-watcher could not be signalled; 70 internal error; 73 database cannot be opened; 75 another
+watcher could not be signalled; 70 internal error; 73 database cannot be opened; 74 a database
+statement failed during rescan, or while stopping (a watcher retries instead); 75 another
 process holds this buffer; 78 configuration error.
 """
 
@@ -62,6 +63,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import ModuleType
@@ -77,6 +79,7 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
@@ -192,34 +195,50 @@ def _database_module(config: config_mod.Config) -> ModuleType:
 
 
 def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
+    from .db import DatabaseFailure, database_location
     from .lock import LockBusy
     from .pipeline import Outcome, Pipeline
+    from .supervise import watch
 
-    pipeline = Pipeline(config, once=once)
+    stop = threading.Event()
     progress = None
+    on_breaker = None
     if once and sys.stderr.isatty():
         from .progress import Progress
 
         progress = Progress()
-
-        def show(p: Pipeline) -> None:
-            if not progress.due():
-                return
-            waiting, waiting_bytes = p.waiting()
-            progress.update(
-                done=p.counters.delivered,
-                done_bytes=p.counters.bytes,
-                waiting=waiting,
-                waiting_bytes=waiting_bytes,
-            )
-
-        pipeline.on_progress = show
     if not once and config.metrics_port is not None and _serve_metrics(config):
         from . import metrics
 
-        pipeline.on_breaker = metrics.breaker_state
+        on_breaker = metrics.breaker_state
+
+    def show(p: Pipeline) -> None:
+        if progress is None or not progress.due():
+            return
+        waiting, waiting_bytes = p.waiting()
+        progress.update(
+            done=p.counters.delivered,
+            done_bytes=p.counters.bytes,
+            waiting=waiting,
+            waiting_bytes=waiting_bytes,
+        )
+
+    pipelines: list[Pipeline] = []
+
+    def make() -> Pipeline:
+        pipeline = Pipeline(config, once=once, stop=stop)
+        if progress is not None:
+            pipeline.on_progress = show
+        pipeline.on_breaker = on_breaker
+        pipelines[:] = [pipeline]
+        return pipeline
+
+    location = database_location(config)
     try:
-        outcome = pipeline.run()
+        if once:
+            outcome = make().run()
+        else:
+            outcome = watch(make, stop, location=location, initial=min(config.retry_initial, 5.0))
     except LockBusy as busy:
         if not once:
             print(
@@ -228,12 +247,19 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             )
             return EX_TEMPFAIL
         return _delegate_rescan(config, busy.pid, wait)
+    except DatabaseFailure as exc:
+        print(
+            f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",
+            file=sys.stderr,
+        )
+        return EX_IOERR
     except Exception:
         log.exception("internal error")
         return EX_SOFTWARE
     if progress is not None:
         progress.finish()
     if once:
+        pipeline = pipelines[0]
         undelivered = pipeline._undelivered()
         print(
             f"rescan: {pipeline.counters.delivered} delivered ({pipeline.counters.bytes / 1e6:.1f} MB), "

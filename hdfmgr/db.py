@@ -7,6 +7,8 @@ SQLite text must be; ``name`` holds a readable rendering for people and queries.
 from __future__ import annotations
 
 import os
+import sqlite3
+import sys
 from enum import StrEnum
 from pathlib import Path
 
@@ -129,6 +131,33 @@ class Attempt(BaseModel):
 
 
 MODELS = (FileRecord, TransferBatch, Attempt)
+
+
+class DatabaseFailure(Exception):
+    """A statement failed while running: a full disk, a lost connection, a lock held too long."""
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """What a failed statement raises: peewee's wrapper, or the driver's own error from a raw
+    cursor (the bulk writes use ``executemany`` directly)."""
+    found: list[type[BaseException]] = [pw.PeeweeException, sqlite3.Error]
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is not None:
+        found.append(psycopg2.Error)
+    return tuple(found)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The first line of the error that started it.
+
+    On a full disk SQLite ends the transaction itself, so the ROLLBACK after the failed
+    statement fails too ("no transaction is active") and would hide the real cause.
+    """
+    known = errors()
+    while isinstance(exc.__context__, known):
+        exc = exc.__context__
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def connect(config: Config) -> pw.Database:

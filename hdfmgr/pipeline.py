@@ -180,11 +180,21 @@ class Pipeline:
         #: Called with (source, state) after each breaker decision (the metrics server's
         #: hook; prometheus_client is imported only where metrics are served).
         self.on_breaker: Callable[[str, str], None] | None = None
+        #: Called once, after the first transaction this run commits (the supervisor's sign
+        #: that a database failure is over).
+        self.on_written: Callable[[], None] | None = None
+        #: The 'started' line at DEBUG: a restart after a database failure is not news.
+        self.quiet_start = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> Outcome:
-        """Run until stopped (watch) or until the buffer is drained (once)."""
+        """Run until stopped (watch) or until the buffer is drained (once).
+
+        A failed database statement ends the run with :class:`~hdfmgr.db.DatabaseFailure`,
+        the way a crash would but without killing anything: batches in flight finish their
+        transfer, none starts its commit, and a new run resumes every file from the records.
+        """
         self.lock.acquire()
         try:
             self.db = dbm.connect(self.cfg)
@@ -203,7 +213,8 @@ class Pipeline:
                 self._start_observer()
             self._scan(initial=True)
             self.next_prune = time.monotonic() + 60.0
-            log.info(
+            log.log(
+                logging.DEBUG if self.quiet_start else logging.INFO,
                 "started: buffer %s -> endpoint %s (%s observer, %d slots, %d files waiting)",
                 self.buffer,
                 self.cfg.endpoint_buffer,
@@ -213,6 +224,8 @@ class Pipeline:
             )
             sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
+        except dbm.errors() as exc:
+            raise dbm.DatabaseFailure(dbm.describe_error(exc)) from exc
         finally:
             self._shutdown()
 
@@ -230,7 +243,10 @@ class Pipeline:
             self.observer = None
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.db is not None:
-            self.db.close()
+            try:
+                self.db.close()
+            except dbm.errors():
+                pass  # a lost connection is already closed
         self.lock.release()
 
     def _install_signals(self) -> None:
@@ -269,6 +285,9 @@ class Pipeline:
             self._dispatch(now)
             if self.on_progress is not None:
                 self.on_progress(self)
+            if self.on_written is not None and self._rec().writes:
+                written, self.on_written = self.on_written, None
+                written()
             if self.once and self._idle():
                 return Outcome.DRAINED if not self._undelivered() else Outcome.INCOMPLETE
 

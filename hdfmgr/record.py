@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,14 @@ class Recorder:
     def __init__(self, db: pw.Database, source: str) -> None:
         self.db = db
         self.source = source
+        #: Transactions committed: after a database failure, the first one says it is back.
+        self.writes = 0
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+        self.writes += 1
 
     def active(self) -> Iterator[ActiveRow]:
         """Rows of files not yet done: what a restart must resume.
@@ -158,7 +167,7 @@ class Recorder:
             )
             for rel, snap in items
         ]
-        with self.db.atomic():
+        with self._transaction():
             before = self.db.execute_sql(f'SELECT MAX("id") FROM "{files}"').fetchone()[0] or 0
             self.db.cursor().executemany(sql, rows)
             cursor = self.db.execute_sql(
@@ -170,7 +179,7 @@ class Recorder:
 
     def new_version(self, updates: Sequence[tuple[int, Snapshot]], wall: float) -> None:
         """A file that changed before delivery: same row, new size/mtime, no checksum yet."""
-        with self.db.atomic():
+        with self._transaction():
             for row_id, snap in updates:
                 FileRecord.update(
                     size=snap.size,
@@ -185,7 +194,7 @@ class Recorder:
 
     def start_batch(self, staging_dir: str, ids: Sequence[int], nbytes: int, wall: float) -> int:
         """The batch row, its links, and the files' STAGING state, before any command runs."""
-        with self.db.atomic():
+        with self._transaction():
             batch = TransferBatch.create(
                 source=self.source, staging_dir=staging_dir, started_at=wall, files=len(ids), bytes=nbytes
             )
@@ -206,7 +215,7 @@ class Recorder:
         self, batch_id: int, ids: Sequence[int], checksums: Sequence[tuple[int, str]], wall: float
     ) -> None:
         """COMMITTING (and the new checksums) on disk before the remote mv may run."""
-        with self.db.atomic():
+        with self._transaction():
             self._set_checksums(checksums)
             self._update_ids(ids, {"state": State.COMMITTING.value, "updated_at": wall})
             TransferBatch.update(commit_started=wall).where(TransferBatch.id == batch_id).execute()
@@ -234,7 +243,7 @@ class Recorder:
         last = commands[-1] if commands else None
         delivered_count = len(committed) + len(held) + len(renamed)
         status = "committed" if not failures else ("partial" if delivered_count else "failed")
-        with self.db.atomic():
+        with self._transaction():
             TransferBatch.update(
                 finished_at=wall,
                 hash_seconds=report.hash_seconds,
@@ -275,7 +284,7 @@ class Recorder:
 
     def held(self, plain: Sequence[int], renamed: Sequence[tuple[int, str]], wall: float) -> None:
         """Files now in holding: under their own name (``plain``) or a suffixed one."""
-        with self.db.atomic():
+        with self._transaction():
             self._write_held(plain, renamed, wall)
 
     def _write_held(
@@ -304,7 +313,7 @@ class Recorder:
             values["error_class"] = error_class
         if state is State.COMMITTED:
             values["committed_at"] = wall
-        with self.db.atomic():
+        with self._transaction():
             for chunk in _chunks(list(ids), CHUNK):
                 FileRecord.update(values).where(FileRecord.id.in_(chunk)).execute()
 

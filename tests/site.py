@@ -86,6 +86,7 @@ class Site:
         remote: str = 'sh -c "{command}"',
         params: dict[str, Any] | None = None,
         logging: dict[str, Any] | None = None,
+        database: dict[str, Any] | None = None,
         **general: Any,
     ) -> Path:
         """Write the config in the seed's format; ``general`` overrides general.* keys."""
@@ -98,7 +99,7 @@ class Site:
                 "commands": {"transfer": transfer, "remote": remote},
                 **(params or {}),
             },
-            "database": {"engine": self.engine or f"sqlite:///{self.db_path}"},
+            "database": {"engine": self.engine or f"sqlite:///{self.db_path}", **(database or {})},
             "logging": {"level": "DEBUG", **(logging or {})},
             "general": general,
         }

@@ -47,6 +47,19 @@ def remount(mount: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
 
 
+def fill(mount: Path) -> Path:
+    """Fill ``mount`` to the last block with one file; returns it (unlink it to free the space)."""
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for block in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError:
+                pass
+    return filler
+
+
 def test_long_outage_one_line_per_episode_then_everything_delivered(site: Site, tmp_path: Path) -> None:
     """ssh exits 255 for a long stretch: the breaker opens once, probes, and closes once."""
     down = tmp_path / "endpoint-down"
@@ -124,13 +137,7 @@ def test_holding_full_then_space_freed(site: Site, tmpfs: Path) -> None:
     site.holding = tmpfs
     site.configure(pause=1)
     daemon = site.start()
-    filler = tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill holding to the last block
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
+    filler = fill(tmpfs)
     try:
         site.write("a/h.fits", os.urandom(200_000))
         wait_for(lambda: "a/h.fits" in site.delivered(), 20, "delivery")
@@ -164,6 +171,86 @@ def test_database_locked_by_another_process(site: Site) -> None:
         wait_for(lambda: site.held() == {"locked.fits": b"l"}, 20, "delivery after unlock")
     finally:
         assert daemon.stop() == 0
+
+
+def test_database_lock_held_past_the_timeout_pauses_then_resumes(site: Site) -> None:
+    """A lock held longer than database.timeout fails a write: the watcher stays up, says so
+    once, and delivers everything once the lock is gone."""
+    site.configure(database={"timeout": 0.2})
+    daemon = site.start()
+    site.write("a/before.fits", b"b" * 100)
+    wait_for(lambda: "a/before.fits" in site.held(), 20, "first delivery")
+    conn = sqlite3.connect(site.db_path, timeout=5, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        site.write("a/during.fits", b"d" * 100)
+        wait_for(lambda: "database is locked; delivery paused" in daemon.output(), 20, "the failure")
+        time.sleep(1.0)  # hold the lock through several restarts: this is the fault
+        assert daemon.proc.poll() is None
+        assert "a/during.fits" not in site.delivered()
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    wait_for(lambda: site.states().get("a/during.fits") == "held", 20, "delivery after the lock")
+    assert site.held() == {"a/before.fits": b"b" * 100, "a/during.fits": b"d" * 100}
+    output = daemon.output()
+    assert output.count("delivery paused") == 1
+    assert "writes succeed again" in output
+    assert "Traceback" not in output
+    assert daemon.stop() == 0
+
+
+def test_database_disk_full_then_space_freed(site: Site, tmpfs: Path) -> None:
+    """A real ENOSPC under the database: nothing is lost or sent twice, one line, and every
+    file is delivered and recorded once space is back."""
+    site.db_path = tmpfs / "handoff.db"
+    site.configure(pause=1)
+    daemon = site.start()
+    site.write("a/first.fits", b"1" * 1000)
+    wait_for(lambda: site.states().get("a/first.fits") == "held", 20, "first delivery")
+    filler = fill(tmpfs)
+    files = {f"b/{i:03d}-{'x' * 60}.fits": os.urandom(2000) for i in range(100)}
+    try:
+        site.write_many(files)
+        wait_for(lambda: "database or disk is full; delivery paused" in daemon.output(), 20, "the failure")
+        assert daemon.proc.poll() is None
+    finally:
+        filler.unlink()
+    expected = {"a/first.fits": b"1" * 1000, **files}
+    wait_for(lambda: site.held() == expected, 30, "delivery after space was freed")
+    wait_for(lambda: set(site.states().values()) == {"held"} and len(site.states()) == 101, 20, "records")
+    assert site.delivered() == expected
+    assert not list(site.staging.rglob("*.fits"))
+    # Each file went into the endpoint buffer once: one committed attempt per file.
+    committed = site.query(
+        "select file_id, count(*) from attempts where outcome = 'committed' group by file_id"
+    )
+    assert sorted(n for _, n in committed) == [1] * 101
+    output = daemon.output()
+    assert output.count("delivery paused") == 1, output
+    assert "Traceback" not in output
+    assert daemon.stop() == 0
+
+
+def test_rescan_with_a_failing_database_says_so_in_one_line(site: Site) -> None:
+    site.configure(database={"timeout": 0.2})
+    site.write("r.fits", b"r")
+    site.hdfmgr("initdb", str(site.config_path))
+    conn = sqlite3.connect(site.db_path, timeout=5, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        result = site.hdfmgr("rescan", str(site.config_path))
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    assert result.returncode == 74, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("hdfmgr: database ")
+    assert "database is locked" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (site.buffer / "r.fits").exists()
+    result = site.hdfmgr("rescan", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    assert site.held() == {"r.fits": b"r"}
 
 
 def test_buffer_removed_and_recreated(site: Site) -> None:

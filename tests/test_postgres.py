@@ -90,3 +90,37 @@ def test_unreachable_postgresql_exits_73(tmp_path: Path, postgres: PostgresServe
     result = site.hdfmgr("status", str(site.config_path))
     assert result.returncode == 73
     assert "cannot open database 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_dropped_connection_pauses_then_delivery_resumes(tmp_path: Path, postgres: PostgresServer) -> None:
+    """The server ends the daemon's session (a restart or failover does): one line, a fresh
+    connection, and nothing lost or sent twice."""
+    name = postgres.create_database("dropped")
+    url = postgres.url(name)
+    try:
+        site = Site(tmp_path / "site", engine=url)
+        site.configure(name="east")
+        assert site.hdfmgr("initdb", str(site.config_path)).returncode == 0
+        daemon = site.start()
+        try:
+            site.write("a/one.fits", b"1")
+            wait_for(lambda: pg_states(url, "east").get("a/one.fits") == "held", 20, "first delivery")
+            ended = pg_rows(
+                url,
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                f"where datname = '{name}' and pid <> pg_backend_pid()",
+            )
+            assert ended and all(ok for (ok,) in ended)
+            site.write("a/two.fits", b"2")
+            wait_for(lambda: pg_states(url, "east").get("a/two.fits") == "held", 30, "delivery after")
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+        assert site.held() == {"a/one.fits": b"1", "a/two.fits": b"2"}
+        assert site.delivered() == {"a/one.fits": b"1", "a/two.fits": b"2"}
+        output = daemon.output()
+        assert output.count("delivery paused") == 1, output
+        assert "writes succeed again" in output and "Traceback" not in output
+        committed = pg_rows(url, "select count(*) from attempts where outcome = 'committed'")
+        assert committed == [(2,)]
+    finally:
+        postgres.drop_database(name)

@@ -66,6 +66,9 @@ class BatchReport:
     hold_errors: dict[str, str] = field(default_factory=dict)
     #: Delivered files that changed or vanished in the buffer since (relative path -> why).
     changed_after: dict[str, str] = field(default_factory=dict)
+    #: Files whose commit ran but whose reply was lost: any of them may be in the endpoint
+    #: buffer. They stay COMMITTING until a listing of the slot directory tells.
+    unknown: list[str] = field(default_factory=list)
 
     def committed(self) -> list[str]:
         return [f.rel for f in self.job.files if self.outcomes.get(f.rel, ("",))[0] == COMMITTED]
@@ -152,6 +155,16 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         return
     result, listing = endpoint.commit(job.staging_dir, None, to_commit)
     report.commit = result
+    if listing is None:
+        # Cut off (a dropped connection, a timeout) or never framed: the script may have moved
+        # any of them. Sending them again now could deliver a file twice.
+        report.unknown = [f.rel for f in to_commit]
+        if result.ok:
+            report.error_class, report.error = ErrorClass.REMOTE, "verify and commit: incomplete reply"
+            report.slot_clean = False
+        else:
+            report.fail(result, "verify and commit")
+        return
     committed = listing.committed
     mode = endpoint.config.verify
     for f in to_commit:

@@ -156,7 +156,7 @@ def _remote_runs(config: config_mod.Config, endpoint: Endpoint) -> Check:
         return Check(
             what,
             False,
-            f"it printed {shown!r}, which would corrupt hdfmgr's replies",
+            f"it printed {shown!r}, which breaks scp, sftp and rsync through this account",
             "make the remote account's shell startup files print nothing for non-interactive shells",
         )
     else:

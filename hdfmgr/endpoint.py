@@ -12,6 +12,11 @@ and a second constant script. The data (the expected ``size/name`` or ``b2sum`` 
 the final directories) travels NUL-separated on stdin and reaches that second script through
 ``xargs -0`` as arguments, so no filename is ever parsed by a remote shell. The script prints
 the names it verified, a ``/`` record, and the names still in staging.
+
+Framed replies. Every reply that is parsed starts with a begin record and ends with an end
+record (both contain '/', which no name does). Whatever a chatty login shell prints before or
+after is skipped, and a reply cut short (the connection dropped, the command timed out) is
+recognised as such: its outcome is unknown, never read as "nothing was moved".
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from . import runner
 from .config import Config
 from .runner import CommandResult
 from .templates import quote_remote
+
+#: The records that frame a parsed reply (see the module's docstring). No name contains '/'.
+BEGIN = "/hdfmgr-begin/"
+END = "/hdfmgr-end/"
 
 #: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
 #: have no '!' (history expansion).
@@ -44,12 +53,12 @@ COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr 
 #: each final directory with a '/' appended (a name never contains '/'), then the names that
 #: go there. Staged files that match no record (partial, corrupt, strays) are deleted; one
 #: ``mkdir -p`` creates the missing directories and each directory gets one ``mv`` of its
-#: planned names that are still there. ``eval`` only ever sees argument numbers. Output: the verified
-#: names, a ``/`` record, the names still in staging; the exit status is not 0 when a mkdir or
-#: mv failed.
+#: planned names that are still there. ``eval`` only ever sees argument numbers. Output, between
+#: the BEGIN and END records: the verified names, a ``/`` record, the names still in staging
+#: (END only once all of it is written); the exit status is not 0 when a mkdir or mv failed.
 MOVE_SCRIPT = "; ".join(
     [
-        "s=$1; m=$2; c=$3; shift 3; w=$s.want; h=$s.have; k=$s.ok; b=$s.bad",
+        f"s=$1; m=$2; c=$3; shift 3; w=$s.want; h=$s.have; k=$s.ok; b=$s.bad; B={BEGIN}; E={END}",
         'printf \'%s\\000\' "$@" > "$b"; LC_ALL=C head -z -n "$c" "$b" > "$w"; shift "$c"',
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
@@ -69,7 +78,8 @@ MOVE_SCRIPT = "; ".join(
         r't=$x; l=; if [ -d "$t" ]; then :; else t=; fi ;; '
         r'*) if [ -n "$t" ] && [ -f "./$x" ]; then l="$l \"\${$j}\""; fi ;; esac; done',
         r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi',
-        "names \"$k\"; printf '/\\000'; find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'",
+        "printf '\\000%s\\000' \"$B\"; names \"$k\" && printf '/\\000' &&"
+        " find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000' && printf '%s\\000' \"$E\"",
         'rm -f -- "$w" "$h" "$k" "$b"',
         "exit $r",
     ]
@@ -79,8 +89,10 @@ PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir 
 
 #: Lists the files left in the given slot directories; a directory that exists prints "dir/".
 LIST_SCRIPT = (
+    f"printf '\\000{BEGIN}\\000'; "
     'for d; do if [ -d "$d" ]; then printf \'%s/\\000\' "$d"; '
-    "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000'; fi; done; exit 0"
+    "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; fi; done; "
+    f"printf '{END}\\000'"
 )
 
 #: Removes this instance's slot directories (and their temporary lists) from earlier runs,
@@ -131,11 +143,25 @@ class CommitReport:
         return self.verified - self.remaining
 
 
-def parse_commit_output(stdout: bytes) -> CommitReport:
-    """Read the script's ``names / names`` listing. A name never contains '/' or NUL."""
+def framed_records(stdout: bytes) -> list[bytes] | None:
+    """The NUL-separated records between the begin and end records; None if either is missing."""
+    records = stdout.split(b"\0")
+    try:
+        start = records.index(BEGIN.encode())
+        end = records.index(END.encode(), start + 1)
+    except ValueError:
+        return None
+    return records[start + 1 : end]
+
+
+def parse_commit_output(stdout: bytes) -> CommitReport | None:
+    """Read the script's framed ``names / names`` listing; None when the reply is incomplete."""
+    records = framed_records(stdout)
+    if records is None:
+        return None
     report = CommitReport()
     target = report.verified
-    for record in stdout.split(b"\0"):
+    for record in records:
         if record == b"/":
             target = report.remaining
         elif record:
@@ -240,12 +266,13 @@ class Endpoint:
         final_dir: str | None,
         files: Sequence[StagedFile],
         on_start: Callable[[int], None] | None = None,
-    ) -> tuple[CommandResult, CommitReport]:
+    ) -> tuple[CommandResult, CommitReport | None]:
         """Verify the staged ``files`` and move the good ones, in one remote command.
 
         Each file goes to the endpoint buffer's directory of its own relative directory, or
         all of them to ``final_dir`` when one is given. Basenames must be distinct (they
-        share one flat slot directory).
+        share one flat slot directory). The report is None when the reply did not arrive
+        whole: then any of the files may or may not have been moved.
         """
         groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
         stdin, count = commit_payload(groups, self.config.verify)
@@ -263,13 +290,16 @@ class Endpoint:
         )
         return result, parse_commit_output(result.stdout)
 
-    def list_slots(self, slot_dirs: Sequence[str]) -> tuple[CommandResult, dict[str, set[str]] | None]:
+    def list_slots(
+        self, slot_dirs: Sequence[str], on_start: Callable[[int], None] | None = None
+    ) -> tuple[CommandResult, dict[str, set[str]] | None]:
         """Files left in ``slot_dirs``; a directory missing from the answer does not exist."""
-        result = self.remote(LIST_SCRIPT, *slot_dirs)
-        if not result.ok:
+        result = self.remote(LIST_SCRIPT, *slot_dirs, on_start=on_start)
+        records = framed_records(result.stdout) if result.ok else None
+        if records is None:
             return result, None
         present: dict[str, set[str]] = {}
-        for record in result.stdout.split(b"\0"):
+        for record in records:
             if not record:
                 continue
             text = os.fsdecode(record)

@@ -154,6 +154,11 @@ class Pipeline:
         self.executor = ThreadPoolExecutor(config.num_threads + 1, thread_name_prefix="hdfmgr-worker")
         self.counters = Counters()
         self.unrecovered: dict[str, list[tuple[str, int]]] = {}
+        #: Slots whose commit reply was lost, by slot directory: back in use once it is listed.
+        self.suspended_slots: dict[str, int] = {}
+        self.listing = False  # a listing of those slot directories is running
+        self.listing_pid: int | None = None  # its process group, ended at shutdown
+        self.listing_failed = False  # the last listing failed (said once per episode)
         self.warned: set[str] = set()
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
@@ -231,9 +236,11 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         self.closing = True
-        pid = self.sweep_pid
-        if pid is not None:
-            # Housekeeping only: a sweep still running (a hung endpoint) must not outlive us.
+        for pid in (self.sweep_pid, self.listing_pid):
+            if pid is None:
+                continue
+            # Read-only or housekeeping: a sweep or listing still running (a hung endpoint)
+            # must not outlive us.
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
@@ -329,6 +336,8 @@ class Pipeline:
                 self._on_probe(entry[1])
             elif kind == "swept":
                 self._on_swept(entry[1], entry[2])
+            elif kind == "listed":
+                self._on_listed(entry[1], entry[2], entry[3])
             elif kind == "rescan":
                 log.info("rescan requested")
                 self.next_scan = 0.0
@@ -731,7 +740,12 @@ class Pipeline:
     def _on_result(self, report: BatchReport) -> None:
         job = report.job
         self.inflight.pop(job.id, None)
-        self.free_slots.append(job.slot)
+        if report.unknown:
+            # Its slot directory is the evidence of what the lost commit did: out of use
+            # until the listing (see _recover_committing), then cleaned.
+            self.suspended_slots[job.staging_dir] = job.slot
+        else:
+            self.free_slots.append(job.slot)
         self.slot_dirty[job.slot] = not report.slot_clean
         if report.prepare is not None and report.prepare.ok:
             self.slot_ready[job.slot] = True
@@ -739,7 +753,8 @@ class Pipeline:
         wall = time.time()
         committed = report.committed()
         delivered = set(committed)
-        failed = [f for f in job.files if f.rel not in delivered]
+        unknown = set(report.unknown)
+        failed = [f for f in job.files if f.rel not in delivered and f.rel not in unknown]
         failures = []
         quarantined: list[tuple[str, str]] = []
         for f in failed:
@@ -778,11 +793,24 @@ class Pipeline:
             held=[self.known[rel].id for rel in committed if held.get(rel) == rel],
             renamed=[(self.known[rel].id, held[rel]) for rel in committed if held.get(rel, rel) != rel],
             failures=failures,
+            unknown=[self.known[rel].id for rel in report.unknown],
             checksums=self._new_checksums(report.checksums),
             wall=wall,
         )
         for rel in committed:
             self.known[rel].state = State.COMMITTED.value
+        if unknown:
+            for rel in report.unknown:
+                self.unrecovered.setdefault(job.staging_dir, []).append((rel, job.id))
+            # Not at once: a remote script that outlived its ssh may still be moving files.
+            self.next_recovery = now + self.cfg.retry_initial
+            log.warning(
+                "batch %d: the commit's reply was lost (%s); %d file(s) may be in the endpoint "
+                "buffer already: staging is checked before any is sent again",
+                job.id,
+                report.error,
+                len(unknown),
+            )
         size = sum(self.known[rel].size for rel in committed)
         self._after_hold(report)
         for rel, message in quarantined:
@@ -812,13 +840,14 @@ class Pipeline:
             if rest:
                 self._hold_committed(rest)
         transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
-        if failed:
+        troubled = bool(failed or unknown)
+        if troubled:
             self.counters.failed += len(failed)
             if transport and self.breaker.record_transport_failure(now, jitter=self.rng.random()):
                 log.error("endpoint unreachable (%s); pausing dispatch, probing with 'true'", report.error)
-            elif self.breaker.allows_dispatch():
+            elif failed and self.breaker.allows_dispatch():
                 log.warning("batch %d: %d file(s) failed: %s", job.id, len(failed), report.error)
-        if (not failed or not transport) and self.breaker.record_success():
+        if (not troubled or not transport) and self.breaker.record_success():
             log.warning("endpoint reachable again; resuming dispatch")
             self._endpoint_back()
         if self.on_breaker is not None:
@@ -943,25 +972,53 @@ class Pipeline:
             self._hold_committed(committed)
 
     def _recover_committing(self) -> None:
-        result, present = self.endpoint.list_slots(sorted(self.unrecovered))
+        """List the slot directories of files whose commit may have run.
+
+        On a thread of its own, like the sweep: it is a remote command, and a hung endpoint
+        must not stop the loop (nor SIGTERM). ``_on_listed`` applies the answer.
+        """
+        if self.listing:
+            return
+        self.listing = True
+        dirs = sorted(self.unrecovered)
+
+        def started(pid: int) -> None:
+            self.listing_pid = pid
+
+        def listing() -> None:
+            result, present = self.endpoint.list_slots(dirs, on_start=started)
+            self.listing_pid = None
+            self.queue.put(("listed", dirs, result, present))
+
+        threading.Thread(target=listing, name="hdfmgr-list", daemon=True).start()
+
+    def _on_listed(self, dirs: list[str], result: CommandResult, present: dict[str, set[str]] | None) -> None:
+        self.listing = False
+        waiting = sum(len(self.unrecovered.get(d, ())) for d in dirs)
         if present is None:
             self.next_recovery = time.monotonic() + self.cfg.retry_initial
-            log.warning(
-                "cannot check staging for %d file(s) interrupted while committing (%s); will retry",
-                sum(len(v) for v in self.unrecovered.values()),
+            log.log(
+                logging.DEBUG if self.listing_failed else logging.WARNING,
+                "cannot check staging for %d file(s) whose commit may have run (%s); will retry",
+                waiting,
                 result.describe(),
             )
+            self.listing_failed = True
             return
+        self.listing_failed = False
         resend: list[str] = []
         moved: list[str] = []
-        for staging_dir, entries in self.unrecovered.items():
+        for staging_dir in dirs:
             names = present.get(staging_dir)
-            for rel, _batch in entries:
+            for rel, _batch in self.unrecovered.pop(staging_dir, []):
                 if names is not None and os.path.basename(rel) not in names:
                     moved.append(rel)
                 else:
                     resend.append(rel)
-        self.unrecovered.clear()
+            slot = self.suspended_slots.pop(staging_dir, None)
+            if slot is not None:
+                self.slot_dirty[slot] = True
+                self.free_slots.append(slot)
         if resend:
             self._set_state(resend, State.READY, error="interrupted before the move; sending again")
             for rel in resend:

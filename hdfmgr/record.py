@@ -230,19 +230,21 @@ class Recorder:
         wall: float,
         held: Sequence[int] = (),
         renamed: Sequence[tuple[int, str]] = (),
+        unknown: Sequence[int] = (),
     ) -> None:
         """The batch's timings and commands, and every file's outcome, in one transaction.
 
         ``committed`` are delivered files still in the buffer; ``held`` and ``renamed`` are
         delivered files the worker already moved to holding (under their own name or a
-        suffixed one): they go straight to HELD, one write instead of two.
+        suffixed one): they go straight to HELD, one write instead of two. ``unknown`` are
+        files whose commit reply was lost: they stay COMMITTING, their attempt says so.
         """
         transfer_seconds = sum(r.duration for r in report.transfers) if report.transfers else None
         nbytes = sum(f.size for f in report.job.files)
         commands = report.commands()
         last = commands[-1] if commands else None
         delivered_count = len(committed) + len(held) + len(renamed)
-        status = "committed" if not failures else ("partial" if delivered_count else "failed")
+        status = "committed" if not failures and not unknown else ("partial" if delivered_count else "failed")
         with self._transaction():
             TransferBatch.update(
                 finished_at=wall,
@@ -270,6 +272,16 @@ class Recorder:
                 key="file_id",
                 batch=report.job.id,
             )
+            if unknown:
+                error = f"commit reply lost ({report.error}); staging is listed to find out"[-2000:]
+                self._update_ids(unknown, {"last_error": error, "updated_at": wall})
+                self._update_ids(
+                    unknown,
+                    {"outcome": "unknown", "error": error},
+                    table=Attempt,
+                    key="file_id",
+                    batch=report.job.id,
+                )
             for f in failures:
                 FileRecord.update(
                     state=(State.QUARANTINED if f.quarantine else State.FAILED).value,

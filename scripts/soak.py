@@ -5,9 +5,11 @@ Not part of the test suite. Usage (through the wrapper, which sets up the virtua
     scripts/soak --minutes 10 [--rate 20] [--seed 1] [--workdir DIR]
 
 The endpoint is local, reached through wrapper commands that can play an outage (exit 255 as
-ssh does) while a flag file exists. A consumer ingests and removes each file the instant it
-appears, as the endpoint manager does, checking every byte. Faults, at random moments: kill -9
-of the daemon's whole session (then a restart), and outages of random length.
+ssh does) while a flag file exists; a remote command during which an outage begins loses its
+reply after doing its work, as over a connection that drops mid-commit. A consumer ingests
+and removes each file the instant it appears, as the endpoint manager does, checking every
+byte. Faults, at random moments: kill -9 of the daemon's whole session (then a restart), and
+outages of random length.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ def main() -> int:
         "#!/bin/sh\n"
         f"if [ -e {down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
         "exit 255; fi\n"
-        'if [ "$1" = --remote ]; then exec sh -c "$2"; fi\n'
+        # An outage that begins while a remote command runs drops its reply: the script did
+        # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
+        'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
+        f"  if [ -e {down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"
+        '  cat "$out"; rm -f "$out"; exit $rc; fi\n'
         'exec cp "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -145,6 +151,7 @@ def main() -> int:
     staged_left = [p for p in site.staging.rglob("*") if p.is_file()]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))
+    lost = site.query("select count(distinct batch_id) from attempts where outcome = 'unknown'")[0][0]
     result = {
         "minutes": args.minutes,
         "files_written": len(written),
@@ -162,6 +169,7 @@ def main() -> int:
         "db_states": states,
         "db_attempts_total_max": attempts,
         "batches": batches,
+        "commit_replies_lost": lost,
         "staging_files_left": len(staged_left),
         "drain_seconds_after_flow": round(drain, 1),
         "final_stop_status": rc,

@@ -149,7 +149,7 @@ def test_missing_holding_is_a_local_failure(site: Site) -> None:
 
 
 def test_a_chatty_remote_shell_fails_the_first_check(site: Site, sshd: SshServer) -> None:
-    """Output from the remote side before hdfmgr's own would corrupt the commit replies."""
+    """Output from the remote login shell breaks scp, sftp and rsync (hdfmgr's replies are framed)."""
     remote = REMOTE.replace('"{command}"', '"echo Welcome; {command}"')
     site.configure(transfer=SCP_BATCH, remote=remote, params=params(sshd))
 
@@ -157,6 +157,7 @@ def test_a_chatty_remote_shell_fails_the_first_check(site: Site, sshd: SshServer
 
     assert rc == 1
     assert lines[0] == (
-        f"FAIL {TRUE_CHECK}: it printed 'Welcome\\n', which would corrupt hdfmgr's replies -> make the "
-        "remote account's shell startup files print nothing for non-interactive shells"
+        f"FAIL {TRUE_CHECK}: it printed 'Welcome\\n', which breaks scp, sftp and rsync through this "
+        "account -> make the remote account's shell startup files print nothing for non-interactive "
+        "shells"
     )

@@ -16,6 +16,8 @@ import pytest
 
 from hdfmgr.config import Config, from_mapping
 from hdfmgr.endpoint import (
+    BEGIN,
+    END,
     CommitReport,
     Endpoint,
     ErrorClass,
@@ -370,6 +372,24 @@ def test_list_slots_with_no_slot_existing(site: Site) -> None:
     assert present == {}
 
 
+def test_list_slots_skips_chatter_and_rejects_a_cut_reply(site: Site) -> None:
+    s0 = site.slot(0)
+    stage(s0, "a", b"x")
+    record = (s0 + "/").encode()
+    body = record + b"\0" + (s0 + "/a").encode() + b"\0"
+
+    def replying(stdout: bytes) -> Endpoint:
+        def run(argv: list[str], **kwargs: object) -> CommandResult:
+            return CommandResult(tuple(argv), 0, stdout, b"", 0.0, 0.1)
+
+        return Endpoint(site.config, generation="g1", run=run)
+
+    _, present = replying(b"motd\n" + framed(body) + b"logout\n").list_slots([s0])
+    assert present == {s0: {"a"}}
+    _, present = replying(framed(body)[:-3]).list_slots([s0])
+    assert present is None
+
+
 def test_list_slots_failure_gives_none(site: Site) -> None:
     def failing(argv: list[str], **kwargs: object) -> CommandResult:
         return CommandResult(tuple(argv), 255, b"", b"ssh: connect: refused", 0.0, 0.1)
@@ -410,8 +430,14 @@ def test_sweep_on_missing_staging_is_harmless(site: Site) -> None:
 # --------------------------------------------------------------------------- pure helpers
 
 
+def framed(body: bytes) -> bytes:
+    """A reply as the scripts write it: begin record, NUL-separated records, end record."""
+    return b"\0" + BEGIN.encode() + b"\0" + body + END.encode() + b"\0"
+
+
 def test_parse_commit_output() -> None:
-    report = parse_commit_output(b"a\0b c\0/\0stray\0")
+    report = parse_commit_output(framed(b"a\0b c\0/\0stray\0"))
+    assert report is not None
     assert report.verified == {"a", "b c"}
     assert report.remaining == {"stray"}
     assert report.committed == {"a", "b c"}
@@ -419,17 +445,32 @@ def test_parse_commit_output() -> None:
 
 def test_parse_commit_output_verified_but_not_moved() -> None:
     """A verified name still in staging (mv failed) is not committed."""
-    report = parse_commit_output(b"a\0b\0/\0b\0")
-    assert report.committed == {"a"}
+    report = parse_commit_output(framed(b"a\0b\0/\0b\0"))
+    assert report is not None and report.committed == {"a"}
 
 
 def test_parse_commit_output_edge_cases() -> None:
-    assert parse_commit_output(b"") == CommitReport()
-    assert parse_commit_output(b"/\0").committed == set()
-    report = parse_commit_output(b"new\nline\0\xff\xfe\0/\0")
-    assert report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
-    # output cut short before the separator: nothing is known to remain
-    assert parse_commit_output(b"a\0").committed == {"a"}
+    assert parse_commit_output(framed(b"")) == CommitReport()
+    report = parse_commit_output(framed(b"/\0"))
+    assert report is not None and report.committed == set()
+    report = parse_commit_output(framed(b"new\nline\0\xff\xfe\0/\0"))
+    assert report is not None and report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
+
+
+def test_parse_commit_output_skips_what_a_login_shell_prints() -> None:
+    """Text from the remote shell's startup (or logout) files around the reply is not a name."""
+    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"a\0b\0/\0") + b"bye\n"
+    report = parse_commit_output(chatty)
+    assert report is not None and report.committed == {"a", "b"}
+
+
+def test_parse_commit_output_cut_short_is_unknown() -> None:
+    """A reply without its end (a dropped connection, a timeout) says nothing was moved or not."""
+    whole = framed(b"a\0b\0/\0stray\0")
+    for cut in range(len(whole) - 1):
+        assert parse_commit_output(whole[:cut]) is None, whole[:cut]
+    assert parse_commit_output(b"") is None
+    assert parse_commit_output(b"a\0/\0") is None  # the unframed format of older versions
 
 
 def test_commit_payload_size_mode() -> None:

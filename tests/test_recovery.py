@@ -8,6 +8,7 @@ there, removes the flag and restarts.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,110 @@ def test_a_file_held_but_not_recorded_is_found_in_holding(tmp_path: Path) -> Non
         ("d/b.fits", "held", "d/b.fits", None),
     ]
     assert "vanished" not in result.stderr
+
+
+def replying_remote(tmp_path: Path, mode: str) -> tuple[str, Path]:
+    """A remote command whose commit reply goes wrong once, while ``flag`` exists.
+
+    ``after``: the script runs, then the connection drops (exit 255, as ssh) and the reply is
+    lost. ``before``: the connection drops before the script runs. ``cut``: the reply stops
+    after a few bytes. ``chatty``: every command's login shell prints text around the reply.
+    """
+    flag = tmp_path / "fault"
+    run = 'sh -c "$1"'
+    fault = {
+        "after": f"{run} >/dev/null; exit 255",
+        "before": "exit 255",
+        "cut": f"{run} | head -c 24; exit 0",
+    }
+    script = tmp_path / "remote"
+    if mode == "chatty":
+        body = f'echo "Welcome to the facility"; {run}; rc=$?; echo "logout"; exit $rc\n'
+    else:
+        commit = 'echo "$1" | grep -q "comm -z"'
+        body = f"if [ -e {flag} ] && {commit}; then rm -f {flag}; {fault[mode]}; fi\nexec {run}\n"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return f"{script} {{command}}", flag
+
+
+@pytest.mark.parametrize("mode", ["after", "before", "cut", "chatty"])
+def test_a_lost_or_garbled_commit_reply_never_delivers_twice(tmp_path: Path, mode: str) -> None:
+    """What the commit did is read from its framed reply or, if that is lost, from a listing of
+    the slot directory: each file reaches the consumer exactly once, and only the files the
+    script did not move are sent again."""
+    site = Site(tmp_path / "site")
+    remote, flag = replying_remote(tmp_path, mode)
+    site.configure(remote=remote, num_threads=1)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    flag.touch()
+    for rel in names:  # before the start: one batch, so that the fault hits all of them
+        site.write(rel, content(rel))
+    daemon = site.start()
+    try:
+        wait_for(lambda: set(site.held()) == set(names), 30, "everything held")
+        wait_for(lambda: set(site.states().values()) == {"held"}, 10, "recorded as held")
+        wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
+    finally:
+        assert daemon.stop() == 0
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+    assert not flag.exists() or mode == "chatty"
+    attempts = {n for (n,) in site.query("select attempts from files")}
+    output = daemon.output()
+    if mode == "before":
+        assert attempts == {2}  # nothing was moved: sent again
+    else:
+        assert attempts == {1}  # moved by the first commit: never sent again
+    if mode == "chatty":
+        assert "reply was lost" not in output and "failed" not in output
+    else:
+        assert output.count("the commit's reply was lost") == 1, output
+        outcomes = site.query("select outcome, count(*) from attempts group by outcome order by 1")
+        assert ("unknown", len(names)) in outcomes
+    assert "Traceback" not in output
+
+
+def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path: Path) -> None:
+    """The listing runs off the loop: while it hangs, new files still go out through the other
+    slot, SIGTERM still stops the daemon at once, and nothing is sent twice."""
+    site = Site(tmp_path / "site")
+    lost, hang, hanging = tmp_path / "lose-reply", tmp_path / "hang-listing", tmp_path / "hanging"
+    script = tmp_path / "remote"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e {lost} ] && echo "$1" | grep -q "comm -z"; then rm -f {lost}; sh -c "$1" >/dev/null; '
+        "exit 255; fi\n"
+        f'if [ -e {hang} ] && echo "$1" | grep -q "for d; do"; then touch {hanging}; sleep 60; fi\n'
+        'exec sh -c "$1"\n'
+    )
+    script.chmod(0o755)
+    site.configure(remote=f"{script} {{command}}", num_threads=2)
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    lost.touch()
+    hang.touch()
+    site.write("a/first.fits", content("a/first.fits"))
+    daemon = site.start()
+    try:
+        wait_for(lambda: "the commit's reply was lost" in daemon.output(), 20, "the lost reply")
+        wait_for(lambda: "a/first.fits" in consumer.arrivals, 10, "the first copy at the endpoint")
+        wait_for(hanging.exists, 10, "the listing to hang")
+        site.write("b/second.fits", content("b/second.fits"))
+        wait_for(lambda: site.states().get("b/second.fits") == "held", 20, "delivery meanwhile")
+        assert site.states()["a/first.fits"] == "committing"
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 10
+        hang.unlink()
+        daemon = site.start()
+        wait_for(lambda: site.states().get("a/first.fits") == "held", 20, "resolved after restart")
+        assert daemon.stop() == 0
+    finally:
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert sorted(consumer.arrivals) == ["a/first.fits", "b/second.fits"] and not consumer.bad
+    assert site.held() == {"a/first.fits": content("a/first.fits"), "b/second.fits": content("b/second.fits")}

@@ -8,8 +8,8 @@ The endpoint is local, reached through wrapper commands that can play an outage 
 ssh does) while a flag file exists; a remote command during which an outage begins loses its
 reply after doing its work, as over a connection that drops mid-commit. A consumer ingests
 and removes each file the instant it appears, as the endpoint manager does, checking every
-byte. Faults, at random moments: kill -9 of the daemon's whole session (then a restart), and
-outages of random length.
+byte. Faults, at random moments: kill -9 of the daemon's whole session (then a restart),
+outages of random length, and a commit that does its work and then loses its reply.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> int:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="hdfmgr-soak-"))
     site = Site(root)
     down = root / "endpoint-down"
+    drop = root / "drop-next-commit-reply"
     wrapper = root / "endpoint-cmd"
     wrapper.write_text(
         "#!/bin/sh\n"
@@ -73,6 +74,8 @@ def main() -> int:
         "exit 255; fi\n"
         # An outage that begins while a remote command runs drops its reply: the script did
         # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
+        f'if [ "$1" = --remote ] && [ -e {drop} ] && echo "$2" | grep -q "comm -z"; then\n'
+        f'  rm -f {drop}; sh -c "$2" >/dev/null; echo "ssh: connection reset" >&2; exit 255; fi\n'
         'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
         f"  if [ -e {down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"
         '  cat "$out"; rm -f "$out"; exit $rc; fi\n'
@@ -109,7 +112,7 @@ def main() -> int:
     flow.start()
     try:
         deadline = time.monotonic() + args.minutes * 60
-        kills = outages = 0
+        kills = outages = drops = 0
         outage_seconds = 0.0
         events: list[str] = []
         fault_rng = random.Random(args.seed + 1)
@@ -117,7 +120,12 @@ def main() -> int:
             stop.wait(fault_rng.uniform(5, 25))
             if time.monotonic() >= deadline:
                 break
-            if fault_rng.random() < 0.6:
+            roll = fault_rng.random()
+            if roll < 0.15:
+                drop.touch()  # the next commit does its work and loses its reply
+                drops += 1
+                events.append(f"{time.strftime('%H:%M:%S')} commit reply dropped")
+            elif roll < 0.6:
                 daemon.kill()
                 kills += 1
                 events.append(f"{time.strftime('%H:%M:%S')} kill -9")
@@ -169,6 +177,7 @@ def main() -> int:
         "db_states": states,
         "db_attempts_total_max": attempts,
         "batches": batches,
+        "commit_replies_dropped": drops,
         "commit_replies_lost": lost,
         "staging_files_left": len(staged_left),
         "drain_seconds_after_flow": round(drain, 1),

@@ -158,7 +158,7 @@ class Pipeline:
         self.suspended_slots: dict[str, int] = {}
         self.listing = False  # a listing of those slot directories is running
         self.listing_pid: int | None = None  # its process group, ended at shutdown
-        self.listing_failed = False  # the last listing failed (said once per episode)
+        self.listing_failures = 0  # listings failed in a row (said once, retried with backoff)
         self.warned: set[str] = set()
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
@@ -877,6 +877,7 @@ class Pipeline:
         now = time.monotonic()
         self.retry_heap = [(min(due, now), rel) for due, rel in self.retry_heap]
         heapq.heapify(self.retry_heap)
+        self.next_recovery = min(self.next_recovery, now)  # and staging is listed at once
 
     def _hold_committed(self, rels: list[str]) -> None:
         """Move delivered files to holding and record it (one transaction for the lot)."""
@@ -996,16 +997,22 @@ class Pipeline:
         self.listing = False
         waiting = sum(len(self.unrecovered.get(d, ())) for d in dirs)
         if present is None:
-            self.next_recovery = time.monotonic() + self.cfg.retry_initial
+            self.listing_failures += 1
+            delay = backoff(
+                self.listing_failures,
+                initial=self.cfg.retry_initial,
+                maximum=self.cfg.retry_max,
+                jitter=self.rng.random(),
+            )
+            self.next_recovery = time.monotonic() + delay
             log.log(
-                logging.DEBUG if self.listing_failed else logging.WARNING,
+                logging.WARNING if self.listing_failures == 1 else logging.DEBUG,
                 "cannot check staging for %d file(s) whose commit may have run (%s); will retry",
                 waiting,
                 result.describe(),
             )
-            self.listing_failed = True
             return
-        self.listing_failed = False
+        self.listing_failures = 0
         resend: list[str] = []
         moved: list[str] = []
         for staging_dir in dirs:

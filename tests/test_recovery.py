@@ -93,7 +93,13 @@ def test_committing_files_wait_while_the_endpoint_cannot_be_asked(tmp_path: Path
         down.touch()
         daemon = site.start()
         try:
-            wait_for(lambda: "cannot check staging" in daemon.output(), 20, "a deferred recovery")
+
+            def said() -> list[str]:
+                return [line for line in daemon.output().splitlines() if "cannot check staging" in line]
+
+            # Asked again and again (with backoff), said once at WARNING.
+            wait_for(lambda: len(said()) >= 3, 20, "a deferred recovery, retried")
+            assert sum(" WARNING " in line for line in said()) == 1, said()
             assert site.states()["x.fits"] == "committing"
             down.unlink()
             wait_for(lambda: site.states().get("x.fits") == "held", 20, "recovery once reachable")

@@ -1031,6 +1031,9 @@ class Pipeline:
             for rel in resend:
                 self._enqueue(rel, self.known[rel])
         if moved:
+            # Delivered, and first known to be now: counted in this run's totals.
+            self.counters.delivered += len(moved)
+            self.counters.bytes += sum(self.known[rel].size for rel in moved)
             self._set_state(moved, State.COMMITTED, error=None)
             self._hold_committed(moved)
         log.warning(

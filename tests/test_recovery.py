@@ -195,6 +195,7 @@ def test_a_lost_or_garbled_commit_reply_never_delivers_twice(tmp_path: Path, mod
         consumer.join(5)
     assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
     assert not flag.exists() or mode == "chatty"
+    assert f"stopped: {len(names)} files delivered" in daemon.output()  # however it was learnt
     attempts = {n for (n,) in site.query("select attempts from files")}
     output = daemon.output()
     if mode == "before":

@@ -128,6 +128,24 @@ def test_scp_batch_watch_delivers_mixed_set(site: Site, sshd: SshServer, big_dat
     assert site.query("select max(files) from batches")[0][0] > 1
 
 
+def test_a_chatty_login_shell_does_not_garble_the_commit(site: Site, sshd: SshServer) -> None:
+    """Text the endpoint's login shell prints around every remote command (a banner, a module
+    system) is skipped: each file is committed once, none is taken for unverified or resent."""
+    remote = REMOTE.replace('"{command}"', '"echo Welcome; {command}; echo logout"')
+    site.configure(transfer="cp {batch} {dest}", remote=remote, params=params(sshd))
+    files = mixed_set(b"big" * 1000)
+    daemon = site.start()
+    try:
+        site.write_many(files)
+        wait_for(lambda: site.held() == files, 60, "every file delivered and held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert_delivered(site, files, sshd)
+    outcomes = site.query("select outcome, count(*) from attempts group by outcome")
+    assert outcomes == [("committed", len(files))]
+    assert "reply was lost" not in daemon.output()
+
+
 def test_rsync_batch_delivers_mixed_set(site: Site, sshd: SshServer, big_data: bytes) -> None:
     site.configure(transfer=RSYNC, remote=REMOTE, params=params(sshd))
     files = mixed_set(big_data)

@@ -223,20 +223,18 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             waiting_bytes=waiting_bytes,
         )
 
-    pipelines: list[Pipeline] = []
-
     def make() -> Pipeline:
         pipeline = Pipeline(config, once=once, stop=stop)
         if progress is not None:
             pipeline.on_progress = show
         pipeline.on_breaker = on_breaker
-        pipelines[:] = [pipeline]
         return pipeline
 
     location = database_location(config)
     try:
         if once:
-            outcome = make().run()
+            pipeline = make()
+            outcome = pipeline.run()
         else:
             outcome = watch(make, stop, location=location, initial=min(config.retry_initial, 5.0))
     except LockBusy as busy:
@@ -259,7 +257,6 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     if progress is not None:
         progress.finish()
     if once:
-        pipeline = pipelines[0]
         undelivered = pipeline._undelivered()
         print(
             f"rescan: {pipeline.counters.delivered} delivered ({pipeline.counters.bytes / 1e6:.1f} MB), "

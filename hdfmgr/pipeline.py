@@ -157,13 +157,13 @@ class Pipeline:
         #: Slots whose commit reply was lost, by slot directory: back in use once it is listed.
         self.suspended_slots: dict[str, int] = {}
         self.listing = False  # a listing of those slot directories is running
-        self.listing_pid: int | None = None  # its process group, ended at shutdown
         self.listing_failures = 0  # listings failed in a row (said once, retried with backoff)
         self.warned: set[str] = set()
         self.rng = random.Random()
         self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
         self.sweeping = False  # a sweep of old staging directories is running
-        self.sweep_pid: int | None = None  # its process group, ended at shutdown
+        #: Process groups of the remote commands run off the loop, killed at shutdown.
+        self.background_pids: set[int] = set()
         self.preparing = False  # ... and it creates the slot directories: no dispatch yet
         #: Files checked and registered per pass of the loop: enough to fill every slot.
         self.promote_slice = max(256, config.chunk_size * config.num_threads)
@@ -236,9 +236,7 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         self.closing = True
-        for pid in (self.sweep_pid, self.listing_pid):
-            if pid is None:
-                continue
+        for pid in list(self.background_pids):
             # Read-only or housekeeping: a sweep or listing still running (a hung endpoint)
             # must not outlive us.
             try:
@@ -983,15 +981,10 @@ class Pipeline:
         self.listing = True
         dirs = sorted(self.unrecovered)
 
-        def started(pid: int) -> None:
-            self.listing_pid = pid
+        def listing(started: Callable[[int], None]) -> tuple[Any, ...]:
+            return ("listed", dirs, *self.endpoint.list_slots(dirs, on_start=started))
 
-        def listing() -> None:
-            result, present = self.endpoint.list_slots(dirs, on_start=started)
-            self.listing_pid = None
-            self.queue.put(("listed", dirs, result, present))
-
-        threading.Thread(target=listing, name="hdfmgr-list", daemon=True).start()
+        self._in_background("hdfmgr-list", listing)
 
     def _on_listed(self, dirs: list[str], result: CommandResult, present: dict[str, set[str]] | None) -> None:
         self.listing = False
@@ -1061,15 +1054,31 @@ class Pipeline:
         self.sweeping = True
         self.preparing = prepare
 
+        def sweep(started: Callable[[int], None]) -> tuple[Any, ...]:
+            return ("swept", len(slots), self.endpoint.sweep(slots, on_start=started))
+
+        self._in_background("hdfmgr-sweep", sweep)
+
+    def _in_background(self, name: str, command: Callable[[Callable[[int], None]], tuple[Any, ...]]) -> None:
+        """Run a remote command off the loop, on a thread; its answer comes back on the queue.
+
+        ``command`` gets the callback that records its process group, so that shutdown can
+        kill it (a hung endpoint must not outlive the daemon).
+        """
+        pids: list[int] = []
+
         def started(pid: int) -> None:
-            self.sweep_pid = pid
+            pids.append(pid)
+            self.background_pids.add(pid)
 
-        def sweep() -> None:
-            result = self.endpoint.sweep(slots, on_start=started)
-            self.sweep_pid = None
-            self.queue.put(("swept", len(slots), result))
+        def run() -> None:
+            try:
+                message = command(started)
+            finally:
+                self.background_pids.difference_update(pids)
+            self.queue.put(message)
 
-        threading.Thread(target=sweep, name="hdfmgr-sweep", daemon=True).start()
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     def _on_swept(self, prepared: int, result: CommandResult) -> None:
         self.sweeping = self.preparing = False

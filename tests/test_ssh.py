@@ -94,6 +94,17 @@ def assert_delivered(site: Site, files: dict[str, bytes], sshd: SshServer) -> No
     assert_nothing_ran(site.root, sshd.workdir)
 
 
+def watch_until_held(site: Site, files: dict[str, bytes]) -> str:
+    """Start the watcher, write ``files``, wait until all are held, stop it; its output."""
+    daemon = site.start()
+    try:
+        site.write_many(files)
+        wait_for(lambda: site.held() == files, 60, "every file delivered and held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    return daemon.output()
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -117,12 +128,7 @@ def test_scp_batch_watch_delivers_mixed_set(site: Site, sshd: SshServer, big_dat
     """``{batch}`` scp under the watching daemon: one scp per batch, files arriving while it runs."""
     site.configure(transfer=SCP_BATCH, remote=REMOTE, params=params(sshd))
     files = mixed_set(big_data)
-    daemon = site.start()
-    try:
-        site.write_many(files)
-        wait_for(lambda: site.held() == files, 60, "every file delivered and held")
-    finally:
-        assert daemon.stop() == 0, daemon.output()
+    watch_until_held(site, files)
     assert_delivered(site, files, sshd)
     # Batches carried several files each: the transfers were batched.
     assert site.query("select max(files) from batches")[0][0] > 1
@@ -134,16 +140,11 @@ def test_a_chatty_login_shell_does_not_garble_the_commit(site: Site, sshd: SshSe
     remote = REMOTE.replace('"{command}"', '"echo Welcome; {command}; echo logout"')
     site.configure(transfer="cp {batch} {dest}", remote=remote, params=params(sshd))
     files = mixed_set(b"big" * 1000)
-    daemon = site.start()
-    try:
-        site.write_many(files)
-        wait_for(lambda: site.held() == files, 60, "every file delivered and held")
-    finally:
-        assert daemon.stop() == 0, daemon.output()
+    output = watch_until_held(site, files)
     assert_delivered(site, files, sshd)
     outcomes = site.query("select outcome, count(*) from attempts group by outcome")
     assert outcomes == [("committed", len(files))]
-    assert "reply was lost" not in daemon.output()
+    assert "reply was lost" not in output
 
 
 def test_rsync_batch_delivers_mixed_set(site: Site, sshd: SshServer, big_data: bytes) -> None:

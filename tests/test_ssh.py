@@ -94,12 +94,12 @@ def assert_delivered(site: Site, files: dict[str, bytes], sshd: SshServer) -> No
     assert_nothing_ran(site.root, sshd.workdir)
 
 
-def watch_until_held(site: Site, files: dict[str, bytes]) -> str:
+def watch_until_held(site: Site, files: dict[str, bytes], timeout: float = 60) -> str:
     """Start the watcher, write ``files``, wait until all are held, stop it; its output."""
     daemon = site.start()
     try:
         site.write_many(files)
-        wait_for(lambda: site.held() == files, 60, "every file delivered and held")
+        wait_for(lambda: site.held() == files, timeout, "every file delivered and held")
     finally:
         assert daemon.stop() == 0, daemon.output()
     return daemon.output()
@@ -248,12 +248,7 @@ def test_watcher_retries_a_corrupted_transfer(site: Site, sshd: SshServer) -> No
     """The same under the daemon: the retry (after backoff) delivers the right bytes."""
     flag = corrupting_site(site, sshd)
     files = {"victim.fits": os.urandom(100_000), "fine.fits": os.urandom(1000)}
-    daemon = site.start()
-    try:
-        site.write_many(files)
-        wait_for(lambda: site.held() == files, 30, "delivery after the retry")
-    finally:
-        assert daemon.stop() == 0, daemon.output()
+    watch_until_held(site, files, timeout=30)
     assert flag.exists()
     assert_delivered(site, files, sshd)
     rows = site.query(

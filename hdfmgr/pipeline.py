@@ -188,8 +188,10 @@ class Pipeline:
         #: Called once, after the first transaction this run commits (the supervisor's sign
         #: that a database failure is over).
         self.on_written: Callable[[], None] | None = None
-        #: The 'started' line at DEBUG: a restart after a database failure is not news.
+        #: The 'started' line at DEBUG: a restart after a database failure is not news once
+        #: an earlier run has logged it (the supervisor reads ``announced``).
         self.quiet_start = False
+        self.announced = False  # the 'started:' line was logged (at whatever level)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,6 +229,7 @@ class Pipeline:
                 self.cfg.num_threads,
                 len(self.ready) + len(self.tracker),
             )
+            self.announced = True
             sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
         except dbm.errors() as exc:

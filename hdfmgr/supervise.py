@@ -40,15 +40,17 @@ def watch(
     ends a pause. A failure while stopping is raised: the operator asked the daemon to go.
     """
     failing_since: float | None = None
+    announced = False  # a 'started:' line is in the log: restarts need not repeat it
     pause = initial
     while True:
         pipeline = make()
         if failing_since is not None:
-            pipeline.quiet_start = True
+            pipeline.quiet_start = announced
             pipeline.on_written = _announce_back(location, failing_since)
         try:
             return pipeline.run()
         except DatabaseFailure as exc:
+            announced = announced or pipeline.announced
             if stop.is_set():
                 raise
             if failing_since is None or pipeline.on_written is None:

@@ -168,7 +168,7 @@ class Site:
             cwd=self.root,
         )
 
-    def start(self, *, env: dict[str, str] | None = None, command: str = "run") -> Daemon:
+    def start(self, *, env: dict[str, str] | None = None, command: str = "run", wait: bool = True) -> Daemon:
         log = open(self.root / f"daemon-{time.monotonic_ns()}.log", "w+b")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "hdfmgr", command, str(self.config_path)],
@@ -180,6 +180,8 @@ class Site:
         )
         daemon = Daemon(proc, log)
         STARTED.append(daemon)
+        if not wait:
+            return daemon
         wait_for(lambda: daemon.started() or proc.poll() is not None, 30, "daemon start")
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited early ({proc.returncode}):\n{daemon.output()}")

@@ -200,6 +200,30 @@ def test_database_lock_held_past_the_timeout_pauses_then_resumes(site: Site) -> 
     assert daemon.stop() == 0
 
 
+def test_a_database_locked_at_start_up_delays_the_started_line_but_not_forever(site: Site) -> None:
+    """The first pipeline fails before it could say 'started:'; the one that starts says it."""
+    site.configure(database={"timeout": 0.2})
+    site.hdfmgr("initdb", str(site.config_path))
+    site.write("early.fits", b"e")
+    conn = sqlite3.connect(site.db_path, timeout=5, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        daemon = site.start(wait=False)
+        wait_for(lambda: "database is locked; delivery paused" in daemon.output(), 20, "the failure")
+        assert daemon.proc.poll() is None
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    try:
+        wait_for(lambda: "INFO hdfmgr: started:" in daemon.output(), 20, "the started line, at INFO")
+        wait_for(lambda: site.held() == {"early.fits": b"e"}, 20, "delivery")
+    finally:
+        assert daemon.stop() == 0
+    output = daemon.output()
+    assert output.count("INFO hdfmgr: started:") == 1 and output.count("delivery paused") == 1, output
+    assert "Traceback" not in output
+
+
 def test_database_disk_full_then_space_freed(site: Site, tmpfs: Path) -> None:
     """A real ENOSPC under the database: nothing is lost or sent twice, one line, and every
     file is delivered and recorded once space is back."""

@@ -14,15 +14,20 @@ from hdfmgr.supervise import watch
 
 
 class FakePipeline:
-    """Runs one scripted step: 'fail', 'write-fail' (writes, then fails) or 'stop'."""
+    """Runs one scripted step: 'fail' (after its 'started:' line), 'fail-early' (before it),
+    'write-fail' (writes, then fails) or 'stop'."""
 
     def __init__(self, step: str, stop: threading.Event) -> None:
         self.step = step
         self.stop = stop
         self.quiet_start = False
         self.on_written: Callable[[], None] | None = None
+        self.announced = False
 
     def run(self) -> Outcome:
+        if self.step == "fail-early":
+            raise DatabaseFailure("unable to open database file")
+        self.announced = True
         if self.step == "write-fail":
             if self.on_written is not None:
                 written, self.on_written = self.on_written, None
@@ -66,6 +71,13 @@ def test_one_line_per_episode_and_a_line_when_writes_succeed(caplog: pytest.LogC
     assert len(still) == 3 and all(r.levelno == logging.DEBUG for r in still)
     # Restarts during an episode start quietly and report the first write.
     assert [p.quiet_start for p in made] == [False, True, True, True, True, True]
+
+
+def test_a_restart_announces_itself_until_one_pipeline_has() -> None:
+    # A database failing before the first 'started:' line (a full disk at start-up): the
+    # operator still gets one 'started:' line at INFO, from the first pipeline that starts.
+    _, made = supervise(["fail-early", "fail-early", "fail", "ok"])
+    assert [p.quiet_start for p in made] == [False, False, False, True]
 
 
 def test_a_stop_during_the_pause_ends_the_watch() -> None:

@@ -2,14 +2,19 @@
 
 Not part of the test suite. Usage (through the wrapper, which sets up the virtualenv)::
 
-    scripts/soak --minutes 10 [--rate 20] [--seed 1] [--workdir DIR]
+    scripts/soak --minutes 10 [--rate 20] [--seed 1] [--workdir DIR] [--ssh]
 
-The endpoint is local, reached through wrapper commands that can play an outage (exit 255 as
-ssh does) while a flag file exists; a remote command during which an outage begins loses its
-reply after doing its work, as over a connection that drops mid-commit. A consumer ingests
-and removes each file the instant it appears, as the endpoint manager does, checking every
-byte. Faults, at random moments: kill -9 of the daemon's whole session (then a restart),
-outages of random length, and a commit that does its work and then loses its reply.
+By default the endpoint is local, reached through wrapper commands that can play an outage
+(exit 255 as ssh does) while a flag file exists; a remote command during which an outage
+begins loses its reply after doing its work, as over a connection that drops mid-commit.
+With ``--ssh`` the endpoint is a real sshd on 127.0.0.1, reached with rsync over one shared
+connection (the recommended transport): an outage stops sshd and starts it again on the same
+port, and a dropped connection kills sshd's connection processes, whatever they were doing (a
+transfer, a commit whose reply is then lost, the shared master's session).
+
+A consumer ingests and removes each file the instant it appears, as the endpoint manager does,
+checking every byte. Faults, at random moments: kill -9 of the daemon's whole session (then a
+restart), outages of random length, and dropped replies or connections.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import collections
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.site import Consumer, Site, content, wait_for
+from tests.ssh_templates import REMOTE_SHARED, RSYNC_SHARED, params
+from tests.sshd_fixture import SshServer, drop_connections, restart_sshd, start_sshd
 
 NAME_PARTS = ["img", "flat field", "bias'q", 'dark"x', "$(x)", "-lead", "tab\tx", "ü", "semi;c"]
 
@@ -51,6 +59,91 @@ def write_file(site: Site, rel: str, rng: random.Random) -> None:
 
 EXPECTED: dict[str, bytes] = {}
 
+#: Daemon settings of every soak: small batches and quick retries, so that faults land often.
+GENERAL = {
+    "chunk_size": 50,
+    "retry_initial": 0.5,
+    "retry_max": 5.0,
+    "breaker_threshold": 3,
+    "timeout": 30,
+}
+
+
+class LocalEndpoint:
+    """A local endpoint behind a wrapper command that plays outages and dropped replies."""
+
+    def __init__(self, site: Site) -> None:
+        root = site.root
+        self.down = root / "endpoint-down"
+        self.drop = root / "drop-next-commit-reply"
+        wrapper = root / "endpoint-cmd"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"if [ -e {self.down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
+            "exit 255; fi\n"
+            # An outage that begins while a remote command runs drops its reply: the script did
+            # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
+            f'if [ "$1" = --remote ] && [ -e {self.drop} ] && echo "$2" | grep -q "comm -z"; then\n'
+            f'  rm -f {self.drop}; sh -c "$2" >/dev/null; echo "ssh: connection reset" >&2; exit 255; fi\n'
+            'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
+            f"  if [ -e {self.down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"
+            '  cat "$out"; rm -f "$out"; exit $rc; fi\n'
+            'exec cp "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        site.configure(
+            transfer=f"{wrapper} {{batch}} {{dest}}",
+            remote=f"{wrapper} --remote {{command}}",
+            logging={"level": "INFO"},
+            **GENERAL,
+        )
+
+    def drop_reply(self) -> str:
+        self.drop.touch()  # the next commit does its work and loses its reply
+        return "commit reply dropped"
+
+    def go_down(self) -> None:
+        self.down.touch()
+
+    def come_back(self) -> None:
+        self.down.unlink()
+
+    def close(self) -> None:
+        pass
+
+
+class SshEndpoint:
+    """The same directories behind a real loopback sshd, reached with rsync over one shared
+    connection; faults are done to sshd itself."""
+
+    def __init__(self, site: Site) -> None:
+        workdir = site.root / "sshd"
+        workdir.mkdir()
+        self.server: SshServer = start_sshd(workdir)
+        self.cpath = f"{workdir}/cm-%C"
+        site.configure(
+            transfer=RSYNC_SHARED,
+            remote=REMOTE_SHARED,
+            params=params(self.server, cpath=self.cpath),
+            logging={"level": "INFO"},
+            **GENERAL,
+        )
+
+    def drop_reply(self) -> str:
+        return f"connections dropped ({drop_connections(self.server)} sshd processes killed)"
+
+    def go_down(self) -> None:
+        self.server.stop()  # the shared master's connection goes with it
+
+    def come_back(self) -> None:
+        self.server = restart_sshd(self.server)
+
+    def close(self) -> None:
+        # The master outlives the daemon (ControlPersist); end it, then sshd.
+        argv = ["ssh", "-F", "/dev/null", "-o", f"ControlPath={self.cpath}", "-O", "exit"]
+        subprocess.run([*argv, "-p", str(self.server.port), self.server.destination], capture_output=True)
+        self.server.stop()
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(
@@ -61,38 +154,28 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory after a pass")
+    parser.add_argument("--ssh", action="store_true", help="a real sshd on 127.0.0.1, rsync, one connection")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="hdfmgr-soak-"))
     site = Site(root)
-    down = root / "endpoint-down"
-    drop = root / "drop-next-commit-reply"
-    wrapper = root / "endpoint-cmd"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"if [ -e {down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
-        "exit 255; fi\n"
-        # An outage that begins while a remote command runs drops its reply: the script did
-        # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
-        f'if [ "$1" = --remote ] && [ -e {drop} ] && echo "$2" | grep -q "comm -z"; then\n'
-        f'  rm -f {drop}; sh -c "$2" >/dev/null; echo "ssh: connection reset" >&2; exit 255; fi\n'
-        'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
-        f"  if [ -e {down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"
-        '  cat "$out"; rm -f "$out"; exit $rc; fi\n'
-        'exec cp "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    site.configure(
-        transfer=f"{wrapper} {{batch}} {{dest}}",
-        remote=f"{wrapper} --remote {{command}}",
-        chunk_size=50,
-        retry_initial=0.5,
-        retry_max=5.0,
-        breaker_threshold=3,
-        timeout=30,
-        logging={"level": "INFO"},
-    )
+    endpoint = SshEndpoint(site) if args.ssh else LocalEndpoint(site)
+    try:
+        ok = soak(args, rng, root, site, endpoint)
+    finally:
+        endpoint.close()
+    if ok and not args.keep and args.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok else 1
 
+
+def soak(
+    args: argparse.Namespace,
+    rng: random.Random,
+    root: Path,
+    site: Site,
+    endpoint: LocalEndpoint | SshEndpoint,
+) -> bool:
     consumer = Consumer(site.ep_buffer, expect=EXPECTED.get)
     consumer.start()
     stop = threading.Event()
@@ -122,9 +205,8 @@ def main() -> int:
                 break
             roll = fault_rng.random()
             if roll < 0.15:
-                drop.touch()  # the next commit does its work and loses its reply
                 drops += 1
-                events.append(f"{time.strftime('%H:%M:%S')} commit reply dropped")
+                events.append(f"{time.strftime('%H:%M:%S')} {endpoint.drop_reply()}")
             elif roll < 0.6:
                 daemon.kill()
                 kills += 1
@@ -132,12 +214,12 @@ def main() -> int:
                 daemon = site.start()
             else:
                 length = fault_rng.uniform(2, 20)
-                down.touch()
+                endpoint.go_down()
                 outages += 1
                 outage_seconds += length
                 events.append(f"{time.strftime('%H:%M:%S')} outage {length:.0f} s")
                 stop.wait(length)
-                down.unlink()
+                endpoint.come_back()
         stop.set()
         flow.join(10)
         drain_started = time.monotonic()
@@ -161,6 +243,7 @@ def main() -> int:
     batches = dict(site.query("select status, count(*) from batches group by status"))
     lost = site.query("select count(distinct batch_id) from attempts where outcome = 'unknown'")[0][0]
     result = {
+        "endpoint": "ssh" if args.ssh else "local",
         "minutes": args.minutes,
         "files_written": len(written),
         "bytes_written": sum(len(EXPECTED[r]) for r in written),
@@ -177,7 +260,7 @@ def main() -> int:
         "db_states": states,
         "db_attempts_total_max": attempts,
         "batches": batches,
-        "commit_replies_dropped": drops,
+        ("connections_dropped" if args.ssh else "commit_replies_dropped"): drops,
         "commit_replies_lost": lost,
         "staging_files_left": len(staged_left),
         "drain_seconds_after_flow": round(drain, 1),
@@ -197,9 +280,7 @@ def main() -> int:
     result["invariants"] = "PASS" if ok else "FAIL"
     print("\n".join(events))
     print(json.dumps(result, indent=2))
-    if ok and not args.keep and args.workdir is None:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

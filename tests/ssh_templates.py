@@ -22,6 +22,10 @@ REMOTE = "ssh -p {port} -i {key} " + SSH_OPTS + ' {user}@{host} "{command}"'
 #: Connection sharing, as in etc/config.yaml: the first command starts a master that the
 #: following ones reuse; {cpath} is the control socket path.
 SHARE = "-o ControlMaster=auto -o ControlPath={cpath} -o ControlPersist=60"
+RSYNC_SHARED = (
+    'rsync -a -e "ssh -p {port} -i {key} ' + SSH_OPTS + " " + SHARE + '" {batch} {user}@{host}:{dest}'
+)
+REMOTE_SHARED = "ssh -p {port} -i {key} " + SSH_OPTS + " " + SHARE + ' {user}@{host} "{command}"'
 
 
 def params(sshd: SshServer, **extra: object) -> dict[str, object]:

@@ -141,13 +141,16 @@ class SshServer:
         return shlex.join(argv)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate sshd (SIGTERM, then SIGKILL) and release the log file.
+        """Terminate sshd and its connections (SIGTERM, then SIGKILL); release the log file.
 
         sshd runs in its own process group so that per-connection children
         left over from a test are taken down with it.  Safe to call twice.
         """
         proc = self.process
         if proc is not None and proc.poll() is None:
+            # Each connection has a session of its own: without this, connections (a shared
+            # master's included) would outlive the listener.
+            drop_connections(self)
             _signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout)
@@ -392,6 +395,61 @@ def start_sshd(workdir: str | os.PathLike[str]) -> SshServer:
     raise SshdStartError(
         f"sshd could not bind a port after {PORT_ATTEMPTS} attempts:\n" + "\n".join(failures)
     )
+
+
+def restart_sshd(server: SshServer) -> SshServer:
+    """Start sshd again after ``server.stop()``: same port, keys and client settings.
+
+    For outages (``scripts/soak --ssh``): clients that pinned the host key and port reconnect
+    as to a server that came back. Raises SshdStartError if it does not accept a login.
+    """
+    sshd_bin = _find_binary("sshd", _SBIN_SEARCH_PATH)
+    again = _launch(sshd_bin, server.workdir, server.port, server.user, server.key)
+    try:
+        _wait_ready(again)
+    except BaseException:
+        again.stop()
+        raise
+    return again
+
+
+def drop_connections(server: SshServer) -> int:
+    """Kill every sshd process of ``server`` but the listener: each connection drops at once,
+    as over a network fault, and new ones are accepted. Returns how many were killed.
+
+    sshd gives each connection a session of its own, so its processes are found as the
+    listener's descendants named sshd (``sshd-session`` since OpenSSH 9.8). The commands they
+    ran are left alone, as a network fault would: a reply they write after the drop goes
+    nowhere.
+    """
+    if server.process is None:
+        return 0
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                text = f.read()
+        except OSError:
+            continue
+        names[int(entry)] = text[text.index(b"(") + 1 : text.rindex(b")")].decode(errors="replace")
+        parents[int(entry)] = int(text.rsplit(b")", 1)[1].split()[1])
+    ours = {server.process.pid}
+    grew = True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in ours and names[pid].startswith("sshd")}
+        grew = not found <= ours
+        ours |= found
+    killed = 0
+    for pid in ours - {server.process.pid}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    return killed
 
 
 @pytest.fixture(scope="session")

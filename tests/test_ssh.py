@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hdfmgr import config as config_mod
 from hdfmgr.endpoint import Endpoint, StagedFile
 from tests.site import HOSTILE_NAMES, Site, wait_for
-from tests.ssh_templates import REMOTE, RSYNC, SCP_BATCH, SCP_EACH, SHARE, SSH_OPTS, params
+from tests.ssh_templates import REMOTE, REMOTE_SHARED, RSYNC, SCP_BATCH, SCP_EACH, SHARE, SSH_OPTS, params
 from tests.sshd_fixture import SshServer
 
 BIG = 50 * 1024 * 1024
@@ -328,7 +328,7 @@ def shared_endpoint(sshd: SshServer, tmp_path_factory: pytest.TempPathFactory) -
     cdir = Path(tempfile.mkdtemp(prefix="hdfcm-", dir="/tmp"))
     site.configure(
         transfer=SCP_BATCH,
-        remote=f'ssh -p {{port}} -i {{key}} {SSH_OPTS} {SHARE} {{user}}@{{host}} "{{command}}"',
+        remote=REMOTE_SHARED,
         params=params(sshd, cpath=f"{cdir}/%C"),
     )
     try:
@@ -480,7 +480,7 @@ def test_connection_sharing_reuses_a_master_and_survives_its_death(
     socket_path = control_dir / f"cm-{sshd.user}@{sshd.host}:{sshd.port}"
     site.configure(
         transfer=f"scp -Bpq -P {{port}} -i {{key}} {SSH_OPTS} {SHARE} {{batch}} {{user}}@{{host}}:{{dest}}",
-        remote=f'ssh -p {{port}} -i {{key}} {SSH_OPTS} {SHARE} {{user}}@{{host}} "{{command}}"',
+        remote=REMOTE_SHARED,
         params=params(sshd, cpath=cpath),
     )
     expected: dict[str, bytes] = {}

@@ -143,13 +143,12 @@ class SshServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate sshd and its connections (SIGTERM, then SIGKILL); release the log file.
 
-        sshd runs in its own process group so that per-connection children
-        left over from a test are taken down with it.  Safe to call twice.
+        sshd runs in its own process group, taken down with it; each connection
+        runs in a session of its own, so those are killed first (a shared master's
+        connection would otherwise outlive the listener).  Safe to call twice.
         """
         proc = self.process
         if proc is not None and proc.poll() is None:
-            # Each connection has a session of its own: without this, connections (a shared
-            # master's included) would outlive the listener.
             drop_connections(self)
             _signal_group(proc, signal.SIGTERM)
             try:

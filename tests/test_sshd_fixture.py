@@ -7,10 +7,11 @@ tests: if these fail, transfer failures elsewhere are not hdfmgr's fault.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 from pathlib import Path
 
-from tests.sshd_fixture import SshServer
+from tests.sshd_fixture import SshServer, drop_connections, restart_sshd, start_sshd
 
 TIMEOUT = 30
 
@@ -76,3 +77,38 @@ def test_foreign_key_is_rejected(sshd: SshServer, tmp_path: Path) -> None:
 
     assert result.returncode == 255
     assert b"Permission denied" in result.stderr
+
+
+def _connected(server: SshServer) -> subprocess.Popen[bytes]:
+    """A client whose remote command is running: it said 'up' and waits on its input."""
+    pipe = subprocess.PIPE
+    client = subprocess.Popen(server.ssh_argv("echo up; read x"), stdin=pipe, stdout=pipe, stderr=pipe)
+    assert client.stdout is not None
+    ready, _, _ = select.select([client.stdout], [], [], TIMEOUT)
+    assert ready and client.stdout.readline() == b"up\n", "the remote command did not start"
+    return client
+
+
+def test_dropped_connections_and_a_restart_on_the_same_port(tmp_path: Path) -> None:
+    """The faults of ``scripts/soak --ssh``: a drop ends the live connections and keeps the
+    listener; a stop ends them too (they have sessions of their own); a restart on the same
+    port serves the same clients, host key pinned, again."""
+    workdir = tmp_path / "own"
+    workdir.mkdir()
+    server = start_sshd(workdir)
+    try:
+        client = _connected(server)
+        assert drop_connections(server) >= 1
+        client.communicate(timeout=TIMEOUT)  # had the drop missed, EOF on its input: status 0
+        assert client.returncode == 255
+        assert _run(server.ssh_argv("true")).returncode == 0
+        client = _connected(server)
+        server.stop()
+        client.communicate(timeout=TIMEOUT)
+        assert client.returncode == 255
+        assert _run(server.ssh_argv("true")).returncode == 255
+        server = restart_sshd(server)
+        result = _run(server.ssh_argv("printf %s back"))
+        assert (result.returncode, result.stdout) == (0, b"back"), result.stderr
+    finally:
+        server.stop()

@@ -35,30 +35,51 @@ from .templates import quote_remote
 #: The records that frame a parsed reply (see the module's docstring). No name contains '/'.
 BEGIN = "/hdfmgr-begin/"
 END = "/hdfmgr-end/"
+#: Beside each slot directory, the staged copies that failed verification (see MOVE_SCRIPT).
+REJECTED = ".rejected"
 
 #: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
 #: have no '!' (history expansion).
 #:
-#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT``, hands
-#: the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x`` (``-x``: all
-#: of them or nothing, never a second, partial invocation). Arguments are never parsed by a
-#: shell, so the names need no quoting, and the moves need one ``mv`` per final directory,
-#: not a pipeline of filters per directory: a batch costs about a dozen processes on the
-#: endpoint whatever its size.
-COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3"'
+#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG``,
+#: hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
+#: (``-x``: all of them or nothing, never a second, partial invocation). Arguments are never
+#: parsed by a shell, so the names need no quoting, and the moves need one ``mv`` per final
+#: directory, not a pipeline of filters per directory: a batch costs about a dozen processes
+#: on the endpoint whatever its size.
+COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6"'
 
-#: Arguments: the slot directory, the mode, the number of records, then the records and the
-#: plan. Records (NREC of them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the
+#: Arguments: the slot directory, the mode, the number of records, the number of arguments
+#: that follow, then the records, the plan and a last argument, the slot directory with a '/'
+#: appended. Records (NREC of them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the
 #: listing of a good staged copy shows, ``<size>/<name>`` or ``<b2sum>  <name>``. The plan:
 #: each final directory with a '/' appended (a name never contains '/'), then the names that
-#: go there. Staged files that match no record (partial, corrupt, strays) are deleted; one
-#: ``mkdir -p`` creates the missing directories and each directory gets one ``mv`` of its
-#: planned names that are still there. ``eval`` only ever sees argument numbers. Output, between
-#: the BEGIN and END records: the verified names, a ``/`` record, the names still in staging
-#: (END only once all of it is written); the exit status is not 0 when a mkdir or mv failed.
+#: go there.
+#:
+#: Input cut short. When the connection drops (or the daemon dies) while stdin is on its way,
+#: xargs sees end-of-file early and runs the script on what came: a cut record would make its
+#: file a stray (deleted, then taken for delivered by the listing that follows), a cut name a
+#: prefix of another file's name. So the script first checks that it got every argument and
+#: that the last one is whole, and does nothing otherwise (exit 96). A cut stream can pass
+#: neither check: it has fewer arguments, or the same number with a shorter last one.
+#:
+#: Staged files that match no record are deleted when no record names them (strays), and set
+#: aside in ``SLOT.rejected`` when one does (a partial or corrupt copy of a file of the batch;
+#: emptied first, since an earlier batch of the slot has its outcome by now): a listing after a
+#: lost reply reads "gone from the slot" as "moved into the endpoint buffer", and counts what
+#: it finds set aside as still to send. One ``mkdir -p`` creates the
+#: missing directories and each directory gets one ``mv`` of its planned names that are still
+#: there (the last argument reads as the slot directory itself: nothing to create, nothing to
+#: move). ``eval`` only ever sees argument numbers. Output, between the
+#: BEGIN and END records: the verified names, a ``/`` record, the names still in staging (END
+#: only once all of it is written); the exit status is not 0 when a mkdir or mv failed.
 MOVE_SCRIPT = "; ".join(
     [
-        f"s=$1; m=$2; c=$3; shift 3; w=$s.want; h=$s.have; k=$s.ok; b=$s.bad; B={BEGIN}; E={END}",
+        r's=$1; m=$2; c=$3; a=$4; shift 4; eval "z=\${$#}"',
+        'if [ "$#" -eq "$a" ] && [ "$z" = "$s/" ]; then :; else'
+        ' echo "hdfmgr: commit input cut short: $# of $a arguments" >&2; exit 96; fi',
+        f"w=$s.want; h=$s.have; k=$s.ok; b=$s.bad; u=$s.wn; v=$s.bn; q=$s{REJECTED}; B={BEGIN}; E={END}",
+        'rm -rf -- "$q"',
         'printf \'%s\\000\' "$@" > "$b"; LC_ALL=C head -z -n "$c" "$b" > "$w"; shift "$c"',
         "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
         ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
@@ -66,7 +87,9 @@ MOVE_SCRIPT = "; ".join(
         'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$1"; '
         'else LC_ALL=C cut -z -d/ -f 2- "$1"; fi; }',
         'LC_ALL=C comm -z -23 "$h" "$w" > "$b"',
-        'if [ -s "$b" ]; then names "$b" | xargs -0r rm -f --; fi',
+        'if [ -s "$b" ]; then names "$w" | LC_ALL=C sort -z > "$u"; names "$b" | LC_ALL=C sort -z > "$v"',
+        'LC_ALL=C comm -z -23 "$v" "$u" | xargs -0r rm -f --; LC_ALL=C comm -z -12 "$v" "$u" > "$b"',
+        'if [ -s "$b" ] && mkdir -- "$q"; then xargs -0r mv -f -t "$q" -- < "$b"; fi; fi',
         'LC_ALL=C comm -z -12 "$w" "$h" > "$k"',
         "r=0; j=0; n=",
         "for x do j=$((j+1)); case $x in */) "
@@ -80,18 +103,22 @@ MOVE_SCRIPT = "; ".join(
         r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi',
         "printf '\\000%s\\000' \"$B\"; names \"$k\" && printf '/\\000' &&"
         " find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000' && printf '%s\\000' \"$E\"",
-        'rm -f -- "$w" "$h" "$k" "$b"',
+        'rm -f -- "$w" "$h" "$k" "$b" "$u" "$v"',
         "exit $r",
     ]
 )
 
 PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
 
-#: Lists the files left in the given slot directories; a directory that exists prints "dir/".
+#: Lists the files left in the given slot directories and set aside beside them (see
+#: MOVE_SCRIPT); a directory that exists prints "dir/".
 LIST_SCRIPT = (
     f"printf '\\000{BEGIN}\\000'; "
     'for d; do if [ -d "$d" ]; then printf \'%s/\\000\' "$d"; '
-    "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; fi; done; "
+    "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "
+    f'if [ -d "$d{REJECTED}" ]; then '
+    f"find \"$d{REJECTED}\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; fi; "
+    "fi; done; "
     f"printf '{END}\\000'"
 )
 
@@ -204,6 +231,12 @@ def commit_payload(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str
     return b"\0".join([*records, *plan]) + b"\0", len(records)
 
 
+def commit_stdin(slot_dir: str, payload: bytes) -> tuple[bytes, int]:
+    """The payload, then the last argument MOVE_SCRIPT checks; and how many arguments in all."""
+    data = payload + os.fsencode(slot_dir) + b"/\0"
+    return data, data.count(b"\0")
+
+
 class Endpoint:
     """Renders and runs the remote steps for one configured endpoint."""
 
@@ -275,9 +308,10 @@ class Endpoint:
         whole: then any of the files may or may not have been moved.
         """
         groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
-        stdin, count = commit_payload(groups, self.config.verify)
+        payload, count = commit_payload(groups, self.config.verify)
+        stdin, arguments = commit_stdin(slot_dir, payload)
         # xargs's -s: the whole command line it builds, arguments and NULs, with room to spare.
-        size = len(stdin) + len(MOVE_SCRIPT) + len(slot_dir) + 4096
+        size = len(stdin) + len(MOVE_SCRIPT) + 2 * len(slot_dir) + 4096
         result = self.remote(
             COMMIT_SCRIPT,
             slot_dir,
@@ -285,6 +319,7 @@ class Endpoint:
             str(count),
             str(size),
             MOVE_SCRIPT,
+            str(arguments),
             stdin=stdin,
             on_start=on_start,
         )
@@ -293,7 +328,8 @@ class Endpoint:
     def list_slots(
         self, slot_dirs: Sequence[str], on_start: Callable[[int], None] | None = None
     ) -> tuple[CommandResult, dict[str, set[str]] | None]:
-        """Files left in ``slot_dirs``; a directory missing from the answer does not exist."""
+        """Files left in ``slot_dirs`` (or set aside beside them: not moved either); a directory
+        missing from the answer does not exist."""
         result = self.remote(LIST_SCRIPT, *slot_dirs, on_start=on_start)
         records = framed_records(result.stdout) if result.ok else None
         if records is None:
@@ -307,6 +343,8 @@ class Endpoint:
                 present.setdefault(text[:-1], set())
             else:
                 directory, name = text.rsplit("/", 1)
+                if directory.endswith(REJECTED) and directory not in slot_dirs:
+                    directory = directory.removesuffix(REJECTED)  # not moved: still to send
                 present.setdefault(directory, set()).add(name)
         return result, present
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,22 @@ import pytest
 from hdfmgr.config import Config, from_mapping
 from hdfmgr.endpoint import (
     BEGIN,
+    COMMIT_SCRIPT,
     END,
+    LIST_SCRIPT,
+    MOVE_SCRIPT,
+    PREPARE_SCRIPT,
+    SWEEP_SCRIPT,
     CommitReport,
     Endpoint,
     ErrorClass,
     StagedFile,
     classify,
+    commit_groups,
     commit_payload,
     parse_commit_output,
 )
-from hdfmgr.runner import CommandResult
+from hdfmgr.runner import CommandResult, run
 
 HOSTILE = [
     "plain.fits",
@@ -218,8 +225,19 @@ def test_commit_rejects_a_wrong_size(site: Site) -> None:
     assert report.committed == {"good"}
     assert report.verified == {"good"} and report.remaining == set()
     assert listing(final) == {b"good": b"good data"}
-    # the partial copy is gone: the slot is clean for the next batch, and the retry sends it again
+    # The partial copy leaves the slot (clean for the next batch; the retry sends it again) for
+    # the place beside it that a listing after a lost reply reads as "not moved".
     assert listing(slot) == {}
+    assert listing(slot + ".rejected") == {b"bad": b"partial"}
+    result, present = site.endpoint.list_slots([slot])
+    assert present == {slot: {"bad"}}, result.stderr
+    # The slot's next commit starts by emptying it: that batch's outcome is known by then.
+    again = site.local("d/again", b"again")
+    stage(slot, "again", b"again")
+    result, report = site.endpoint.commit(slot, final, [again])
+    assert report is not None and report.committed == {"again"}, result.stderr
+    assert not os.path.exists(slot + ".rejected")
+    assert sorted(os.listdir(site.staging)) == [os.path.basename(slot)]
 
 
 def test_commit_reports_strays_and_ignores_missing(site: Site) -> None:
@@ -605,3 +623,52 @@ def test_sweep_creates_the_given_slot_directories(site: Site) -> None:
     assert not old.exists()
     assert all(Path(slot).is_dir() for slot in slots)
     assert sorted(os.listdir(site.staging)) == ["hdfmgr.t1.g1.0", "hdfmgr.t1.g1.1"]
+
+
+def cut_after(n: int) -> Callable[..., CommandResult]:
+    """The runner, with the command's stdin cut after ``n`` bytes (end-of-file there)."""
+
+    def cut_short(argv: list[str], *, stdin: bytes | None = None, **kw: object) -> CommandResult:
+        return run(argv, stdin=stdin[:n] if stdin is not None else None, **kw)  # type: ignore[arg-type]
+
+    return cut_short
+
+
+@pytest.mark.parametrize("verify", ["size", "checksum"])
+def test_a_commit_whose_input_is_cut_never_moves_a_file_astray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: str
+) -> None:
+    """The connection drops while the names are still on their way (or the daemon is killed):
+    the remote script gets end-of-file early. Cut at every byte, each staged file must be
+    left in staging (sent again later) or be whole at its own final path: never moved into
+    another file's directory, never deleted. ``a.fits`` is a prefix of ``a.fits.x``, which
+    is planned first, into another directory."""
+    monkeypatch.chdir(tmp_path)
+    rels = ["d1/a.fits.x", "d1/b.fits", "d2/a.fits"]
+    probe = Site(tmp_path / "probe", verify=verify)
+    files = [probe.local(rel, rel.encode() * 7) for rel in rels]
+    full, _ = commit_payload(commit_groups(files, probe.endpoint.final_dir), verify)
+    for cut in range(len(full)):
+        site = Site(tmp_path / f"cut{cut}", verify=verify)
+        staged = [site.local(rel, rel.encode() * 7) for rel in rels]
+
+        site.endpoint = Endpoint(site.config, generation="g1", run=cut_after(cut))
+        slot = site.slot()
+        for f in staged:
+            stage(slot, f.basename, Path(f.path).read_bytes())
+        site.endpoint.commit(slot, None, staged)
+        for f in staged:
+            final = site.ep_buffer / f.rel
+            in_slot = (Path(slot) / f.basename).exists()
+            assert in_slot != final.exists(), (cut, f.rel, in_slot)
+            if final.exists():
+                assert final.read_bytes() == f.rel.encode() * 7
+        delivered = {str(p.relative_to(site.ep_buffer)) for p in site.ep_buffer.rglob("*") if p.is_file()}
+        assert delivered <= set(rels), (cut, delivered)
+
+
+def test_the_remote_scripts_survive_a_csh_login_shell() -> None:
+    """One line, no '!': a tcsh login shell (an endpoint account's may be one) expands '!'
+    even inside single quotes and cannot take a newline inside them."""
+    for script in (COMMIT_SCRIPT, MOVE_SCRIPT, LIST_SCRIPT, SWEEP_SCRIPT, PREPARE_SCRIPT):
+        assert "!" not in script and "\n" not in script

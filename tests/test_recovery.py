@@ -211,6 +211,45 @@ def test_a_lost_or_garbled_commit_reply_never_delivers_twice(tmp_path: Path, mod
     assert "Traceback" not in output
 
 
+def test_a_copy_that_failed_verification_is_not_taken_for_delivered_when_the_reply_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Two faults at once: one staged copy arrives corrupt (the script sets it aside instead of
+    moving it) and the commit's reply is lost. The listing that follows must not read the
+    corrupt copy's absence from the slot as a delivery: it is sent again and arrives once."""
+    site = Site(tmp_path / "site")
+    remote, flag = replying_remote(tmp_path, "after")
+    corrupt = tmp_path / "corrupt-once"
+    transfer = tmp_path / "transfer"
+    transfer.write_text(
+        "#!/bin/sh\n"
+        "for dest; do :; done\n"  # the last argument
+        'cp "$@" || exit\n'
+        f'if [ -e {corrupt} ]; then rm -f {corrupt}; printf extra >> "$dest/f2.fits"; fi\n'
+    )
+    transfer.chmod(0o755)
+    site.configure(transfer=f"{transfer} {{batch}} {{dest}}", remote=remote, num_threads=1)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    flag.touch()
+    corrupt.touch()
+    for rel in names:
+        site.write(rel, content(rel))
+    daemon = site.start()
+    try:
+        wait_for(lambda: set(site.states().values()) == {"held"} and len(site.states()) == 5, 30, "all held")
+        wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
+    finally:
+        assert daemon.stop() == 0
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert not corrupt.exists() and not flag.exists()
+    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+    attempts = dict(site.query("select name, attempts from files"))
+    assert attempts == {**{rel: 1 for rel in names}, "d/f2.fits": 2}
+
+
 def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path: Path) -> None:
     """The listing runs off the loop: while it hangs, new files still go out through the other
     slot, SIGTERM still stops the daemon at once, and nothing is sent twice."""

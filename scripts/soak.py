@@ -14,7 +14,8 @@ transfer, a commit whose reply is then lost, the shared master's session).
 
 A consumer ingests and removes each file the instant it appears, as the endpoint manager does,
 checking every byte. Faults, at random moments: kill -9 of the daemon's whole session (then a
-restart), outages of random length, and dropped replies or connections.
+restart), outages of random length, dropped replies or connections, and (local endpoint) a
+staged copy that arrives corrupt.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class LocalEndpoint:
         root = site.root
         self.down = root / "endpoint-down"
         self.drop = root / "drop-next-commit-reply"
+        self.corrupt = root / "corrupt-next-copy"
         wrapper = root / "endpoint-cmd"
         wrapper.write_text(
             "#!/bin/sh\n"
@@ -88,7 +90,10 @@ class LocalEndpoint:
             'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
             f"  if [ -e {self.down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"
             '  cat "$out"; rm -f "$out"; exit $rc; fi\n'
-            'exec cp "$@"\n'
+            # A staged copy that arrives corrupt (verification sets it aside; it is sent again).
+            'cp "$@" || exit\n'
+            f"if [ -e {self.corrupt} ]; then rm -f {self.corrupt}; "
+            'for d; do :; done; printf x >> "$d/${1##*/}"; fi\n'
         )
         wrapper.chmod(0o755)
         site.configure(
@@ -101,6 +106,10 @@ class LocalEndpoint:
     def drop_reply(self) -> str:
         self.drop.touch()  # the next commit does its work and loses its reply
         return "commit reply dropped"
+
+    def corrupt_copy(self) -> str | None:
+        self.corrupt.touch()
+        return "next staged copy corrupted"
 
     def go_down(self) -> None:
         self.down.touch()
@@ -131,6 +140,9 @@ class SshEndpoint:
 
     def drop_reply(self) -> str:
         return f"connections dropped ({drop_connections(self.server)} sshd processes killed)"
+
+    def corrupt_copy(self) -> str | None:
+        return None  # rsync's own copies: nothing to corrupt them with
 
     def go_down(self) -> None:
         self.server.stop()  # the shared master's connection goes with it
@@ -195,7 +207,7 @@ def soak(
     flow.start()
     try:
         deadline = time.monotonic() + args.minutes * 60
-        kills = outages = drops = 0
+        kills = outages = drops = corruptions = 0
         outage_seconds = 0.0
         events: list[str] = []
         fault_rng = random.Random(args.seed + 1)
@@ -204,9 +216,13 @@ def soak(
             if time.monotonic() >= deadline:
                 break
             roll = fault_rng.random()
+            corrupted = endpoint.corrupt_copy() if 0.15 <= roll < 0.25 else None
             if roll < 0.15:
                 drops += 1
                 events.append(f"{time.strftime('%H:%M:%S')} {endpoint.drop_reply()}")
+            elif corrupted is not None:
+                corruptions += 1
+                events.append(f"{time.strftime('%H:%M:%S')} {corrupted}")
             elif roll < 0.6:
                 daemon.kill()
                 kills += 1
@@ -238,7 +254,11 @@ def soak(
     missing = sorted(set(written) - set(counts))
     held = site.held()
     states = dict(site.query("select state, count(*) from files group by state"))
-    staged_left = [p for p in site.staging.rglob("*") if p.is_file()]
+    # Copies that failed verification wait beside their slot until its next commit, or the
+    # next start's sweep: litter, not a loss (they were sent again).
+    left = [p for p in site.staging.rglob("*") if p.is_file()]
+    rejected_left = [p for p in left if p.parent.name.endswith(".rejected")]
+    staged_left = [p for p in left if p not in rejected_left]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))
     lost = site.query("select count(distinct batch_id) from attempts where outcome = 'unknown'")[0][0]
@@ -261,8 +281,10 @@ def soak(
         "db_attempts_total_max": attempts,
         "batches": batches,
         ("connections_dropped" if args.ssh else "commit_replies_dropped"): drops,
+        "copies_corrupted": corruptions,
         "commit_replies_lost": lost,
         "staging_files_left": len(staged_left),
+        "rejected_copies_left": len(rejected_left),
         "drain_seconds_after_flow": round(drain, 1),
         "final_stop_status": rc,
         "workdir": str(root),

@@ -67,12 +67,12 @@ COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr 
 #: aside in ``SLOT.rejected`` when one does (a partial or corrupt copy of a file of the batch;
 #: emptied first, since an earlier batch of the slot has its outcome by now): a listing after a
 #: lost reply reads "gone from the slot" as "moved into the endpoint buffer", and counts what
-#: it finds set aside as still to send. One ``mkdir -p`` creates the
-#: missing directories and each directory gets one ``mv`` of its planned names that are still
-#: there (the last argument reads as the slot directory itself: nothing to create, nothing to
-#: move). ``eval`` only ever sees argument numbers. Output, between the
-#: BEGIN and END records: the verified names, a ``/`` record, the names still in staging (END
-#: only once all of it is written); the exit status is not 0 when a mkdir or mv failed.
+#: it finds set aside as still to send. One ``mkdir -p`` creates the missing directories and
+#: each directory gets one ``mv`` of its planned names that are still there (the last argument
+#: reads as the slot directory itself: nothing to create, nothing to move). ``eval`` only ever
+#: sees argument numbers. Output, between the BEGIN and END records: the verified names, a
+#: ``/`` record, the names still in staging (END only once all of it is written); the exit
+#: status is not 0 when a mkdir or mv failed.
 MOVE_SCRIPT = "; ".join(
     [
         r's=$1; m=$2; c=$3; a=$4; shift 4; eval "z=\${$#}"',
@@ -311,7 +311,7 @@ class Endpoint:
         payload, count = commit_payload(groups, self.config.verify)
         stdin, arguments = commit_stdin(slot_dir, payload)
         # xargs's -s: the whole command line it builds, arguments and NULs, with room to spare.
-        size = len(stdin) + len(MOVE_SCRIPT) + 2 * len(slot_dir) + 4096
+        size = len(stdin) + len(MOVE_SCRIPT) + len(slot_dir) + 4096
         result = self.remote(
             COMMIT_SCRIPT,
             slot_dir,

@@ -71,7 +71,8 @@ GENERAL = {
 
 
 class LocalEndpoint:
-    """A local endpoint behind a wrapper command that plays outages and dropped replies."""
+    """A local endpoint behind a wrapper command that plays outages, dropped replies and
+    corrupt copies."""
 
     def __init__(self, site: Site) -> None:
         root = site.root
@@ -216,11 +217,10 @@ def soak(
             if time.monotonic() >= deadline:
                 break
             roll = fault_rng.random()
-            corrupted = endpoint.corrupt_copy() if 0.15 <= roll < 0.25 else None
             if roll < 0.15:
                 drops += 1
                 events.append(f"{time.strftime('%H:%M:%S')} {endpoint.drop_reply()}")
-            elif corrupted is not None:
+            elif roll < 0.25 and (corrupted := endpoint.corrupt_copy()) is not None:
                 corruptions += 1
                 events.append(f"{time.strftime('%H:%M:%S')} {corrupted}")
             elif roll < 0.6:

@@ -31,6 +31,7 @@ from hdfmgr.endpoint import (
     classify,
     commit_groups,
     commit_payload,
+    commit_stdin,
     parse_commit_output,
 )
 from hdfmgr.runner import CommandResult, run
@@ -645,11 +646,14 @@ def test_a_commit_whose_input_is_cut_never_moves_a_file_astray(
     is planned first, into another directory."""
     monkeypatch.chdir(tmp_path)
     rels = ["d1/a.fits.x", "d1/b.fits", "d2/a.fits"]
-    probe = Site(tmp_path / "probe", verify=verify)
+    root = tmp_path / "site"  # one path for every cut, so that the stream is the same bytes
+    probe = Site(root, verify=verify)
     files = [probe.local(rel, rel.encode() * 7) for rel in rels]
-    full, _ = commit_payload(commit_groups(files, probe.endpoint.final_dir), verify)
+    payload, _ = commit_payload(commit_groups(files, probe.endpoint.final_dir), verify)
+    full, _ = commit_stdin(probe.endpoint.slot_dir(0), payload)
     for cut in range(len(full)):
-        site = Site(tmp_path / f"cut{cut}", verify=verify)
+        shutil.rmtree(root)
+        site = Site(root, verify=verify)
         staged = [site.local(rel, rel.encode() * 7) for rel in rels]
 
         site.endpoint = Endpoint(site.config, generation="g1", run=cut_after(cut))

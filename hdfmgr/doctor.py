@@ -28,8 +28,9 @@ EX_OK = 0
 EX_FAIL = 1
 
 #: External programs the commit, list and sweep scripts run on the endpoint (plus ``stat`` for
-#: this check). ``b2sum`` is added in checksum mode.
-REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm")
+#: this check). ``b2sum`` is added in checksum mode. Without ``flock`` the scripts still work,
+#: unlocked: a listing could then read a commit that is still running (see endpoint.py).
+REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm", "flock")
 
 #: Prints the tools (arguments) the remote shell cannot find, one per line.
 TOOLS_SCRIPT = 'for t; do command -v "$t" >/dev/null 2>&1 || printf \'%s\\n\' "$t"; done; exit 0'
@@ -223,8 +224,8 @@ def _remote_tools(config: config_mod.Config, endpoint: Endpoint, timeout: float)
         what,
         endpoint.remote(TOOLS_SCRIPT, *tools, timeout=timeout),
         "not found on the remote PATH: ",
-        "install GNU coreutils and findutils on the endpoint host (b2sum: coreutils >= 8.26), "
-        "or put them on the remote account's PATH",
+        "install GNU coreutils, findutils and util-linux (flock) on the endpoint host "
+        "(b2sum: coreutils >= 8.26), or put them on the remote account's PATH",
     )
 
 

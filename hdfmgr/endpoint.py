@@ -41,13 +41,24 @@ REJECTED = ".rejected"
 #: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
 #: have no '!' (history expansion).
 #:
-#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG``,
-#: hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
+#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG
+#: WAIT``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
 #: (``-x``: all of them or nothing, never a second, partial invocation). Arguments are never
 #: parsed by a shell, so the names need no quoting, and the moves need one ``mv`` per final
 #: directory, not a pipeline of filters per directory: a batch costs about a dozen processes
 #: on the endpoint whatever its size.
-COMMIT_SCRIPT = 'cd "$1" || exit 97; exec xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6"'
+#:
+#: The slot lock. A commit whose ssh client died (killed, timed out, connection dropped) can
+#: go on running on the endpoint for a while, moving files. A listing of the slot meanwhile
+#: would see a file not yet moved and have it sent again: a second delivery. So the commit
+#: runs under ``flock`` on its slot directory (util-linux; the lock is the open directory's,
+#: inherited by every process of the script, so it lasts exactly as long as the script), and
+#: LIST_SCRIPT takes the same lock, waiting at most WAIT seconds, before it lists a slot.
+#: Without ``flock`` on the endpoint both run unlocked (``hdfmgr doctor`` reports it).
+COMMIT_SCRIPT = (
+    'cd "$1" || exit 97; L=; if command -v flock >/dev/null 2>&1; then L="flock -w $7 ."; fi; '
+    'exec $L xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6"'
+)
 
 #: Arguments: the slot directory, the mode, the number of records, the number of arguments
 #: that follow, then the records, the plan and a last argument, the slot directory with a '/'
@@ -110,11 +121,18 @@ MOVE_SCRIPT = "; ".join(
 
 PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
 
-#: Lists the files left in the given slot directories and set aside beside them (see
-#: MOVE_SCRIPT); a directory that exists prints "dir/".
+#: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT...``: lists the files left in the given slot
+#: directories and set aside beside them (see MOVE_SCRIPT); a directory that exists prints
+#: "dir/". Each slot is listed once no commit holds its lock (see COMMIT_SCRIPT). The daemon
+#: starts no commit in a slot it is listing, so only a commit whose remote shell had not even
+#: started by then could still move a file afterwards (README, "What is left").
 LIST_SCRIPT = (
+    "W=$1; shift; L=; if command -v flock >/dev/null 2>&1; then L=1; fi; "
     f"printf '\\000{BEGIN}\\000'; "
-    'for d; do if [ -d "$d" ]; then printf \'%s/\\000\' "$d"; '
+    'for d; do if [ -d "$d" ]; then '
+    'if [ -n "$L" ]; then (cd "$d" && flock -w "$W" . true) || '
+    '{ echo "hdfmgr: $d: a commit still holds it after $W s" >&2; exit 1; }; fi; '
+    "printf '%s/\\000' \"$d\"; "
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "
     f'if [ -d "$d{REJECTED}" ]; then '
     f"find \"$d{REJECTED}\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; fi; "
@@ -252,6 +270,12 @@ class Endpoint:
         self.generation = generation or secrets.token_hex(4)
         self._run = run
 
+    @property
+    def lock_wait(self) -> str:
+        """Seconds a script waits for a slot's lock: half the command's timeout, so that a
+        lock still held fails the command with its own message before the timeout kills it."""
+        return f"{self.config.timeout / 2:.1f}"
+
     def slot_dir(self, slot: int) -> str:
         return posixpath.join(self.config.staging, f"{self.prefix}{self.generation}.{slot}")
 
@@ -320,6 +344,7 @@ class Endpoint:
             str(size),
             MOVE_SCRIPT,
             str(arguments),
+            self.lock_wait,
             stdin=stdin,
             on_start=on_start,
         )
@@ -330,7 +355,7 @@ class Endpoint:
     ) -> tuple[CommandResult, dict[str, set[str]] | None]:
         """Files left in ``slot_dirs`` (or set aside beside them: not moved either); a directory
         missing from the answer does not exist."""
-        result = self.remote(LIST_SCRIPT, *slot_dirs, on_start=on_start)
+        result = self.remote(LIST_SCRIPT, self.lock_wait, *slot_dirs, on_start=on_start)
         records = framed_records(result.stdout) if result.ok else None
         if records is None:
             return result, None

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +62,9 @@ HOSTILE = [
 
 
 class Site:
-    def __init__(self, root: Path, *, verify: str = "size") -> None:
+    def __init__(
+        self, root: Path, *, verify: str = "size", timeout: float = 30, remote: str = 'sh -c "{command}"'
+    ) -> None:
         self.root = root
         self.buffer = root / "buffer"
         self.holding = root / "holding"
@@ -73,10 +78,10 @@ class Site:
                 "endpoint": {
                     "buffer": str(self.ep_buffer),
                     "staging": str(self.staging),
-                    "commands": {"transfer": "cp {batch} {dest}", "remote": 'sh -c "{command}"'},
+                    "commands": {"transfer": "cp {batch} {dest}", "remote": remote},
                 },
                 "database": {"engine": "sqlite:///handoff.db"},
-                "general": {"name": "t1", "verify": verify, "timeout": 30},
+                "general": {"name": "t1", "verify": verify, "timeout": timeout},
             },
             path=root / "config.yaml",
         )
@@ -407,6 +412,103 @@ def test_list_slots_skips_chatter_and_rejects_a_cut_reply(site: Site) -> None:
     assert present == {s0: {"a"}}
     _, present = replying(framed(body)[:-3]).list_slots([s0])
     assert present is None
+
+
+def slow_mv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> Path:
+    """Put an ``mv`` on PATH that waits ``seconds`` first; returns the file it creates then."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    started = tmp_path / "mv-started"
+    real = shutil.which("mv")
+    (shims / "mv").write_text(f'#!/bin/sh\ntouch {started}\nsleep {seconds}\nexec {real} "$@"\n')
+    (shims / "mv").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    return started
+
+
+def test_a_listing_waits_for_a_commit_still_moving_files(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit cut off from the daemon (ssh client killed or timed out) can still be moving
+    files on the endpoint when the daemon lists the slot to learn what it moved. The listing
+    must wait for it: reading a file not yet moved as "not moved" would send it again."""
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("d1/a.fits", "d1/b.fits", "d2/c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    started = slow_mv(tmp_path, monkeypatch, 0.5)
+    committed: list[tuple[CommandResult, CommitReport | None]] = []
+    commit = threading.Thread(target=lambda: committed.append(site.endpoint.commit(slot, None, files)))
+    commit.start()
+    deadline = time.monotonic() + 20
+    while not started.exists():
+        assert time.monotonic() < deadline, "the commit's first mv never started"
+        time.sleep(0.01)
+    result, present = site.endpoint.list_slots([slot])  # while the first mv waits
+    moved = {str(p.relative_to(site.ep_buffer)) for p in site.ep_buffer.rglob("*") if p.is_file()}
+    commit.join(20)
+    assert result.ok, result.stderr
+    assert present == {slot: set()}, "listed before the commit had moved every file"
+    assert moved == {f.rel for f in files}
+    assert (
+        committed
+        and committed[0][1] is not None
+        and committed[0][1].committed == {"a.fits", "b.fits", "c.fits"}
+    )
+
+
+def test_a_listing_gives_up_on_a_slot_locked_for_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that hangs on the endpoint holds its slot: the listing fails (the daemon
+    retries later, the files wait) with a line that says why, before the command's timeout."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path / "site", timeout=1)
+    slot = site.slot()
+    stage(slot, "a.fits", b"x")
+    holder = subprocess.Popen(["flock", slot, "sleep", "30"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", slot, "true"]).returncode == 0:
+            assert time.monotonic() < deadline, "the lock was never taken"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        result, present = site.endpoint.list_slots([slot])
+        waited = time.monotonic() - t0
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert present is None
+    assert not result.timed_out and result.returncode == 1
+    assert b"a commit still holds it after 0.5 s" in result.stderr
+    assert 0.4 < waited < 1.0
+
+
+def test_without_flock_the_scripts_still_commit_and_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint without util-linux's flock: commits and listings run unlocked, as before
+    the lock existed (``hdfmgr doctor`` names the missing tool)."""
+    monkeypatch.chdir(tmp_path)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("sh", "mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm", "printf"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bindir / tool).symlink_to(found)
+    site = Site(tmp_path / "site", remote=f'env PATH={bindir} sh -c "{{command}}"')
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    result, present = site.endpoint.list_slots([slot])
+    assert result.ok, result.stderr
+    assert present == {slot: {"a.fits", "b.fits"}}
+    result, report = site.endpoint.commit(slot, None, files)
+    assert result.ok, result.stderr
+    assert report is not None and report.committed == {"a.fits", "b.fits"}
+    assert listing(site.ep_buffer / "d") == {b"a.fits": b"d/a.fits", b"b.fits": b"d/b.fits"}
+    assert site.endpoint.list_slots([slot])[1] == {slot: set()}
 
 
 def test_list_slots_failure_gives_none(site: Site) -> None:

@@ -8,6 +8,7 @@ there, removes the flag and restarts.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -290,3 +291,45 @@ def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path:
         consumer.join(5)
     assert sorted(consumer.arrivals) == ["a/first.fits", "b/second.fits"] and not consumer.bad
     assert site.held() == {"a/first.fits": content("a/first.fits"), "b/second.fits": content("b/second.fits")}
+
+
+def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_listed(tmp_path: Path) -> None:
+    """Over ssh a commit can outlive its client: the connection drops (exit 255, no reply)
+    while the script goes on moving files on the endpoint. Here it runs on, detached and
+    slowed down (each ``mv`` waits a second), while the daemon lists the slot to learn what was
+    moved. The listing waits for the slot's lock, so it sees every file moved: none is sent
+    again, each arrives once."""
+    site = Site(tmp_path / "site")
+    flag, saved = tmp_path / "cut-off", tmp_path / "stdin"
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "mv").write_text(f'#!/bin/sh\nsleep 1\nexec {shutil.which("mv")} "$@"\n')
+    (shims / "mv").chmod(0o755)
+    script = tmp_path / "remote"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then rm -f {flag}; cat > {saved}\n'
+        f'  PATH={shims}:$PATH setsid sh -c "$1" < {saved} > /dev/null 2>&1 &\n'
+        '  echo "Connection to endpoint closed by remote host." >&2; exit 255; fi\n'
+        'exec sh -c "$1"\n'
+    )
+    script.chmod(0o755)
+    site.configure(remote=f"{script} {{command}}", num_threads=2, retry_initial=0.2)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    flag.touch()
+    for rel in names:  # before the start: one batch
+        site.write(rel, content(rel))
+    daemon = site.start()
+    try:
+        wait_for(lambda: set(site.states().values()) == {"held"}, 30, "all held")
+        wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
+    finally:
+        assert daemon.stop() == 0
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert not flag.exists(), "the commit was never cut off"
+    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+    assert {n for (n,) in site.query("select attempts from files")} == {1}
+    assert "5 had been delivered, 0 will be sent again" in daemon.output()

@@ -9,13 +9,15 @@ By default the endpoint is local, reached through wrapper commands that can play
 begins loses its reply after doing its work, as over a connection that drops mid-commit.
 With ``--ssh`` the endpoint is a real sshd on 127.0.0.1, reached with rsync over one shared
 connection (the recommended transport): an outage stops sshd and starts it again on the same
-port, and a dropped connection kills sshd's connection processes, whatever they were doing (a
-transfer, a commit whose reply is then lost, the shared master's session).
+port, a dropped connection kills sshd's connection processes, whatever they were doing (a
+transfer, a commit whose reply is then lost, the shared master's session), and a corrupt copy
+is made by the endpoint's rsync (``--rsync-path``: a wrapper that appends a byte to one file it
+received).
 
 A consumer ingests and removes each file the instant it appears, as the endpoint manager does,
 checking every byte. Faults, at random moments: kill -9 of the daemon's whole session (then a
-restart), outages of random length, dropped replies or connections, and (local endpoint) a
-staged copy that arrives corrupt.
+restart), outages of random length, dropped replies or connections, and a staged copy that
+arrives corrupt.
 """
 
 from __future__ import annotations
@@ -131,8 +133,20 @@ class SshEndpoint:
         workdir.mkdir()
         self.server: SshServer = start_sshd(workdir)
         self.cpath = f"{workdir}/cm-%C"
+        # The endpoint's rsync (run by sshd, as '<rsync-path> --server ... DEST'): while the
+        # flag exists, the first non-empty file it received arrives with a byte too many.
+        self.corrupt = site.root / "corrupt-next-copy"
+        receiver = site.root / "endpoint-rsync"
+        receiver.write_text(
+            "#!/bin/sh\n"
+            'rsync "$@"; rc=$?\n'
+            f'if [ "$rc" -eq 0 ] && [ -e {self.corrupt} ]; then rm -f {self.corrupt}; for d; do :; done\n'
+            '  find "$d" -maxdepth 1 -type f -size +0 -exec sh -c \'printf x >> "$1"\' sh {} \\; -quit; fi\n'
+            "exit $rc\n"
+        )
+        receiver.chmod(0o755)
         site.configure(
-            transfer=RSYNC_SHARED,
+            transfer=RSYNC_SHARED.replace("rsync -a ", f"rsync -a --rsync-path={receiver} ", 1),
             remote=REMOTE_SHARED,
             params=params(self.server, cpath=self.cpath),
             logging={"level": "INFO"},
@@ -143,7 +157,8 @@ class SshEndpoint:
         return f"connections dropped ({drop_connections(self.server)} sshd processes killed)"
 
     def corrupt_copy(self) -> str | None:
-        return None  # rsync's own copies: nothing to corrupt them with
+        self.corrupt.touch()
+        return "next staged copy corrupted (by the endpoint's rsync)"
 
     def go_down(self) -> None:
         self.server.stop()  # the shared master's connection goes with it

@@ -153,7 +153,7 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
             to_commit.append(f)
     if not to_commit or not checkpoint(job, to_commit, report.checksums):
         return
-    result, listing = endpoint.commit(job.staging_dir, None, to_commit)
+    result, listing = endpoint.commit(job.staging_dir, None, to_commit, batch=job.id)
     report.commit = result
     if listing is None:
         # Cut off (a dropped connection, a timeout) or never framed: the script may have moved

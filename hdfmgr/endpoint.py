@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import runner
@@ -37,12 +37,14 @@ BEGIN = "/hdfmgr-begin/"
 END = "/hdfmgr-end/"
 #: Beside each slot directory, the staged copies that failed verification (see MOVE_SCRIPT).
 REJECTED = ".rejected"
+#: Beside each slot directory, the highest batch number a listing decided (see COMMIT_SCRIPT).
+FENCE = ".fence"
 
 #: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
 #: have no '!' (history expansion).
 #:
 #: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG
-#: WAIT``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
+#: WAIT BATCH``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
 #: (``-x``: all of them or nothing, never a second, partial invocation). Arguments are never
 #: parsed by a shell, so the names need no quoting, and the moves need one ``mv`` per final
 #: directory, not a pipeline of filters per directory: a batch costs about a dozen processes
@@ -55,15 +57,22 @@ REJECTED = ".rejected"
 #: inherited by every process of the script, so it lasts exactly as long as the script), and
 #: LIST_SCRIPT takes the same lock, waiting at most WAIT seconds, before it lists a slot.
 #: Without ``flock`` on the endpoint both run unlocked (``hdfmgr doctor`` reports it).
+#:
+#: The fence. The lock cannot make a listing wait for a commit that has not started yet (its
+#: client died while the remote shell was still starting). So a listing, holding the lock,
+#: also writes the highest batch number it is asked about into ``SLOT.fence``, and a commit
+#: whose batch number is not above it does nothing (exit 95, which xargs reports as 123): its
+#: outcome has been decided without it.
 COMMIT_SCRIPT = (
     'cd "$1" || exit 97; L=; if command -v flock >/dev/null 2>&1; then L="flock -w $7 ."; fi; '
-    'exec $L xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6"'
+    'exec $L xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6" "$8"'
 )
 
 #: Arguments: the slot directory, the mode, the number of records, the number of arguments
-#: that follow, then the records, the plan and a last argument, the slot directory with a '/'
-#: appended. Records (NREC of them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the
-#: listing of a good staged copy shows, ``<size>/<name>`` or ``<b2sum>  <name>``. The plan:
+#: that follow the batch number, the batch number (empty: no fence check), then the records,
+#: the plan and a last argument, the slot directory with a '/' appended. Records (NREC of
+#: them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the listing of a good staged
+#: copy shows, ``<size>/<name>`` or ``<b2sum>  <name>``. The plan:
 #: each final directory with a '/' appended (a name never contains '/'), then the names that
 #: go there.
 #:
@@ -86,9 +95,11 @@ COMMIT_SCRIPT = (
 #: status is not 0 when a mkdir or mv failed.
 MOVE_SCRIPT = "; ".join(
     [
-        r's=$1; m=$2; c=$3; a=$4; shift 4; eval "z=\${$#}"',
+        r's=$1; m=$2; c=$3; a=$4; i=$5; shift 5; eval "z=\${$#}"',
         'if [ "$#" -eq "$a" ] && [ "$z" = "$s/" ]; then :; else'
         ' echo "hdfmgr: commit input cut short: $# of $a arguments" >&2; exit 96; fi',
+        f'if [ -n "$i" ] && [ -f "$s{FENCE}" ] && read f < "$s{FENCE}" && [ "$f" -ge "$i" ]; then'
+        ' echo "hdfmgr: batch $i: too late, its slot was listed for batch $f" >&2; exit 95; fi',
         f"w=$s.want; h=$s.have; k=$s.ok; b=$s.bad; u=$s.wn; v=$s.bn; q=$s{REJECTED}; B={BEGIN}; E={END}",
         'rm -rf -- "$q"',
         'printf \'%s\\000\' "$@" > "$b"; LC_ALL=C head -z -n "$c" "$b" > "$w"; shift "$c"',
@@ -121,17 +132,19 @@ MOVE_SCRIPT = "; ".join(
 
 PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
 
-#: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT...``: lists the files left in the given slot
-#: directories and set aside beside them (see MOVE_SCRIPT); a directory that exists prints
-#: "dir/". Each slot is listed once no commit holds its lock (see COMMIT_SCRIPT). The daemon
-#: starts no commit in a slot it is listing, so only a commit whose remote shell had not even
-#: started by then could still move a file afterwards (README, "What is left").
+#: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT BATCH SLOT BATCH...``: lists the files left in
+#: the given slot directories and set aside beside them (see MOVE_SCRIPT); a directory that
+#: exists prints "dir/". Each slot is listed once no commit holds its lock, after its fence has
+#: been raised to BATCH (unless empty) under that lock (see COMMIT_SCRIPT). The daemon starts
+#: no commit in a slot it is listing, so no commit of BATCH or before moves a file after that.
 LIST_SCRIPT = (
     "W=$1; shift; L=; if command -v flock >/dev/null 2>&1; then L=1; fi; "
     f"printf '\\000{BEGIN}\\000'; "
-    'for d; do if [ -d "$d" ]; then '
-    'if [ -n "$L" ]; then (cd "$d" && flock -w "$W" . true) || '
-    '{ echo "hdfmgr: $d: a commit still holds it after $W s" >&2; exit 1; }; fi; '
+    'while [ "$#" -ge 2 ]; do d=$1; n=$2; shift 2; if [ -d "$d" ]; then '
+    'if [ -n "$L" ]; then (cd "$d" && flock -w "$W" . sh -c '
+    f'\'if [ -n "$1" ]; then echo "$1" > "$2{FENCE}"; fi\' hdfmgr "$n" "$d") || '
+    '{ echo "hdfmgr: $d: a commit still holds it after $W s" >&2; exit 1; }; '
+    f'elif [ -n "$n" ]; then echo "$n" > "$d{FENCE}" || exit 1; fi; '
     "printf '%s/\\000' \"$d\"; "
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "
     f'if [ -d "$d{REJECTED}" ]; then '
@@ -323,13 +336,16 @@ class Endpoint:
         final_dir: str | None,
         files: Sequence[StagedFile],
         on_start: Callable[[int], None] | None = None,
+        *,
+        batch: int | None = None,
     ) -> tuple[CommandResult, CommitReport | None]:
         """Verify the staged ``files`` and move the good ones, in one remote command.
 
         Each file goes to the endpoint buffer's directory of its own relative directory, or
         all of them to ``final_dir`` when one is given. Basenames must be distinct (they
         share one flat slot directory). The report is None when the reply did not arrive
-        whole: then any of the files may or may not have been moved.
+        whole: then any of the files may or may not have been moved. With ``batch``, the
+        script does nothing once a listing of the slot has fenced that batch off.
         """
         groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
         payload, count = commit_payload(groups, self.config.verify)
@@ -345,17 +361,26 @@ class Endpoint:
             MOVE_SCRIPT,
             str(arguments),
             self.lock_wait,
+            "" if batch is None else str(batch),
             stdin=stdin,
             on_start=on_start,
         )
         return result, parse_commit_output(result.stdout)
 
     def list_slots(
-        self, slot_dirs: Sequence[str], on_start: Callable[[int], None] | None = None
+        self,
+        slot_dirs: Sequence[str],
+        on_start: Callable[[int], None] | None = None,
+        *,
+        fences: Mapping[str, int] | None = None,
     ) -> tuple[CommandResult, dict[str, set[str]] | None]:
         """Files left in ``slot_dirs`` (or set aside beside them: not moved either); a directory
-        missing from the answer does not exist."""
-        result = self.remote(LIST_SCRIPT, self.lock_wait, *slot_dirs, on_start=on_start)
+        missing from the answer does not exist. ``fences``: per slot directory, the highest
+        batch whose outcome this listing decides; no commit of it or before moves a file
+        after this listing."""
+        fences = fences or {}
+        pairs = [arg for d in slot_dirs for arg in (d, str(fences.get(d, "")))]
+        result = self.remote(LIST_SCRIPT, self.lock_wait, *pairs, on_start=on_start)
         records = framed_records(result.stdout) if result.ok else None
         if records is None:
             return result, None

@@ -983,9 +983,12 @@ class Pipeline:
             return
         self.listing = True
         dirs = sorted(self.unrecovered)
+        # Every batch whose outcome this listing decides is fenced off: should its commit
+        # script start only now, it must move nothing (endpoint.COMMIT_SCRIPT).
+        fences = {d: max(batch for _, batch in self.unrecovered[d]) for d in dirs}
 
         def listing(started: Callable[[int], None]) -> tuple[Any, ...]:
-            return ("listed", dirs, *self.endpoint.list_slots(dirs, on_start=started))
+            return ("listed", dirs, *self.endpoint.list_slots(dirs, on_start=started, fences=fences))
 
         self._in_background("hdfmgr-list", listing)
 

@@ -270,10 +270,12 @@ def soak(
     held = site.held()
     states = dict(site.query("select state, count(*) from files group by state"))
     # Copies that failed verification wait beside their slot until its next commit, or the
-    # next start's sweep: litter, not a loss (they were sent again).
+    # next start's sweep: litter, not a loss (they were sent again). So do the fences that
+    # listings after a lost reply leave beside a slot (a batch number each).
     left = [p for p in site.staging.rglob("*") if p.is_file()]
     rejected_left = [p for p in left if p.parent.name.endswith(".rejected")]
-    staged_left = [p for p in left if p not in rejected_left]
+    fences_left = [p for p in left if p.name.endswith(".fence") and p.parent == site.staging]
+    staged_left = [p for p in left if p not in rejected_left and p not in fences_left]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))
     lost = site.query("select count(distinct batch_id) from attempts where outcome = 'unknown'")[0][0]
@@ -300,6 +302,7 @@ def soak(
         "commit_replies_lost": lost,
         "staging_files_left": len(staged_left),
         "rejected_copies_left": len(rejected_left),
+        "fences_left": len(fences_left),
         "drain_seconds_after_flow": round(drain, 1),
         "final_stop_status": rc,
         "workdir": str(root),

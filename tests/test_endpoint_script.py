@@ -501,14 +501,43 @@ def test_without_flock_the_scripts_still_commit_and_list(
     files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
     for f in files:
         stage(slot, f.basename, f.rel.encode())
-    result, present = site.endpoint.list_slots([slot])
+    result, present = site.endpoint.list_slots([slot], fences={slot: 3})
     assert result.ok, result.stderr
     assert present == {slot: {"a.fits", "b.fits"}}
-    result, report = site.endpoint.commit(slot, None, files)
+    result, report = site.endpoint.commit(slot, None, files, batch=3)
+    assert not result.ok and report is None and b"too late" in result.stderr  # unlocked too
+    result, report = site.endpoint.commit(slot, None, files, batch=4)
     assert result.ok, result.stderr
     assert report is not None and report.committed == {"a.fits", "b.fits"}
     assert listing(site.ep_buffer / "d") == {b"a.fits": b"d/a.fits", b"b.fits": b"d/b.fits"}
     assert site.endpoint.list_slots([slot])[1] == {slot: set()}
+
+
+def test_a_listing_fences_off_the_batches_it_decides(site: Site) -> None:
+    """A commit whose remote shell starts only after the listing of its slot (its client died
+    long before) must move nothing: the listing has already decided that its files are to be
+    sent again. The listing leaves the batch number beside the slot; such a commit stops."""
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    result, present = site.endpoint.list_slots([slot], fences={slot: 7})
+    assert result.ok, result.stderr
+    assert present == {slot: {"a.fits", "b.fits"}}
+    assert Path(slot + ".fence").read_text() == "7\n"
+    for late in (6, 7):
+        result, report = site.endpoint.commit(slot, None, files, batch=late)
+        assert not result.ok and report is None  # 95 from the script, 123 through xargs
+        assert f"batch {late}: too late, its slot was listed for batch 7".encode() in result.stderr
+        assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
+        assert listing(site.ep_buffer) == {}
+    # A later batch of the slot, and a listing that decides nothing, are not held up.
+    result, present = site.endpoint.list_slots([slot])
+    assert result.ok and present == {slot: {"a.fits", "b.fits"}}
+    assert Path(slot + ".fence").read_text() == "7\n"
+    result, report = site.endpoint.commit(slot, None, files, batch=8)
+    assert result.ok, result.stderr
+    assert report is not None and report.committed == {"a.fits", "b.fits"}
 
 
 def test_list_slots_failure_gives_none(site: Site) -> None:

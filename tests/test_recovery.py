@@ -261,7 +261,7 @@ def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path:
         "#!/bin/sh\n"
         f'if [ -e {lost} ] && echo "$1" | grep -q "comm -z"; then rm -f {lost}; sh -c "$1" >/dev/null; '
         "exit 255; fi\n"
-        f'if [ -e {hang} ] && echo "$1" | grep -q "for d; do"; then touch {hanging}; sleep 60; fi\n'
+        f'if [ -e {hang} ] && echo "$1" | grep -q "%h/%f"; then touch {hanging}; sleep 60; fi\n'
         'exec sh -c "$1"\n'
     )
     script.chmod(0o755)
@@ -333,3 +333,43 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
     assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
     assert {n for (n,) in site.query("select attempts from files")} == {1}
     assert "5 had been delivered, 0 will be sent again" in daemon.output()
+
+
+def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: Path) -> None:
+    """The lock cannot wait for a commit whose remote shell has not started yet. Here the
+    connection drops (exit 255) and the script only starts 2 s later, after the daemon has
+    listed the slot and sent the files again: the listing's fence stops it before it moves
+    anything, so each file still arrives once."""
+    site = Site(tmp_path / "site")
+    flag, saved, status = tmp_path / "late", tmp_path / "stdin", tmp_path / "late-status"
+    script = tmp_path / "remote"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then rm -f {flag}; cat > {saved}\n'
+        f'  setsid sh -c \'sleep 2; sh -c "$1" < "$2" > /dev/null 2> "$3.err"; echo $? > "$3"\' '
+        f'late "$1" {saved} {status} < /dev/null > /dev/null 2>&1 &\n'
+        '  echo "Connection to endpoint closed by remote host." >&2; exit 255; fi\n'
+        'exec sh -c "$1"\n'
+    )
+    script.chmod(0o755)
+    site.configure(remote=f"{script} {{command}}", num_threads=1, retry_initial=0.2)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    flag.touch()
+    for rel in names:  # before the start: one batch
+        site.write(rel, content(rel))
+    daemon = site.start()
+    try:
+        wait_for(lambda: set(site.states().values()) == {"held"}, 30, "all held")
+        wait_for(status.exists, 20, "the late commit script to end")
+        wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
+    finally:
+        assert daemon.stop() == 0
+        consumer.stop_event.set()
+        consumer.join(5)
+    late = (tmp_path / "late-status.err").read_text()
+    assert status.read_text().strip() != "0" and "batch 1: too late" in late, late
+    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+    assert {n for (n,) in site.query("select attempts from files")} == {2}
+    assert "0 had been delivered, 5 will be sent again" in daemon.output()

@@ -44,11 +44,11 @@ FENCE = ".fence"
 #: have no '!' (history expansion).
 #:
 #: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG
-#: WAIT BATCH``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE ``xargs -0 -x``
-#: (``-x``: all of them or nothing, never a second, partial invocation). Arguments are never
-#: parsed by a shell, so the names need no quoting, and the moves need one ``mv`` per final
-#: directory, not a pipeline of filters per directory: a batch costs about a dozen processes
-#: on the endpoint whatever its size.
+#: WAIT BATCH``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE
+#: ``xargs -0 -x`` (``-x``: all of them or nothing, never a second, partial invocation).
+#: Arguments are never parsed by a shell, so the names need no quoting, and the moves need one
+#: ``mv`` per final directory, not a pipeline of filters per directory: a batch costs about a
+#: dozen processes on the endpoint whatever its size.
 #:
 #: The slot lock. A commit whose ssh client died (killed, timed out, connection dropped) can
 #: go on running on the endpoint for a while, moving files. A listing of the slot meanwhile
@@ -143,7 +143,8 @@ LIST_SCRIPT = (
     'while [ "$#" -ge 2 ]; do d=$1; n=$2; shift 2; if [ -d "$d" ]; then '
     'if [ -n "$L" ]; then (cd "$d" && flock -w "$W" . sh -c '
     f'\'if [ -n "$1" ]; then echo "$1" > "$2{FENCE}"; fi\' hdfmgr "$n" "$d") || '
-    '{ echo "hdfmgr: $d: a commit still holds it after $W s" >&2; exit 1; }; '
+    '{ echo "hdfmgr: $d: a commit still holds it after $W s (or its fence cannot be written)" >&2; '
+    "exit 1; }; "
     f'elif [ -n "$n" ]; then echo "$n" > "$d{FENCE}" || exit 1; fi; '
     "printf '%s/\\000' \"$d\"; "
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "

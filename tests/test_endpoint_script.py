@@ -107,6 +107,15 @@ def stage(slot: str, name: str, data: bytes) -> None:
     Path(os.path.join(slot, name)).write_bytes(data)
 
 
+def staged_pair(site: Site) -> tuple[str, list[StagedFile]]:
+    """Slot 0 holding good copies of d/a.fits and d/b.fits, as after their transfer."""
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    return slot, files
+
+
 def listing(directory: Path | str) -> dict[bytes, bytes]:
     d = os.fsencode(directory)
     out = {}
@@ -497,10 +506,7 @@ def test_without_flock_the_scripts_still_commit_and_list(
         assert found is not None, tool
         (bindir / tool).symlink_to(found)
     site = Site(tmp_path / "site", remote=f'env PATH={bindir} sh -c "{{command}}"')
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged_pair(site)
     result, present = site.endpoint.list_slots([slot], fences={slot: 3})
     assert result.ok, result.stderr
     assert present == {slot: {"a.fits", "b.fits"}}
@@ -517,10 +523,7 @@ def test_a_listing_fences_off_the_batches_it_decides(site: Site) -> None:
     """A commit whose remote shell starts only after the listing of its slot (its client died
     long before) must move nothing: the listing has already decided that its files are to be
     sent again. The listing leaves the batch number beside the slot; such a commit stops."""
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("d/a.fits", "d/b.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged_pair(site)
     result, present = site.endpoint.list_slots([slot], fences={slot: 7})
     assert result.ok, result.stderr
     assert present == {slot: {"a.fits", "b.fits"}}

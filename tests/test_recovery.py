@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -293,28 +295,25 @@ def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path:
     assert site.held() == {"a/first.fits": content("a/first.fits"), "b/second.fits": content("b/second.fits")}
 
 
-def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_listed(tmp_path: Path) -> None:
-    """Over ssh a commit can outlive its client: the connection drops (exit 255, no reply)
-    while the script goes on moving files on the endpoint. Here it runs on, detached and
-    slowed down (each ``mv`` waits a second), while the daemon lists the slot to learn what was
-    moved. The listing waits for the slot's lock, so it sees every file moved: none is sent
-    again, each arrives once."""
+def run_with_a_cut_off_commit(
+    tmp_path: Path, detached: str, until: Callable[[], bool] | None = None, **settings: Any
+) -> tuple[Site, str]:
+    """Five files in one batch, whose commit loses its connection (exit 255, as ssh) while the
+    remote script runs on by itself: ``detached`` is the shell line that starts it, with the
+    remote command in "$1" and its input in a file, ``{saved}``. Returns once all are held
+    (and ``until`` holds) and the daemon has stopped."""
     site = Site(tmp_path / "site")
     flag, saved = tmp_path / "cut-off", tmp_path / "stdin"
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    (shims / "mv").write_text(f'#!/bin/sh\nsleep 1\nexec {shutil.which("mv")} "$@"\n')
-    (shims / "mv").chmod(0o755)
     script = tmp_path / "remote"
     script.write_text(
         "#!/bin/sh\n"
         f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then rm -f {flag}; cat > {saved}\n'
-        f'  PATH={shims}:$PATH setsid sh -c "$1" < {saved} > /dev/null 2>&1 &\n'
+        f"  {detached.format(saved=saved)} &\n"
         '  echo "Connection to endpoint closed by remote host." >&2; exit 255; fi\n'
         'exec sh -c "$1"\n'
     )
     script.chmod(0o755)
-    site.configure(remote=f"{script} {{command}}", num_threads=2, retry_initial=0.2)
+    site.configure(remote=f"{script} {{command}}", retry_initial=0.2, **settings)
     names = [f"d/f{i}.fits" for i in range(5)]
     consumer = Consumer(site.ep_buffer)
     consumer.start()
@@ -324,6 +323,8 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
     daemon = site.start()
     try:
         wait_for(lambda: set(site.states().values()) == {"held"}, 30, "all held")
+        if until is not None:
+            wait_for(until, 20, "the detached commit script to end")
         wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
     finally:
         assert daemon.stop() == 0
@@ -331,8 +332,23 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
         consumer.join(5)
     assert not flag.exists(), "the commit was never cut off"
     assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+    return site, daemon.output()
+
+
+def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_listed(tmp_path: Path) -> None:
+    """Over ssh a commit can outlive its client: the connection drops (exit 255, no reply)
+    while the script goes on moving files on the endpoint. Here it runs on, detached and
+    slowed down (each ``mv`` waits a second), while the daemon lists the slot to learn what was
+    moved. The listing waits for the slot's lock, so it sees every file moved: none is sent
+    again, each arrives once."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "mv").write_text(f'#!/bin/sh\nsleep 1\nexec {shutil.which("mv")} "$@"\n')
+    (shims / "mv").chmod(0o755)
+    detached = f'PATH={shims}:$PATH setsid sh -c "$1" < {{saved}} > /dev/null 2>&1'
+    site, output = run_with_a_cut_off_commit(tmp_path, detached, num_threads=2)
     assert {n for (n,) in site.query("select attempts from files")} == {1}
-    assert "5 had been delivered, 0 will be sent again" in daemon.output()
+    assert "5 had been delivered, 0 will be sent again" in output
 
 
 def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: Path) -> None:
@@ -340,36 +356,13 @@ def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: 
     connection drops (exit 255) and the script only starts 2 s later, after the daemon has
     listed the slot and sent the files again: the listing's fence stops it before it moves
     anything, so each file still arrives once."""
-    site = Site(tmp_path / "site")
-    flag, saved, status = tmp_path / "late", tmp_path / "stdin", tmp_path / "late-status"
-    script = tmp_path / "remote"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then rm -f {flag}; cat > {saved}\n'
-        f'  setsid sh -c \'sleep 2; sh -c "$1" < "$2" > /dev/null 2> "$3.err"; echo $? > "$3"\' '
-        f'late "$1" {saved} {status} < /dev/null > /dev/null 2>&1 &\n'
-        '  echo "Connection to endpoint closed by remote host." >&2; exit 255; fi\n'
-        'exec sh -c "$1"\n'
+    status = tmp_path / "late-status"
+    detached = (
+        f'setsid sh -c \'sleep 2; sh -c "$1" < "$2" > /dev/null 2> "$3.err"; echo $? > "$3"\' '
+        f'late "$1" {{saved}} {status} < /dev/null > /dev/null 2>&1'
     )
-    script.chmod(0o755)
-    site.configure(remote=f"{script} {{command}}", num_threads=1, retry_initial=0.2)
-    names = [f"d/f{i}.fits" for i in range(5)]
-    consumer = Consumer(site.ep_buffer)
-    consumer.start()
-    flag.touch()
-    for rel in names:  # before the start: one batch
-        site.write(rel, content(rel))
-    daemon = site.start()
-    try:
-        wait_for(lambda: set(site.states().values()) == {"held"}, 30, "all held")
-        wait_for(status.exists, 20, "the late commit script to end")
-        wait_for(lambda: len(consumer.arrivals) >= len(names), 10, "the consumer")
-    finally:
-        assert daemon.stop() == 0
-        consumer.stop_event.set()
-        consumer.join(5)
+    site, output = run_with_a_cut_off_commit(tmp_path, detached, status.exists, num_threads=1)
     late = (tmp_path / "late-status.err").read_text()
     assert status.read_text().strip() != "0" and "batch 1: too late" in late, late
-    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
     assert {n for (n,) in site.query("select attempts from files")} == {2}
-    assert "0 had been delivered, 5 will be sent again" in daemon.output()
+    assert "0 had been delivered, 5 will be sent again" in output

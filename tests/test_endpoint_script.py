@@ -472,7 +472,7 @@ def test_a_listing_gives_up_on_a_slot_locked_for_too_long(
     """A commit that hangs on the endpoint holds its slot: the listing fails (the daemon
     retries later, the files wait) with a line that says why, before the command's timeout."""
     monkeypatch.chdir(tmp_path)
-    site = Site(tmp_path / "site", timeout=1)
+    site = Site(tmp_path / "site", timeout=4)
     slot = site.slot()
     stage(slot, "a.fits", b"x")
     holder = subprocess.Popen(["flock", slot, "sleep", "30"], start_new_session=True)
@@ -488,9 +488,9 @@ def test_a_listing_gives_up_on_a_slot_locked_for_too_long(
         os.killpg(holder.pid, 9)
         holder.wait()
     assert present is None
-    assert not result.timed_out and result.returncode == 1
-    assert b"a commit still holds it after 0.5 s" in result.stderr
-    assert 0.4 < waited < 1.0
+    assert not result.timed_out and result.returncode == 1  # its own failure, not the timeout's
+    assert b"a commit still holds it after 2.0 s" in result.stderr
+    assert waited > 1.9
 
 
 def test_without_flock_the_scripts_still_commit_and_list(

@@ -353,12 +353,16 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
 
 def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: Path) -> None:
     """The lock cannot wait for a commit whose remote shell has not started yet. Here the
-    connection drops (exit 255) and the script only starts 2 s later, after the daemon has
-    listed the slot and sent the files again: the listing's fence stops it before it moves
-    anything, so each file still arrives once."""
-    status = tmp_path / "late-status"
+    connection drops (exit 255) and the script starts only once the daemon has listed the slot
+    and sent all five files again (they are in holding): the listing's fence stops it before
+    it touches anything."""
+    status, held = tmp_path / "late-status", tmp_path / "site" / "holding" / "d"
+    wait = (
+        f"i=0; until [ $(ls {held} 2>/dev/null | wc -l) -ge 5 ] || [ $i -ge 600 ]; "
+        "do sleep 0.05; i=$((i+1)); done"
+    )
     detached = (
-        f'setsid sh -c \'sleep 2; sh -c "$1" < "$2" > /dev/null 2> "$3.err"; echo $? > "$3"\' '
+        f'setsid sh -c \'{wait}; sh -c "$1" < "$2" > /dev/null 2> "$3.err"; echo $? > "$3"\' '
         f'late "$1" {{saved}} {status} < /dev/null > /dev/null 2>&1'
     )
     site, output = run_with_a_cut_off_commit(tmp_path, detached, status.exists, num_threads=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -262,6 +263,17 @@ def session_members(sid: int) -> list[int]:
         if int(fields[3]) == sid:
             members.append(int(entry))
     return sorted(members, key=lambda p: p != sid)
+
+
+def slow_mv(shims: Path, seconds: float, started: Path | None = None) -> Path:
+    """Write ``shims/mv``: the real ``mv`` after ``seconds`` (touching ``started`` first, when
+    given), for a commit script that must still be moving files at a chosen moment. Returns
+    ``shims``, to put in front of a PATH."""
+    shims.mkdir(exist_ok=True)
+    touch = f"touch {started}\n" if started is not None else ""
+    (shims / "mv").write_text(f'#!/bin/sh\n{touch}sleep {seconds}\nexec {shutil.which("mv")} "$@"\n')
+    (shims / "mv").chmod(0o755)
+    return shims
 
 
 def content(name: str) -> bytes:

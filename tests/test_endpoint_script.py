@@ -38,6 +38,7 @@ from hdfmgr.endpoint import (
     parse_commit_output,
 )
 from hdfmgr.runner import CommandResult, run
+from tests.site import slow_mv
 
 HOSTILE = [
     "plain.fits",
@@ -423,18 +424,6 @@ def test_list_slots_skips_chatter_and_rejects_a_cut_reply(site: Site) -> None:
     assert present is None
 
 
-def slow_mv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> Path:
-    """Put an ``mv`` on PATH that waits ``seconds`` first; returns the file it creates then."""
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    started = tmp_path / "mv-started"
-    real = shutil.which("mv")
-    (shims / "mv").write_text(f'#!/bin/sh\ntouch {started}\nsleep {seconds}\nexec {real} "$@"\n')
-    (shims / "mv").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
-    return started
-
-
 def test_a_listing_waits_for_a_commit_still_moving_files(
     site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -445,7 +434,8 @@ def test_a_listing_waits_for_a_commit_still_moving_files(
     files = [site.local(rel, rel.encode()) for rel in ("d1/a.fits", "d1/b.fits", "d2/c.fits")]
     for f in files:
         stage(slot, f.basename, f.rel.encode())
-    started = slow_mv(tmp_path, monkeypatch, 0.5)
+    started = tmp_path / "mv-started"
+    monkeypatch.setenv("PATH", f"{slow_mv(tmp_path / 'shims', 0.5, started)}{os.pathsep}{os.environ['PATH']}")
     committed: list[tuple[CommandResult, CommitReport | None]] = []
     commit = threading.Thread(target=lambda: committed.append(site.endpoint.commit(slot, None, files)))
     commit.start()

@@ -8,7 +8,6 @@ there, removes the flag and restarts.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.site import Consumer, Site, content, wait_for
+from tests.site import Consumer, Site, content, slow_mv, wait_for
 
 
 def parked_remote(tmp_path: Path, when: str) -> tuple[str, Path, Path]:
@@ -341,10 +340,7 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
     slowed down (each ``mv`` waits a second), while the daemon lists the slot to learn what was
     moved. The listing waits for the slot's lock, so it sees every file moved: none is sent
     again, each arrives once."""
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    (shims / "mv").write_text(f'#!/bin/sh\nsleep 1\nexec {shutil.which("mv")} "$@"\n')
-    (shims / "mv").chmod(0o755)
+    shims = slow_mv(tmp_path / "shims", 1)
     detached = f'PATH={shims}:$PATH setsid sh -c "$1" < {{saved}} > /dev/null 2>&1'
     site, output = run_with_a_cut_off_commit(tmp_path, detached, num_threads=2)
     assert {n for (n,) in site.query("select attempts from files")} == {1}

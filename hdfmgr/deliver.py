@@ -91,6 +91,42 @@ Holder = Callable[[str], str]
 
 CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
 
+#: Files at least this large are hashed outside the turn (see :class:`_Turns`).
+LONG_CALL_BYTES = 1024 * 1024
+
+_local_io = threading.Lock()
+
+
+class _Turns:
+    """Makes the workers' per-file loops (hashing, holding) take turns on the file system.
+
+    Two threads that each make many short system calls at once hand the interpreter lock to
+    each other after every call, and both crawl: 10,000 holding moves took 0.13 s in one
+    thread and 0.29-0.32 s split over two running together, and two batches hashing 5,000
+    small files each used twice the CPU they use one after the other. So a loop holds this
+    turn across a run of short calls. A large file is hashed outside it: hashlib releases the
+    interpreter lock while it digests a block, so two of those do run in parallel.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def short(self) -> None:
+        if not self.held:
+            _local_io.acquire()
+            self.held = True
+
+    def long(self) -> None:
+        if self.held:
+            _local_io.release()
+            self.held = False
+
+    def __enter__(self) -> _Turns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.long()
+
 
 def deliver(
     job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, hold: Holder | None = None
@@ -115,16 +151,18 @@ def deliver(
 
 def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
     """Delivered files that are still the delivered version go to holding."""
-    for f in job.files:
-        if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
-            continue
-        if snapshot(f.path) != job.snapshots[f.rel]:
-            report.changed_after[f.rel] = CHANGED_AFTER
-            continue
-        try:
-            report.held[f.rel] = hold(f.rel)
-        except HoldError as exc:
-            report.hold_errors[f.rel] = str(exc)
+    with _Turns() as turn:
+        for f in job.files:
+            if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
+                continue
+            turn.short()
+            if snapshot(f.path) != job.snapshots[f.rel]:
+                report.changed_after[f.rel] = CHANGED_AFTER
+                continue
+            try:
+                report.held[f.rel] = hold(f.rel)
+            except HoldError as exc:
+                report.hold_errors[f.rel] = str(exc)
 
 
 def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:
@@ -203,16 +241,21 @@ def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:
     """BLAKE2b each file that has none yet (once per version: it is stored afterwards)."""
     t0 = time.monotonic()
     files = []
-    for f in job.files:
-        digest = f.checksum
-        if digest is None:
-            try:
-                digest = blake2b_file(f.path)
-            except OSError as exc:
-                report.outcomes[f.rel] = (FAILED, f"cannot read: {exc.strerror}")
-                continue
-            report.checksums[f.rel] = digest
-        files.append(StagedFile(f.rel, f.path, f.size, digest))
+    with _Turns() as turn:
+        for f in job.files:
+            digest = f.checksum
+            if digest is None:
+                if f.size < LONG_CALL_BYTES:
+                    turn.short()
+                else:
+                    turn.long()
+                try:
+                    digest = blake2b_file(f.path)
+                except OSError as exc:
+                    report.outcomes[f.rel] = (FAILED, f"cannot read: {exc.strerror}")
+                    continue
+                report.checksums[f.rel] = digest
+            files.append(StagedFile(f.rel, f.path, f.size, digest))
     report.hash_seconds = time.monotonic() - t0
     return files
 

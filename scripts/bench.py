@@ -23,9 +23,10 @@ The references run in the same invocation on the same files:
 * lsyncd (when installed): ``default.rsync`` with ``delay = 1`` into the endpoint buffer. It
   does not move files to holding; only arrival is compared.
 
-Every figure is reported as a ratio to the floor of the same run. A consumer thread watches the
-endpoint buffer with inotify and, for hdfmgr runs, reads and hashes each file the instant it
-appears: a file that is not byte-identical at that moment counts as "partial seen".
+Every figure is reported as a ratio to the floor of the same run. A consumer watches the
+endpoint buffer with inotify: one thread stamps each file as it appears (the arrival times),
+and for hdfmgr runs a second one reads and hashes every arrived file at once: a file that is
+not byte-identical then counts as "partial seen", and one written in place as such.
 
 Results: one JSON line per measurement on stdout and in ``bench-out/results.jsonl``; a Markdown
 report (``docs/benchmarks.md``, or ``bench-out/benchmarks-quick.md`` with ``--quick``).
@@ -34,12 +35,14 @@ report (``docs/benchmarks.md``, or ``bench-out/benchmarks-quick.md`` with ``--qu
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import platform
+import queue
 import re
 import select
 import shlex
@@ -225,21 +228,24 @@ class Inotify:
 
 
 class ArrivalWatcher(threading.Thread):
-    """Records when each file appears in the endpoint buffer; optionally ingests it at once.
+    """Records when each file appears in the endpoint buffer; optionally ingests each one.
 
     A file "arrives" when it is renamed into a watched directory (``IN_MOVED_TO``), or when a
     directory holding it is moved in or created (then it is found by a scan of that directory).
-    With ``ingest``, each arriving file is read and hashed at that instant, like an endpoint
-    manager that treats every file in its buffer as complete; a digest that differs from the
-    expected one is a partial (or wrong) file seen by the consumer. Names starting with '.' are
-    transfer temporaries (rsync's) and never count.
+    This thread only reads events and stamps them, so that an arrival's time is when the file
+    appeared, not when a busy consumer got round to it. With ``ingest``, a second thread then
+    reads and hashes every arrived file, like an endpoint manager that treats every file in its
+    buffer as complete; a digest that differs from the expected one is a partial (or wrong)
+    file seen by the consumer, and a regular file created in place (not renamed in) counts
+    against the run whatever its bytes. Names starting with '.' are transfer temporaries
+    (rsync's) and never count.
     """
 
     def __init__(self, root: Path, expected: dict[str, str] | None = None, *, ingest: bool = False) -> None:
         super().__init__(daemon=True, name="arrivals")
         self.root = str(root)
         self.expected = expected
-        self.ingest = ingest
+        self.ingest = ingest and expected is not None
         self.arrivals: dict[str, float] = {}
         self.partial: list[str] = []
         self.unexpected: list[str] = []
@@ -250,6 +256,8 @@ class ArrivalWatcher(threading.Thread):
         self._halt = threading.Event()
         self._lock = threading.Lock()
         self._inotify = Inotify()
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._ingester = threading.Thread(target=self._ingest_loop, daemon=True, name="ingest")
         self._watch(self.root, now(), moved=False)
 
     # -- internals
@@ -276,7 +284,17 @@ class ArrivalWatcher(threading.Thread):
         rel = os.path.relpath(path, self.root)
         if rel in self.arrivals:
             return
-        if self.ingest and self.expected is not None:
+        with self._lock:
+            self.arrivals[rel] = stamp
+            if self.target and len(self.arrivals) >= self.target:
+                self.complete.set()
+        if self.ingest:
+            self._queue.put((rel, path))
+
+    def _ingest_loop(self) -> None:
+        assert self.expected is not None
+        while (item := self._queue.get()) is not None:
+            rel, path = item
             want = self.expected.get(rel)
             try:
                 got = b2_file(path)
@@ -286,10 +304,13 @@ class ArrivalWatcher(threading.Thread):
                 self.unexpected.append(rel)
             elif got != want:
                 self.partial.append(rel)
-        with self._lock:
-            self.arrivals[rel] = stamp
-            if self.target and len(self.arrivals) >= self.target:
-                self.complete.set()
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def start(self) -> None:
+        if self.ingest:
+            self._ingester.start()
+        super().start()
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -327,8 +348,12 @@ class ArrivalWatcher(threading.Thread):
             return len(self.arrivals)
 
     def stop(self) -> None:
+        """Stop watching, then let the consumer finish every file that arrived."""
         self._halt.set()
         self.join(5)
+        if self.ingest:
+            self._queue.put(None)
+            self._queue.join()
 
 
 # ====================================================================== sites and daemons
@@ -544,6 +569,10 @@ class Bench:
         """
         code = self.work / "code"
         shutil.copytree(ROOT / "hdfmgr", code / "hdfmgr", ignore=shutil.ignore_patterns("__pycache__"))
+        # Compiled, as an installation leaves it (pip byte-compiles what it installs): with
+        # PYTHONDONTWRITEBYTECODE set, every daemon would otherwise compile the package anew.
+        if not compileall.compile_dir(str(code), quiet=1):
+            raise RuntimeError(f"cannot byte-compile the snapshot in {code}")
         self.base_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(code), os.environ.get("PYTHONPATH")) if p
         )

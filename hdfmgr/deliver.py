@@ -104,19 +104,24 @@ class _Turns:
     each other after every call, and both crawl: 10,000 holding moves took 0.13 s in one
     thread and 0.29-0.32 s split over two running together, and two batches hashing 5,000
     small files each used twice the CPU they use one after the other. So a loop holds this
-    turn across a run of short calls. A large file is hashed outside it: hashlib releases the
-    interpreter lock while it digests a block, so two of those do run in parallel.
+    turn across a run of short calls. A large file is handled outside it: hashlib releases the
+    interpreter lock while it digests a block, so two of those do run in parallel, and holding
+    may have to copy it to another file system, which must not hold up the other workers.
     """
 
     def __init__(self) -> None:
         self.held = False
 
-    def short(self) -> None:
-        if not self.held:
-            _local_io.acquire()
-            self.held = True
+    def before(self, size: int) -> None:
+        """Before the calls on one file of ``size`` bytes: in turn if it is small, else out."""
+        if size < LONG_CALL_BYTES:
+            if not self.held:
+                _local_io.acquire()
+                self.held = True
+        else:
+            self.release()
 
-    def long(self) -> None:
+    def release(self) -> None:
         if self.held:
             _local_io.release()
             self.held = False
@@ -125,7 +130,7 @@ class _Turns:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.long()
+        self.release()
 
 
 def deliver(
@@ -155,7 +160,7 @@ def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
         for f in job.files:
             if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
                 continue
-            turn.short()
+            turn.before(f.size)
             if snapshot(f.path) != job.snapshots[f.rel]:
                 report.changed_after[f.rel] = CHANGED_AFTER
                 continue
@@ -245,10 +250,7 @@ def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:
         for f in job.files:
             digest = f.checksum
             if digest is None:
-                if f.size < LONG_CALL_BYTES:
-                    turn.short()
-                else:
-                    turn.long()
+                turn.before(f.size)
                 try:
                     digest = blake2b_file(f.path)
                 except OSError as exc:

@@ -1,4 +1,4 @@
-"""Workers take turns on per-file loops of short calls, but hash large files side by side."""
+"""Workers take turns on per-file loops of short calls, but handle large files side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hdfmgr import deliver
-from hdfmgr.deliver import LONG_CALL_BYTES, BatchJob, BatchReport, _hash
+from hdfmgr.deliver import COMMITTED, LONG_CALL_BYTES, BatchJob, BatchReport, _hash, _hold
+from hdfmgr.detect import snapshot
 from hdfmgr.endpoint import StagedFile
 
 
@@ -16,39 +17,53 @@ def job(batch: int, tmp_path: Path, size: int) -> BatchJob:
     path = tmp_path / f"f{batch}.fits"
     path.write_bytes(b"x")
     files = [StagedFile(path.name, str(path), size)]
-    return BatchJob(batch, batch, f"slot{batch}", files, {}, prepare=False, clean=False)
+    snap = snapshot(str(path))
+    assert snap is not None
+    return BatchJob(batch, batch, f"slot{batch}", files, {path.name: snap}, prepare=False, clean=False)
 
 
-def both_inside_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, size: int) -> bool:
-    """Hash one file in each of two batches at once; whether both hashes ever ran together."""
+def both_inside_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step: str, size: int) -> bool:
+    """Run ``step`` on one file in each of two batches at once; whether both ever met inside."""
     meeting = threading.Barrier(2, timeout=1.0)
     met: list[bool] = []
 
-    def meet_the_other(path: str) -> str:
+    def meet_the_other(path_or_rel: str) -> str:
         try:
             meeting.wait()
             met.append(True)
         except threading.BrokenBarrierError:
             met.append(False)
-        return "digest"
+        return "done"
 
-    monkeypatch.setattr(deliver, "blake2b_file", meet_the_other)
     reports = [BatchReport(job(n, tmp_path, size), 0.0) for n in (1, 2)]
-    threads = [threading.Thread(target=_hash, args=(r.job, r)) for r in reports]
+    if step == "hash":
+        monkeypatch.setattr(deliver, "blake2b_file", meet_the_other)
+        threads = [threading.Thread(target=_hash, args=(r.job, r)) for r in reports]
+    else:
+        for r in reports:
+            r.outcomes[r.job.files[0].rel] = (COMMITTED, None)
+        threads = [threading.Thread(target=_hold, args=(r.job, r, meet_the_other)) for r in reports]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert all(r.checksums == {r.job.files[0].rel: "digest"} for r in reports)
+    for r in reports:
+        assert (r.checksums if step == "hash" else r.held) == {r.job.files[0].rel: "done"}
     return any(met)
 
 
-def test_small_files_are_hashed_one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert not both_inside_at_once(monkeypatch, tmp_path, size=4096)
+@pytest.mark.parametrize("step", ["hash", "hold"])
+def test_small_files_are_handled_one_batch_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step: str
+) -> None:
+    assert not both_inside_at_once(monkeypatch, tmp_path, step, size=4096)
 
 
-def test_large_files_are_hashed_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert both_inside_at_once(monkeypatch, tmp_path, size=LONG_CALL_BYTES)
+@pytest.mark.parametrize("step", ["hash", "hold"])
+def test_large_files_are_handled_side_by_side(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step: str
+) -> None:
+    assert both_inside_at_once(monkeypatch, tmp_path, step, size=LONG_CALL_BYTES)
 
 
 def test_a_failed_hash_gives_the_turn_back(tmp_path: Path) -> None:

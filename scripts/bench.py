@@ -256,7 +256,7 @@ class ArrivalWatcher(threading.Thread):
         self._halt = threading.Event()
         self._lock = threading.Lock()
         self._inotify = Inotify()
-        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._ingester = threading.Thread(target=self._ingest_loop, daemon=True, name="ingest")
         self._watch(self.root, now(), moved=False)
 
@@ -304,8 +304,6 @@ class ArrivalWatcher(threading.Thread):
                 self.unexpected.append(rel)
             elif got != want:
                 self.partial.append(rel)
-            self._queue.task_done()
-        self._queue.task_done()
 
     def start(self) -> None:
         if self.ingest:
@@ -353,7 +351,9 @@ class ArrivalWatcher(threading.Thread):
         self.join(5)
         if self.ingest:
             self._queue.put(None)
-            self._queue.join()
+            self._ingester.join(600)
+            if self._ingester.is_alive():
+                raise RuntimeError("the consumer did not finish hashing the arrived files")
 
 
 # ====================================================================== sites and daemons

@@ -117,7 +117,7 @@ class Config:
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
-        return any(p.search(relpath) for p in self.exclude)
+        return bool(self.exclude) and any(p.search(relpath) for p in self.exclude)
 
 
 def load(path: str | os.PathLike[str], *, check_paths: bool = True) -> Config:

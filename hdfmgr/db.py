@@ -219,8 +219,12 @@ def to_blob(rel: str) -> bytes:
     return os.fsencode(rel)
 
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 def from_blob(value: bytes | memoryview) -> str:
-    return os.fsdecode(bytes(value))
+    """``os.fsdecode``, spelled out: a restart decodes every unfinished file's path."""
+    return bytes(value).decode(_FS_ENCODING, _FS_ERRORS)
 
 
 def database_location(config: Config) -> str:

@@ -46,6 +46,8 @@ from .settle import Evidence, SettleTracker, Snapshot, Verdict
 log = logging.getLogger("hdfmgr")
 
 IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
+#: Plain strings for the per-file paths: an enum member's ``.value`` is a descriptor call.
+COMMITTED_STATE = State.COMMITTED.value
 
 #: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
 #: copying in parallel) instead of queueing in one batch; small files are unaffected.
@@ -421,12 +423,12 @@ class Pipeline:
         known = self.known.get(rel)
         if known is not None:
             known.scanned = self.scan_number
-        if known is not None and known.matches(snap):
-            if known.state == State.COMMITTED.value:
-                delivered.append(rel)
-            return
-        if known is not None and known.state in IN_FLIGHT:
-            return  # looked at again when its batch reports
+            if known.matches(snap):
+                if known.state == COMMITTED_STATE:
+                    delivered.append(rel)
+                return
+            if known.state in IN_FLIGHT:
+                return  # looked at again when its batch reports
         if rel not in self.tracker:
             self.tracker.note(rel, evidence, now, snap)
 
@@ -933,19 +935,24 @@ class Pipeline:
         now = time.monotonic()
         wall = time.time()
         self._committing_batches: dict[int, list[str]] = {}
+        # One shared string per state, not one per row; the enum's members are looked up
+        # once, not per row (a restart with 100,000 unfinished files runs this loop for each).
+        states = {s.value: s.value for s in State}
+        committing, ready, failed = State.COMMITTING.value, State.READY.value, State.FAILED.value
+        known_files, enqueue, retry_heap = self.known, self._enqueue, self.retry_heap
         for row in self._rec().active():
-            rel = row.rel
-            state = State(row.state).value  # one shared string per state, not one per row
+            rel, state = row.rel, states[row.state]
             known = Known(
                 row.id, row.size, row.mtime_ns, row.inode, state, row.attempts, row.hashed, since=now
             )
-            self.known[rel] = known
-            if row.state == State.COMMITTING.value and row.last_batch is not None:
+            known_files[rel] = known
+            if state == committing and row.last_batch is not None:
                 self._committing_batches.setdefault(row.last_batch, []).append(rel)
-            elif row.state == State.READY.value or (row.state == State.FAILED.value and self.once):
-                self._enqueue(rel, known)
-            elif row.state == State.FAILED.value:
-                heapq.heappush(self.retry_heap, (now + max(0.0, row.next_try - wall), rel))
+            elif state == ready or (state == failed and self.once):
+                enqueue(rel, known)
+            elif state == failed:
+                retry_heap.append((now + max(0.0, row.next_try - wall), rel))
+        heapq.heapify(retry_heap)
 
     def _recover(self) -> None:
         """Reconcile files that were in flight when the last run ended.

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
 
@@ -25,8 +25,9 @@ CHUNK = 500
 RESUMED_STATES = tuple(s.value for s in State if s not in (State.HELD, State.QUARANTINED))
 
 
-@dataclass(frozen=True, slots=True)
-class ActiveRow:
+class ActiveRow(NamedTuple):
+    """One resumed file's row (a tuple: a restart makes one per unfinished file)."""
+
     id: int
     rel: str
     size: int
@@ -90,8 +91,10 @@ class Recorder:
                 .order_by(FileRecord.detected_at)
                 .tuples()
             )
-            # iterator(): no cache of every row (at 100,000 rows the cache was 50 MB of peak RSS).
-            for row in query.iterator():
+            # The driver's cursor, read row by row: no cache of every row (at 100,000 rows
+            # peewee's cache was 50 MB of peak RSS), and no per-column conversion, which the
+            # driver's own types make unnecessary here (0.47 s of a 0.69 s read of 100,000 rows).
+            for row in self.db.execute(query):
                 yield ActiveRow(row[0], from_blob(row[1]), *row[2:7], bool(row[7]), *row[8:])
 
     def requeued(self) -> Iterator[ActiveRow]:

@@ -244,3 +244,41 @@ def test_backlog_seeks_the_state_index_after_analyze_and_old_indexes_go(tmp_path
             assert "files_source_state_detected_at (source=? AND state=?)" in plan, (sql, plan)
     finally:
         database.close()
+
+
+def test_a_restart_reads_every_unfinished_file_back_as_recorded(site: Site) -> None:
+    """A restart reads the driver's rows as they come, without peewee's per-column conversion:
+    on either engine the values must still be the types the daemon works with, hostile and
+    non-UTF-8 paths included, and finished files must not come back."""
+    now = time.time()
+    names = {
+        "ready": "plain.fits",
+        "failed": "sp ace/$(x) 'q'\n.fits",
+        "committing": "bad-\udcff.fits",
+        "staging": "-dash.fits",
+    }
+    rows = [
+        file_row("cam1", rel, state=state, detected=now - i, last_batch=None)
+        for i, (state, rel) in enumerate(names.items())
+    ]
+    rows[1].update(next_try=now + 5.5, checksum="ab" * 64, attempts=2)
+    rows[2].update(last_batch=7)
+    rows.append(file_row("cam1", "done.fits", detected=now, committed=now, last_batch=3))
+    insert_files(rows)
+    database = dbm.connect(config_mod.load(site.config_path))
+    try:
+        resumed = {row.rel: row for row in Recorder(database, "cam1").active()}
+    finally:
+        database.close()
+    assert set(resumed) == set(names.values())
+    for state, rel in names.items():
+        row = resumed[rel]
+        assert row.state == state
+        assert all(type(v) is int for v in (row.id, row.size, row.mtime_ns, row.inode, row.attempts))
+        assert type(row.hashed) is bool and type(row.next_try) is float
+        assert row.mtime_ns == int((now - list(names).index(state)) * 1e9)
+    assert resumed[names["failed"]].hashed and resumed[names["failed"]].attempts == 2
+    assert resumed[names["failed"]].next_try == pytest.approx(now + 5.5)
+    assert not resumed[names["ready"]].hashed
+    assert resumed[names["committing"]].last_batch == 7
+    assert resumed[names["staging"]].last_batch is None

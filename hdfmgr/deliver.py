@@ -104,9 +104,10 @@ class _Turns:
     each other after every call, and both crawl: 10,000 holding moves took 0.12-0.22 s in one
     thread and 0.29-0.32 s split over two running together, and in the daemon a batch's
     holding loop used 0.19 CPU-seconds beside another one against 0.08 on its own. So a loop
-    holds this turn across a run of short calls. A large file is handled outside it: hashlib releases the
-    interpreter lock while it digests a block, so two of those do run in parallel, and holding
-    may have to copy it to another file system, which must not hold up the other workers.
+    holds this turn across a run of short calls. A large file is handled outside it: hashlib
+    releases the interpreter lock while it digests a block, so two of those do run in
+    parallel, and holding may have to copy it to another file system, which must not hold up
+    the other workers.
     """
 
     def __init__(self) -> None:

@@ -46,7 +46,7 @@ from .settle import Evidence, SettleTracker, Snapshot, Verdict
 log = logging.getLogger("hdfmgr")
 
 IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
-#: Plain strings for the per-file paths: an enum member's ``.value`` is a descriptor call.
+#: A plain string for the per-file loops: an enum member's ``.value`` is a descriptor call each time.
 COMMITTED_STATE = State.COMMITTED.value
 
 #: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
@@ -353,11 +353,11 @@ class Pipeline:
 
     def waiting(self) -> tuple[int, int]:
         """Files (and bytes) known and not yet delivered, plus those still settling."""
-        pending = [k for k in self.known.values() if k.state != State.COMMITTED.value]
+        pending = [k for k in self.known.values() if k.state != COMMITTED_STATE]
         return len(pending) + len(self.tracker), sum(k.size for k in pending)
 
     def _undelivered(self) -> list[str]:
-        return [rel for rel, k in self.known.items() if k.state != State.COMMITTED.value]
+        return [rel for rel, k in self.known.items() if k.state != COMMITTED_STATE]
 
     def _drain_and_stop(self) -> Outcome:
         sdnotify.notify("STOPPING=1")
@@ -459,7 +459,7 @@ class Pipeline:
         if vanished:
             self._mark_vanished(vanished)
         # Still in the buffer: moved to holding. Gone from it: recorded as done, with the reason.
-        delivered += [rel for rel, k in unseen if k.state == State.COMMITTED.value]
+        delivered += [rel for rel, k in unseen if k.state == COMMITTED_STATE]
         if delivered:
             self._hold_committed(delivered)
         log.debug("scan: %d entries, %.3f s", entries, time.monotonic() - now)
@@ -601,7 +601,7 @@ class Pipeline:
             elif known.matches(snap):
                 if known.state == State.READY.value and rel not in self.ready:
                     self._enqueue(rel, known)
-            elif known.state == State.COMMITTED.value:
+            elif known.state == COMMITTED_STATE:
                 # Delivered, then rewritten before it reached holding: the delivered version
                 # is done; the new content is a new version.
                 self._retire(rel, known, "replaced in the buffer by a new version after delivery")
@@ -801,7 +801,7 @@ class Pipeline:
             wall=wall,
         )
         for rel in committed:
-            self.known[rel].state = State.COMMITTED.value
+            self.known[rel].state = COMMITTED_STATE
         if unknown:
             for rel in report.unknown:
                 self.unrecovered.setdefault(job.staging_dir, []).append((rel, job.id))
@@ -975,7 +975,7 @@ class Pipeline:
                 for rel in self._committing_batches[batch_id]:
                     self.unrecovered.setdefault(staging_dir, []).append((rel, batch_id))
             self._recover_committing()
-        committed = [rel for rel, k in self.known.items() if k.state == State.COMMITTED.value]
+        committed = [rel for rel, k in self.known.items() if k.state == COMMITTED_STATE]
         if committed:
             log.info("moving %d already delivered file(s) to holding", len(committed))
             self._hold_committed(committed)

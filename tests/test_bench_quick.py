@@ -40,7 +40,12 @@ def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     assert all(r["spawned_by_daemon"] < r["files"] for r in small)
     restart = [r for r in rows if r["method"] == "restart"]
     assert restart and all(r["rehashed"] == 0 for r in restart)
-    assert (out / "benchmarks-quick.md").exists()
+    # The mandatory-work bound: done, every file delivered, its CPU time measured and reported.
+    bound = [r for r in rows if r["method"].startswith("bound")]
+    assert bound and all(r["ok"] and r["cpu_seconds"] > 0 and r["cores"] >= 1 for r in bound)
+    assert all(r["cpu_seconds"] > 0 and r["consumer_cpu_seconds"] > 0 for r in small)
+    report = (out / "benchmarks-quick.md").read_text()
+    assert "that work alone needs at least" in report
 
 
 def kill_processes_mentioning(text: str) -> None:

@@ -22,6 +22,10 @@ The references run in the same invocation on the same files:
   marked so.
 * lsyncd (when installed): ``default.rsync`` with ``delay = 1`` into the endpoint buffer. It
   does not move files to holding; only arrival is compared.
+* bound (small-file backlog): the per-file work the local target includes and nothing else
+  (``BOUND_SCRIPT``), in one process. Its CPU time divided by the cores is the least time any
+  tool doing that work could take here; hdfmgr runs also record their own CPU time and the
+  consumer's, which shares the cores with them.
 
 Every figure is reported as a ratio to the floor of the same run. A consumer watches the
 endpoint buffer with inotify: one thread stamps each file as it appears (the arrival times),

@@ -26,6 +26,8 @@ The references run in the same invocation on the same files:
   (``BOUND_SCRIPT``), in one process. Its CPU time divided by the cores is the least time any
   tool doing that work could take here; hdfmgr runs also record their own CPU time and the
   consumer's, which shares the cores with them.
+* ideal rsync+share (small-file backlog): the ssh target's work as a bare pipeline
+  (``IDEAL_SSH_METHOD``), timed end to end: what the 1.5x target leaves for a daemon.
 
 Every figure is reported as a ratio to the floor of the same run. A consumer watches the
 endpoint buffer with inotify: one thread stamps each file as it appears (the arrival times),
@@ -992,6 +994,81 @@ class Bench:
             **(json.loads(out) if proc.returncode == 0 else {}),
         )
 
+    def run_ideal_ssh(self, workload: str, rep: int, tree: tuple[Path, dict[str, str]]) -> dict[str, Any]:
+        """The ssh target's mandatory work as a bare pipeline, timed end to end (see IDEAL_SSH)."""
+        tag = f"{workload}-ideal-{rep}"
+        site = Site(self.work / tag)
+        self.link_tree(tree[0], tree[1], site.buffer)
+        server = self.ssh()
+        rels = sorted(tree[1])
+        halves = (rels[: len(rels) // 2], rels[len(rels) // 2 :])
+        slots = [site.staging / f"ideal.{i}" for i in range(2)]
+        sums: dict[str, str] = {}
+        t0 = now()
+        hasher = threading.Thread(
+            target=lambda: sums.update((r, b2_file(str(site.buffer / r))) for r in rels)
+        )
+        hasher.start()
+        rsh = shlex.join(self.ssh_argv(True))
+        copies = [
+            subprocess.Popen(
+                ["rsync", "-a", "-e", rsh, *(str(site.buffer / r) for r in half), server.remote(f"{slot}/")],
+                stderr=subprocess.PIPE,
+            )
+            for slot, half in zip(slots, halves, strict=True)
+        ]
+        problems = [f"rsync: {p.communicate()[1][-300:]!r}" for p in copies if p.wait() != 0]
+        tops = sorted({os.path.dirname(r) for r in rels})
+        script = [f"mkdir -p -- {' '.join(shlex.quote(str(site.ep_buffer / t)) for t in tops)}"]
+        for slot, half in zip(slots, halves, strict=True):
+            by_top: dict[str, list[str]] = {}
+            for r in half:
+                by_top.setdefault(os.path.dirname(r), []).append(str(slot / os.path.basename(r)))
+            for top, paths in by_top.items():
+                script.append(shlex.join(["mv", "-t", str(site.ep_buffer / top), "--", *paths]))
+        script.append(
+            shlex.join(["find", str(site.ep_buffer), "-type", "f", "-printf", "%s %p\\0"]) + " >/dev/null"
+        )
+        commit = subprocess.run(
+            [*self.ssh_argv(True), "--", server.destination, "sh"],
+            input="\n".join(script).encode(),
+            capture_output=True,
+            check=False,
+        )
+        if commit.returncode != 0:
+            problems.append(f"commit: {commit.stderr[-300:]!r}")
+        hasher.join()
+        for top in tops:
+            (site.holding / top).mkdir(parents=True, exist_ok=True)
+        for r in rels:
+            os.rename(site.buffer / r, site.holding / r)
+        con = sqlite3.connect(site.root / "ideal.db")
+        con.execute("create table files (name text primary key, size integer, checksum text)")
+        with con:
+            con.executemany(
+                "insert into files values (?, ?, ?)",
+                [(r, (site.holding / r).stat().st_size, sums[r]) for r in rels],
+            )
+        con.close()
+        elapsed = now() - t0
+        self.close_master(f"{self.ctl_dir}/cm-%C")
+        arrived = count_files(site.ep_buffer)
+        if arrived != len(rels):
+            problems.append(f"{arrived} of {len(rels)} in the endpoint buffer")
+        if problems:
+            self.fail(f"{tag}: {problems[0]}")
+        self.discard(site)
+        return self.record(
+            workload=workload,
+            method=IDEAL_SSH_METHOD,
+            family="rsync-ssh",
+            rep=rep,
+            files=len(rels),
+            seconds=round(elapsed, 4),
+            ok=not problems,
+            problems=problems,
+        )
+
     def run_naive(
         self, workload: str, family: str, rep: int, tree: tuple[Path, dict[str, str]], *, share: bool = False
     ) -> dict[str, Any]:
@@ -1167,6 +1244,8 @@ class Bench:
                 continue
             self.run_floor(workload, "rsync-ssh", rep, tree)
             self.run_floor(workload, "scp", rep, tree)
+            if not big:
+                self.run_ideal_ssh(workload, rep, tree)
             for name in ssh_names:
                 if not self.quick:
                     self.run_hdfmgr(workload, self.transport(name), rep, tree=tree)
@@ -1742,6 +1821,9 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         bound = bound_line(by, workload, floor(workload, "rsync"))
         if bound:
             lines += [bound, ""]
+        ideal = ideal_line(by, workload, floor(workload, "rsync-ssh"))
+        if ideal:
+            lines += [ideal, ""]
     # ---- trickle
     trickles = sorted({w for (w, _) in by if w.startswith("trickle")}, key=lambda w: float(w.split()[1][:-2]))
     if trickles:
@@ -1847,6 +1929,11 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
 
 
 BOUND_METHOD = "bound: the mandatory work alone"
+#: What the ssh target's work takes as a bare pipeline: two rsyncs of the halves at once over
+#: one shared connection with the hashing in a thread beside them, one remote ``sh`` with one
+#: ``mv`` per directory and a listing of the endpoint buffer, then the holding renames and one
+#: row per file. Timed end to end (wall time: the endpoint's processes are not our children).
+IDEAL_SSH_METHOD = "ideal rsync+share: the mandatory work as a bare pipeline"
 
 
 def bound_figures(by: dict[tuple[str, str], list[dict[str, Any]]], workload: str) -> dict[str, float] | None:
@@ -1889,8 +1976,27 @@ def bound_line(by: dict[tuple[str, str], list[dict[str, Any]]], workload: str, f
     return text
 
 
+def ideal_line(by: dict[tuple[str, str], list[dict[str, Any]]], workload: str, fl: float | None) -> str:
+    """How much of the ssh target the bare pipeline leaves to a daemon."""
+    sec = _med(by.get((workload, IDEAL_SSH_METHOD), []), "seconds")
+    if sec is None or not fl:
+        return ""
+    shared = _med(
+        [r for r in by.get((workload, "hdfmgr rsync+share"), []) if not r.get("shimmed")], "seconds"
+    )
+    text = (
+        f"The ideal rsync+share row does the ssh target's work as a bare pipeline (IDEAL_SSH_METHOD"
+        f" in `scripts/bench.py`): {sec:.3f} s, {sec / fl:.2f}x the rsync-over-ssh floor, with no consumer"
+        f" running. The 1.5x target leaves {1.5 * fl - sec:.3f} s beyond it for everything a daemon adds"
+        f" (start-up, events, settle checks, records, per-file verification)"
+    )
+    if shared is not None:
+        text += f"; hdfmgr rsync+share took {shared - sec:.3f} s more than the pipeline"
+    return text + "."
+
+
 def _method_order(method: str) -> tuple[int, str]:
-    order = ("floor", "bound", "hdfmgr", "naive", "lsyncd")
+    order = ("floor", "bound", "ideal", "hdfmgr", "naive", "lsyncd")
     return (next((i for i, p in enumerate(order) if method.startswith(p)), 9), method)
 
 

@@ -44,8 +44,12 @@ def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     bound = [r for r in rows if r["method"].startswith("bound")]
     assert bound and all(r["ok"] and r["cpu_seconds"] > 0 and r["cores"] >= 1 for r in bound)
     assert all(r["cpu_seconds"] > 0 and r["consumer_cpu_seconds"] > 0 for r in small)
+    # The ssh target's work as a bare pipeline: done, every file delivered, reported.
+    ideal = [r for r in rows if r["method"].startswith("ideal")]
+    assert ideal and all(r["ok"] and r["files"] > 0 for r in ideal)
     report = (out / "benchmarks-quick.md").read_text()
     assert "that work alone needs at least" in report
+    assert "The 1.5x target leaves" in report
 
 
 def kill_processes_mentioning(text: str) -> None:

@@ -995,40 +995,42 @@ class Bench:
         )
 
     def run_ideal_ssh(self, workload: str, rep: int, tree: tuple[Path, dict[str, str]]) -> dict[str, Any]:
-        """The ssh target's mandatory work as a bare pipeline, timed end to end (see IDEAL_SSH)."""
+        """The ssh target's mandatory work as a bare pipeline, timed end to end (IDEAL_SSH_METHOD)."""
         tag = f"{workload}-ideal-{rep}"
         site = Site(self.work / tag)
         self.link_tree(tree[0], tree[1], site.buffer)
         server = self.ssh()
+        buffer, holding, ep = str(site.buffer), str(site.holding), str(site.ep_buffer)
         rels = sorted(tree[1])
         halves = (rels[: len(rels) // 2], rels[len(rels) // 2 :])
-        slots = [site.staging / f"ideal.{i}" for i in range(2)]
-        sums: dict[str, str] = {}
+        slots = [f"{site.staging}/ideal.{i}" for i in range(2)]
+        tops = sorted({os.path.dirname(r) for r in rels})
+        rows: list[tuple[str, int, str]] = []
         t0 = now()
-        hasher = threading.Thread(
-            target=lambda: sums.update((r, b2_file(str(site.buffer / r))) for r in rels)
-        )
+
+        def hash_all() -> None:
+            for r in rels:
+                path = f"{buffer}/{r}"
+                rows.append((r, os.lstat(path).st_size, b2_file(path)))
+
+        hasher = threading.Thread(target=hash_all)
         hasher.start()
         rsh = shlex.join(self.ssh_argv(True))
         copies = [
             subprocess.Popen(
-                ["rsync", "-a", "-e", rsh, *(str(site.buffer / r) for r in half), server.remote(f"{slot}/")],
+                ["rsync", "-a", "-e", rsh, *(f"{buffer}/{r}" for r in half), server.remote(f"{slot}/")],
                 stderr=subprocess.PIPE,
             )
             for slot, half in zip(slots, halves, strict=True)
         ]
         problems = [f"rsync: {p.communicate()[1][-300:]!r}" for p in copies if p.wait() != 0]
-        tops = sorted({os.path.dirname(r) for r in rels})
-        script = [f"mkdir -p -- {' '.join(shlex.quote(str(site.ep_buffer / t)) for t in tops)}"]
+        script = ["mkdir -p -- " + " ".join(shlex.quote(f"{ep}/{t}") for t in tops)]
         for slot, half in zip(slots, halves, strict=True):
             by_top: dict[str, list[str]] = {}
             for r in half:
-                by_top.setdefault(os.path.dirname(r), []).append(str(slot / os.path.basename(r)))
-            for top, paths in by_top.items():
-                script.append(shlex.join(["mv", "-t", str(site.ep_buffer / top), "--", *paths]))
-        script.append(
-            shlex.join(["find", str(site.ep_buffer), "-type", "f", "-printf", "%s %p\\0"]) + " >/dev/null"
-        )
+                by_top.setdefault(os.path.dirname(r), []).append(f"{slot}/{os.path.basename(r)}")
+            script += [shlex.join(["mv", "-t", f"{ep}/{top}", "--", *paths]) for top, paths in by_top.items()]
+        script.append(shlex.join(["find", ep, "-type", "f", "-printf", "%s %p\\0"]) + " >/dev/null")
         commit = subprocess.run(
             [*self.ssh_argv(True), "--", server.destination, "sh"],
             input="\n".join(script).encode(),
@@ -1039,16 +1041,13 @@ class Bench:
             problems.append(f"commit: {commit.stderr[-300:]!r}")
         hasher.join()
         for top in tops:
-            (site.holding / top).mkdir(parents=True, exist_ok=True)
+            os.makedirs(f"{holding}/{top}", exist_ok=True)
         for r in rels:
-            os.rename(site.buffer / r, site.holding / r)
+            os.rename(f"{buffer}/{r}", f"{holding}/{r}")
         con = sqlite3.connect(site.root / "ideal.db")
         con.execute("create table files (name text primary key, size integer, checksum text)")
         with con:
-            con.executemany(
-                "insert into files values (?, ?, ?)",
-                [(r, (site.holding / r).stat().st_size, sums[r]) for r in rels],
-            )
+            con.executemany("insert into files values (?, ?, ?)", rows)
         con.close()
         elapsed = now() - t0
         self.close_master(f"{self.ctl_dir}/cm-%C")

@@ -900,6 +900,15 @@ class Bench:
 
     # -- references
 
+    def finish_reference(
+        self, site: Site, tag: str, problems: list[str], elapsed: float, **row: Any
+    ) -> dict[str, Any]:
+        """Report a reference run's problems, remove its site and record its row."""
+        if problems:
+            self.fail(f"{tag}: {problems[0]}")
+        self.discard(site)
+        return self.record(**row, seconds=round(elapsed, 4), ok=not problems, problems=problems)
+
     def run_floor(
         self, workload: str, family: str, rep: int, tree: tuple[Path, dict[str, str]]
     ) -> dict[str, Any]:
@@ -931,19 +940,10 @@ class Bench:
         elapsed = (max(watcher.arrivals.values()) if watcher.arrivals else now()) - t0
         watcher.stop()
         problems = [] if arrived else [f"only {watcher.count()} of {len(tree[1])} arrived"]
-        if problems:
-            self.fail(f"{tag}: {problems[0]}")
-        self.discard(site)
-        return self.record(
-            workload=workload,
-            method=f"floor {family}",
-            family=family,
-            rep=rep,
-            files=len(tree[1]),
-            seconds=round(elapsed, 4),
-            ok=not problems,
-            problems=problems,
-        )
+        return self.finish_reference(
+            site, tag, problems, elapsed, workload=workload, method=f"floor {family}", family=family,
+            rep=rep, files=len(tree[1]),
+        )  # fmt: skip
 
     def run_bound(self, workload: str, rep: int, tree: tuple[Path, dict[str, str]]) -> dict[str, Any]:
         """The mandatory work alone (BOUND_SCRIPT): its wall time, and its CPU time per core."""
@@ -972,27 +972,15 @@ class Bench:
         proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime  # the children's too: cp was waited for
         problems = [] if proc.returncode == 0 else [f"exit status {proc.returncode}"]
-        arrived = sum(1 for _ in site.ep_buffer.rglob("*") if _.is_file())
+        arrived = count_files(site.ep_buffer)
         if arrived != len(tree[1]):
             problems.append(f"{arrived} of {len(tree[1])} in the endpoint buffer")
-        if problems:
-            self.fail(f"{tag}: {problems[0]}")
-        self.discard(site)
         cores = os.cpu_count() or 1
-        return self.record(
-            workload=workload,
-            method=BOUND_METHOD,
-            family="rsync",
-            rep=rep,
-            files=len(tree[1]),
-            seconds=round(elapsed, 4),
-            cpu_seconds=round(cpu, 4),
-            cores=cores,
-            cpu_per_core_seconds=round(cpu / cores, 4),
-            ok=not problems,
-            problems=problems,
-            **(json.loads(out) if proc.returncode == 0 else {}),
-        )
+        return self.finish_reference(
+            site, tag, problems, elapsed, workload=workload, method=BOUND_METHOD, family="rsync",
+            rep=rep, files=len(tree[1]), cpu_seconds=round(cpu, 4), cores=cores,
+            cpu_per_core_seconds=round(cpu / cores, 4), **(json.loads(out) if proc.returncode == 0 else {}),
+        )  # fmt: skip
 
     def run_ideal_ssh(self, workload: str, rep: int, tree: tuple[Path, dict[str, str]]) -> dict[str, Any]:
         """The ssh target's mandatory work as a bare pipeline, timed end to end (IDEAL_SSH_METHOD)."""
@@ -1054,19 +1042,10 @@ class Bench:
         arrived = count_files(site.ep_buffer)
         if arrived != len(rels):
             problems.append(f"{arrived} of {len(rels)} in the endpoint buffer")
-        if problems:
-            self.fail(f"{tag}: {problems[0]}")
-        self.discard(site)
-        return self.record(
-            workload=workload,
-            method=IDEAL_SSH_METHOD,
-            family="rsync-ssh",
-            rep=rep,
-            files=len(rels),
-            seconds=round(elapsed, 4),
-            ok=not problems,
-            problems=problems,
-        )
+        return self.finish_reference(
+            site, tag, problems, elapsed, workload=workload, method=IDEAL_SSH_METHOD, family="rsync-ssh",
+            rep=rep, files=len(rels),
+        )  # fmt: skip
 
     def run_naive(
         self, workload: str, family: str, rep: int, tree: tuple[Path, dict[str, str]], *, share: bool = False

@@ -1781,8 +1781,7 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         ]
         for method in sorted(methods, key=_method_order):
             rows = by[(workload, method)]
-            # Runs through the PATH shim pay for it: timed only when nothing else ran (--quick).
-            timed = [r for r in rows if r.get("seconds") is not None and not r.get("shimmed")] or rows
+            timed = timed_rows(rows)
             shim = [r for r in rows if r.get("shimmed")]
             family = rows[0].get("family", "rsync")
             fl = floor(workload, family)
@@ -1816,7 +1815,7 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         for workload in trickles:
             for method in sorted(m for (w, m) in by if w == workload):
                 rows = by[(workload, method)]
-                timed = [r for r in rows if not r.get("shimmed")] or rows
+                timed = timed_rows(rows)
                 ok = all(r.get("ok", True) for r in rows)
                 lines.append(
                     f"| {workload.split()[1]} | {method} | {_fmt(_med(timed, 'latency_p50'), 3)} | "
@@ -1906,6 +1905,12 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
     return "\n".join(lines) + "\n"
 
 
+def timed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose times count: runs through the PATH shim pay for it, so they count only
+    when nothing else ran (--quick)."""
+    return [r for r in rows if r.get("seconds") is not None and not r.get("shimmed")] or rows
+
+
 BOUND_METHOD = "bound: the mandatory work alone"
 #: What the ssh target's work takes as a bare pipeline: two rsyncs of the halves at once over
 #: one shared connection with the hashing in a thread beside them, one remote ``sh`` with one
@@ -1920,7 +1925,7 @@ def bound_figures(by: dict[tuple[str, str], list[dict[str, Any]]], workload: str
     cpu = _med(rows, "cpu_seconds")
     if cpu is None:
         return None
-    local = [r for r in by.get((workload, "hdfmgr local"), []) if not r.get("shimmed")]
+    local = timed_rows(by.get((workload, "hdfmgr local"), []))
     return {
         "cpu": cpu,
         "cores": rows[0]["cores"],
@@ -1959,9 +1964,7 @@ def ideal_line(by: dict[tuple[str, str], list[dict[str, Any]]], workload: str, f
     sec = _med(by.get((workload, IDEAL_SSH_METHOD), []), "seconds")
     if sec is None or not fl:
         return ""
-    shared = _med(
-        [r for r in by.get((workload, "hdfmgr rsync+share"), []) if not r.get("shimmed")], "seconds"
-    )
+    shared = _med(timed_rows(by.get((workload, "hdfmgr rsync+share"), [])), "seconds")
     text = (
         f"The ideal rsync+share row does the ssh target's work as a bare pipeline (IDEAL_SSH_METHOD"
         f" in `scripts/bench.py`): {sec:.3f} s, {sec / fl:.2f}x the rsync-over-ssh floor, with no consumer"
@@ -1983,7 +1986,7 @@ def judge(
 ) -> tuple[str, str]:
     def timed(workload: str, method: str) -> list[dict[str, Any]]:
         rows = by.get((workload, method), [])
-        return [r for r in rows if r.get("seconds") is not None and not r.get("shimmed")] or rows
+        return timed_rows(rows)
 
     def verdict(ok: bool | None) -> str:
         return "not measured" if ok is None else ("PASS" if ok else "FAIL")

@@ -289,7 +289,8 @@ def render_show(rel: str, versions: list[dict[str, Any]]) -> str:
             )
             if t["outcome"] != "committed" and (t["error"] or t["stderr"]):
                 detail = (t["error"] or "").strip() or (t["stderr"] or "").strip().splitlines()[-1]
-                lines.append(f"         [{t['error_class']}, exit {t['returncode']}] {_printable(detail)}")
+                code = f", exit {t['returncode']}" if t["returncode"] is not None else ""
+                lines.append(f"         [{t['error_class']}{code}] {_printable(detail)}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ Commands:
   run       Watch the buffer and deliver every file until SIGTERM (same as hdfmgr-watch).
   rescan    One pass: deliver what is waiting, then exit (same as hdfmgr-rescan). If a watcher
             runs on the same buffer, ask it to rescan (SIGUSR1) and wait for the files instead.
-  initdb    Create the database schema (run and rescan also create it when missing).
+  initdb    Create the database schema, migrate an older hdfmgr schema in place, or take over
+            the original manager's database and import its history (run and rescan also
+            create and migrate, but never take over).
   dropdb    Drop the schema and the whole audit trail (asks for --yes).
   validate  Check the configuration and print the effective settings.
   files     List recorded file versions, newest first (filters: state, detection time, name).
@@ -51,9 +53,11 @@ Options:
   --version       Show the version.
 
 Exit status: 0 success; 64 usage error; 65 rescan left files undelivered; 69 the running
-watcher could not be signalled; 70 internal error; 73 database cannot be opened; 74 a database
-statement failed during rescan, or while stopping (a watcher retries instead); 75 another
-process holds this buffer; 78 configuration error.
+watcher could not be signalled; 70 internal error; 73 database cannot be opened (or has no
+schema yet: run initdb); 74 a database statement failed during rescan, or while stopping (a
+watcher retries instead); 75 another process holds this buffer; 78 configuration error, or a
+database hdfmgr cannot use: another application's tables, a newer hdfmgr's schema, or the
+original manager's before 'hdfmgr initdb' took it over.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 from docopt import DocoptExit, docopt
 
@@ -149,28 +154,60 @@ def _dispatch(command: str, args: dict) -> int:
     if command == "validate":
         return _validate(config)
     if command in ("run", "rescan"):
-        logs.setup(config.logging)
+        logs.setup(config.logging, echo=config.database_echo)
     dbm = _database_module(config)
     try:
         database = dbm.connect(config)
     except Exception as exc:  # peewee wraps the driver's errors in many types
         print(f"hdfmgr: cannot open database {dbm.database_location(config)}: {exc}", file=sys.stderr)
         return EX_CANTCREAT
+    from .schema import Found, SchemaError
+
+    try:
+        return _with_database(command, config, database, args)
+    except SchemaError as exc:
+        database.close()
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_CANTCREAT if exc.found is Found.EMPTY else EX_CONFIG
+    except dbm.errors() as exc:
+        print(
+            f"hdfmgr: database {dbm.database_location(config)} failed: {dbm.describe_error(exc)}",
+            file=sys.stderr,
+        )
+        return EX_IOERR
+
+
+def _with_database(command: str, config: config_mod.Config, database: Any, args: dict) -> int:
+    """Every command that uses the database checks what it holds first (hdfmgr/schema.py)."""
+    from . import db as dbm
+    from . import schema
+    from .schema import Found, SchemaError
+
+    location = dbm.database_location(config)
     if command == "initdb":
-        dbm.create_schema(database)
-        print(f"database ready: {dbm.database_location(config)}")
+        print(schema.ensure(database, source=config.name, location=location, take_over=True))
         return EX_OK
     if command == "dropdb":
+        found = schema.inspect(database)
+        if found.found not in (Found.CURRENT, Found.OLDER, Found.EMPTY):
+            raise SchemaError(
+                schema.refusal(found, location, initdb=False) or f"database {location}: not hdfmgr's schema",
+                found.found,
+            )
         dbm.drop_schema(database)
-        print(f"database schema dropped: {dbm.database_location(config)}")
+        print(f"database schema dropped: {location}")
         return EX_OK
+    if command in ("run", "rescan"):
+        # Creates or migrates hdfmgr's own schema; refuses the rest before the daemon starts
+        # (a refusal under systemd is exit status 78: RestartPreventExitStatus, no loop).
+        schema.ensure(database, source=config.name, location=location)
+        database.close()
+        wait = _seconds(args.get("--wait") or "600")
+        return _run(config, once=command == "rescan", wait=wait)
+    schema.require(database, location=location)
     if command == "status":
         return _status(config, database, as_json=args["--json"], everything=args["--all"])
-    if command in AUDIT_COMMANDS:
-        return _audit(command, config, database, args)
-    database.close()
-    wait = _seconds(args.get("--wait") or "600")
-    return _run(config, once=command == "rescan", wait=wait)
+    return _audit(command, config, database, args)
 
 
 def _database_module(config: config_mod.Config) -> ModuleType:
@@ -198,6 +235,7 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .db import DatabaseFailure, database_location
     from .lock import LockBusy
     from .pipeline import Outcome, Pipeline
+    from .schema import Found, SchemaError
     from .supervise import watch
 
     stop = threading.Event()
@@ -245,6 +283,9 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             )
             return EX_TEMPFAIL
         return _delegate_rescan(config, busy.pid, wait)
+    except SchemaError as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_CANTCREAT if exc.found is Found.EMPTY else EX_CONFIG
     except DatabaseFailure as exc:
         print(
             f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",
@@ -336,15 +377,8 @@ def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) ->
 
 
 def _status(config: config_mod.Config, database: object, *, as_json: bool, everything: bool) -> int:
-    from . import db as dbm
     from . import status
 
-    if not dbm.schema_exists(database):  # type: ignore[arg-type]
-        print(
-            f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
-            file=sys.stderr,
-        )
-        return EX_CANTCREAT
     info = status.summary(None if everything else config.name, breaker_threshold=config.breaker_threshold)
     print(json.dumps(info, indent=2) if as_json else status.render(info))
     return EX_OK
@@ -355,12 +389,6 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
     from . import audit
     from . import db as dbm
 
-    if not dbm.schema_exists(database):  # type: ignore[arg-type]
-        print(
-            f"hdfmgr: no hdfmgr schema in {dbm.database_location(config)}; run 'hdfmgr initdb'",
-            file=sys.stderr,
-        )
-        return EX_CANTCREAT
     source = None if args.get("--all") else config.name
     if command == "metrics":
         from . import metrics
@@ -432,6 +460,8 @@ def _validate(config: config_mod.Config) -> int:
         f"timeout={config.timeout:g}s pause={config.pause:g}s settle={config.settle:g}s "
         f"verify={config.verify} observer={config.observer}"
     )
+    for note in config.original_notes:
+        print(f"  original  {note}")
     return EX_OK
 
 

@@ -33,7 +33,10 @@ TIMEOUT_CEILING = 3600.0
 
 #: Every optional key with its default. ``etc/config.yaml`` documents the same table.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "database": {"engine": "sqlite:///handoff.db", "timeout": 30.0},
+    # echo and pool_type come from the original manager's configuration (SQLAlchemy's
+    # create_engine options): echo logs every SQL statement; pool_type is accepted and has no
+    # effect (each thread keeps one connection; see ORIGINAL_KEYS).
+    "database": {"engine": "sqlite:///handoff.db", "timeout": 30.0, "echo": False, "pool_type": None},
     "logging": {
         "file": None,
         "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -65,6 +68,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: Keys only the original manager's configuration has, and what hdfmgr makes of them
+#: (``hdfmgr validate`` prints one line for each key a file sets).
+ORIGINAL_KEYS: dict[str, str] = {
+    "database.echo": "the original's key: true logs every SQL statement at DEBUG in the daemon's log",
+    "database.pool_type": "the original's key: accepted, no effect (one connection per thread)",
+}
+
+#: The original's way of writing "none" for a key hdfmgr gives a default, and its meaning here.
+ORIGINAL_NULLS: dict[str, str] = {
+    "logging.rotate": "null, as in the original: the log file is never rotated (SIGHUP reopens it)",
+    "general.timeout": f"null, as in the original: commands are bounded by the {TIMEOUT_CEILING:g} s ceiling",
+    "general.exclude_list": "null, as in the original: no file is excluded",
+}
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENDPOINT_KEYS = ("buffer", "staging", "commands")
 
@@ -74,7 +91,8 @@ class LoggingConfig:
     file: Path | None
     format: str
     level: str
-    rotate: str
+    #: SIZE, TIME, or None: never rotated (the original's ``rotate: null``).
+    rotate: str | None
     maxbytes: int
     backup_count: int
     when: str
@@ -114,6 +132,10 @@ class Config:
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    #: database.echo: log every SQL statement (the original's SQLAlchemy ``echo``).
+    database_echo: bool = False
+    #: One line per original-only key or original-style null the file uses (for ``validate``).
+    original_notes: tuple[str, ...] = ()
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -214,15 +236,21 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
     engine = _string(database, "database", "engine")
     _check_database_url(engine, base, check_paths)
     db_timeout = _number(database, "database", "timeout", minimum=0.1)
+    echo = database["echo"]
+    if not isinstance(echo, bool):
+        raise ConfigError(f"database.echo: must be true or false, got {echo!r}")
+    pool_type = database["pool_type"]
+    if pool_type is not None and not isinstance(pool_type, str):
+        raise ConfigError(f"database.pool_type: must be a name (it has no effect) or null, got {pool_type!r}")
 
     log = sections["logging"]
     _no_unknown(log, "logging", DEFAULTS["logging"])
     level = _string(log, "logging", "level").upper()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"logging.level: unknown level {log['level']!r} (one of {', '.join(_LOG_LEVELS)})")
-    rotate = _string(log, "logging", "rotate").upper()
-    if rotate not in ("SIZE", "TIME"):
-        raise ConfigError(f"logging.rotate: {log['rotate']!r} is neither SIZE nor TIME")
+    rotate = None if log["rotate"] is None else _string(log, "logging", "rotate").upper()
+    if rotate not in ("SIZE", "TIME", None):
+        raise ConfigError(f"logging.rotate: {log['rotate']!r} is neither SIZE, TIME nor null")
     log_file = log["file"]
     if log_file is not None:
         if not isinstance(log_file, str) or not log_file:
@@ -296,7 +324,28 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         raw=data,
         metrics_port=_optional_port(gen, "metrics_port"),
         metrics_address=_string(gen, "general", "metrics_address"),
+        database_echo=echo,
+        original_notes=original_notes(data),
     )
+
+
+def original_notes(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """``key: meaning`` for each original-only key and original-style null in ``data``.
+
+    Pure: the loader has checked the values; this only says how each is read, so that a site
+    coming from the original manager sees what its file means to hdfmgr.
+    """
+    notes = []
+    for dotted, meaning in ORIGINAL_KEYS.items():
+        section, key = dotted.split(".")
+        if key in (data.get(section) or {}):
+            notes.append(f"{dotted}: {meaning}")
+    for dotted, meaning in ORIGINAL_NULLS.items():
+        section, key = dotted.split(".")
+        values = data.get(section) or {}
+        if key in values and values[key] is None:
+            notes.append(f"{dotted}: {meaning}")
+    return tuple(notes)
 
 
 def _default_name(buffer: Path) -> str:

@@ -191,19 +191,18 @@ def connect(config: Config) -> pw.Database:
 
 
 def create_schema(db: pw.Database) -> None:
-    with db.atomic():
-        if isinstance(db, pw.PostgresqlDatabase):
-            # Several hosts starting at once on a new central database: CREATE TABLE IF NOT
-            # EXISTS is not safe against itself in PostgreSQL, so take turns.
-            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x6864666D6772,))
-        db.create_tables(MODELS, safe=True)
-        for name in RETIRED_INDEXES:
-            db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+    """Create or migrate hdfmgr's schema; raise ``schema.SchemaError`` on a foreign one."""
+    from .schema import ensure
+
+    ensure(db, source="", location=str(db.database))
 
 
 def drop_schema(db: pw.Database) -> None:
+    from .schema import VERSION_TABLE
+
     with db.atomic():
         db.drop_tables(MODELS, safe=True)
+        db.execute_sql(f'DROP TABLE IF EXISTS "{VERSION_TABLE}"')
 
 
 def schema_exists(db: pw.Database) -> bool:

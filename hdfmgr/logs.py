@@ -40,11 +40,21 @@ class TimedRotatingFileHandler(_Reopening, logging.handlers.TimedRotatingFileHan
     pass
 
 
-def setup(cfg: LoggingConfig, *, level: str | None = None) -> logging.Handler:
-    """Send the ``hdfmgr`` loggers to stderr or to a rotating file, as configured."""
+class FileHandler(_Reopening, logging.FileHandler):
+    """``rotate: null`` (the original manager's setting): one file, never rotated by hdfmgr."""
+
+
+def setup(cfg: LoggingConfig, *, level: str | None = None, echo: bool = False) -> logging.Handler:
+    """Send the ``hdfmgr`` loggers to stderr or to a rotating file, as configured.
+
+    ``echo`` (database.echo, the original manager's SQLAlchemy option) also sends peewee's
+    statement log (logger ``peewee``, DEBUG) to the same place, whatever ``level`` says.
+    """
     handler: logging.Handler
     if cfg.file is None:
         handler = logging.StreamHandler(sys.stderr)
+    elif cfg.rotate is None:
+        handler = FileHandler(cfg.file, encoding="utf-8")
     elif cfg.rotate == "TIME":
         handler = TimedRotatingFileHandler(
             cfg.file, when=cfg.when, interval=cfg.interval, backupCount=cfg.backup_count, encoding="utf-8"
@@ -61,6 +71,13 @@ def setup(cfg: LoggingConfig, *, level: str | None = None) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level or cfg.level)
     root.propagate = False
+    sql = logging.getLogger("peewee")
+    for old in list(sql.handlers):
+        sql.removeHandler(old)
+    if echo:
+        sql.addHandler(handler)
+        sql.setLevel(logging.DEBUG)
+        sql.propagate = False
     reopening = handler if isinstance(handler, _Reopening) else None
 
     def reopen(signum: int, frame: object) -> None:

@@ -1,0 +1,418 @@
+"""A site coming from the original handoff manager: its config file, its database, the switch.
+
+The original's etc/config.yaml is kept verbatim but for paths and commands
+(tests/data/original-config.yaml); its database is built from its DDL
+(tests/data/schemas/original-*.sql) with a few rows of history; hdfmgr's own earlier schemas
+are the DDL each shipped version created (tests/data/schemas/hdfmgr-N.sql).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hdfmgr import cli
+from hdfmgr.schema import SCHEMA_VERSION
+from tests.pg_fixture import PostgresServer
+from tests.site import Site, content
+from tests.test_systemd import UNITS, unit
+
+DATA = Path(__file__).parent / "data"
+SCHEMAS = DATA / "schemas"
+EARLIER = sorted(SCHEMAS.glob("hdfmgr-*.sql"))
+
+
+def original_site(root: Path, *, engine: str | None = None) -> Site:
+    """A site whose config file is the original manager's, verbatim but for paths and commands."""
+    site = Site(root, engine=engine)
+    text = (DATA / "original-config.yaml").read_text().replace("@ROOT@", str(root))
+    if engine is not None:
+        text = text.replace(f'"sqlite:///{root}/handoff.db"', f'"{engine}"')
+    site.config_path.write_text(text)
+    return site
+
+
+def local(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+# Three files: one delivered and held, one never delivered (a timeout, then a failed scp), one
+# held and later deleted from holding; four batches.
+ORIGINAL_FILES = [
+    (1, "2023/05/04", "a.fits", "aa" * 64, 10, "2023-05-04 10:00:00", "2023-05-04 10:00:05", None),
+    (2, "2023/05/04", "b.fits", "bb" * 64, 20, "2023-05-04 10:01:00", None, None),
+    (3, "", "top.fits", "cc" * 64, 30, "2023-05-04 10:02:00", "2023-05-04 10:02:09", "2023-05-05 10:00:00"),
+]
+# id, pre start, pre s, transfer start, transfer s, post start, post s, bytes, MiB/s, status, error
+ORIGINAL_BATCHES = [
+    (
+        1,
+        "2023-05-04 10:00:01",
+        0.25,
+        "2023-05-04 10:00:01.25",
+        2.0,
+        "2023-05-04 10:00:03.25",
+        0.5,
+        10,
+        1.5,
+        0,
+        None,
+    ),
+    (2, "2023-05-04 10:01:01", 0.25, "2023-05-04 10:01:01.25", 600.0, None, None, 20, None, 62, "timed out"),
+    (3, "2023-05-04 10:11:02", 0.25, "2023-05-04 10:11:02.25", 1.0, None, None, 20, None, 121, "scp: lost"),
+    (
+        4,
+        "2023-05-04 10:02:01",
+        0.5,
+        "2023-05-04 10:02:01.5",
+        3.0,
+        "2023-05-04 10:02:04.5",
+        1.0,
+        30,
+        2.0,
+        0,
+        None,
+    ),
+]
+ORIGINAL_LINKS = [(1, 1), (2, 2), (2, 3), (3, 4)]
+
+
+def _interval(seconds: float | None, postgres: bool) -> str | None:
+    if seconds is None:
+        return None
+    if postgres:
+        return f"{seconds} seconds"
+    return (dt.datetime(1970, 1, 1) + dt.timedelta(seconds=seconds)).isoformat(" ", "microseconds")
+
+
+def original_rows(postgres: bool) -> list[tuple[str, tuple[object, ...]]]:
+    mark = "%s" if postgres else "?"
+    rows: list[tuple[str, tuple[object, ...]]] = []
+    for f in ORIGINAL_FILES:
+        rows.append((f"INSERT INTO files VALUES ({', '.join([mark] * 8)})", f))
+    for b in ORIGINAL_BATCHES:
+        values = (*b[:2], _interval(b[2], postgres), b[3], _interval(b[4], postgres), b[5])
+        values += (_interval(b[6], postgres), *b[7:])
+        rows.append((f"INSERT INTO transfer_batches VALUES ({', '.join([mark] * 11)})", values))
+    for link in ORIGINAL_LINKS:
+        rows.append((f"INSERT INTO file_transfer_attempts VALUES ({mark}, {mark})", link))
+    return rows
+
+
+def make_original_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executescript((SCHEMAS / "original-sqlite.sql").read_text())
+        for sql, values in original_rows(postgres=False):
+            conn.execute(sql, values)
+
+
+def assert_one_line(result, status: int) -> None:  # type: ignore[no-untyped-def]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.returncode == status, (result.returncode, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_the_originals_config_validates_and_notes_its_own_keys(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    result = site.hdfmgr("validate", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "original  database.echo:" in out
+    assert "original  database.pool_type: the original's key: accepted, no effect" in out
+    assert "original  logging.rotate: null" in out and "never rotated" in out
+    assert "original  general.timeout: null" in out
+    assert "original  general.exclude_list: null" in out
+    assert "chunk_size=1 num_threads=1 timeout=3600s pause=1s" in out
+
+
+def test_the_originals_config_runs(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    site.write_many({"2023/05/04/x.fits": content("x"), "y.fits": content("y")})
+    result = site.hdfmgr("rescan", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    assert site.delivered() == {"2023/05/04/x.fits": content("x"), "y.fits": content("y")}
+    assert set(site.held()) == {"2023/05/04/x.fits", "y.fits"}
+
+
+def test_echo_logs_sql_and_rotate_null_never_rotates(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    data = yaml.safe_load(site.config_path.read_text())
+    data["database"]["echo"] = True
+    data["logging"].update(file=str(tmp_path / "hdfmgr.log"), maxbytes=100)
+    site.config_path.write_text(yaml.safe_dump(data))
+    site.write("z.fits", content("z"))
+    result = site.hdfmgr("rescan", str(site.config_path))
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "hdfmgr.log").read_text()
+    assert 'INSERT INTO "batches"' in log and "SELECT" in log
+    assert len(log) > 100 and not list(tmp_path.glob("hdfmgr.log.*"))  # no rotation
+    data["database"]["echo"] = "yes please"
+    site.config_path.write_text(yaml.safe_dump(data))
+    bad = site.hdfmgr("validate", str(site.config_path))
+    assert bad.returncode == 78 and "database.echo: must be true or false" in bad.stderr
+
+
+# ------------------------------------------------------------------- the original's database
+
+
+def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
+    """initdb, then run (rescan) and show, files, metrics on the original's database."""
+    config = str(site.config_path)
+    # The original left b.fits in its buffer and a partial copy in its staging area.
+    site.write("2023/05/04/b.fits", content("b"))
+    leftover = site.staging / "2023" / "05" / "04" / "b.fits"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial")
+
+    before = site.hdfmgr("status", config)
+    assert_one_line(before, 78)
+    assert "original handoff manager's" in before.stderr and "hdfmgr initdb" in before.stderr
+
+    init = site.hdfmgr("initdb", config)
+    assert init.returncode == 0, init.stderr
+    assert "imported 3 files, 4 batches and 4 attempts" in init.stdout
+    assert "original_files, original_transfer_batches, original_file_transfer_attempts" in init.stdout
+    assert query("SELECT COUNT(*) FROM original_files")[0][0] == 3
+    assert query("SELECT COUNT(*) FROM original_transfer_batches")[0][0] == 4
+    assert query("SELECT COUNT(*) FROM original_file_transfer_attempts")[0][0] == 4
+    assert query("SELECT version FROM hdfmgr_schema") == [(SCHEMA_VERSION,)]
+
+    rows = query(
+        "SELECT id, name, size, checksum, state, attempts, detected_at, held_at FROM files ORDER BY id"
+    )
+    assert [r[:6] for r in rows] == [
+        (1, "2023/05/04/a.fits", 10, "aa" * 64, "held", 1),
+        (2, "2023/05/04/b.fits", 20, "bb" * 64, "quarantined", 2),
+        (3, "top.fits", 30, "cc" * 64, "held", 1),
+    ]
+    assert rows[0][6] == pytest.approx(local("2023-05-04 10:00:00"))
+    assert rows[0][7] == pytest.approx(local("2023-05-04 10:00:05"))
+    batches = query(
+        "SELECT id, status, error_class, started_at, prepare_seconds, transfer_seconds, commit_seconds, "
+        "rate, finished_at, stderr FROM batches ORDER BY id"
+    )
+    assert [b[:3] for b in batches] == [
+        (1, "committed", None),
+        (2, "failed", "timeout"),
+        (3, "failed", "remote"),
+        (4, "committed", None),
+    ]
+    first = batches[0]
+    assert first[3] == pytest.approx(local("2023-05-04 10:00:01"))
+    assert first[4:7] == pytest.approx((0.25, 2.0, 0.5))
+    assert first[7] == pytest.approx(1.5 * 1024 * 1024)
+    assert first[8] == pytest.approx(local("2023-05-04 10:00:03.75"))
+    assert batches[2][9] == "scp: lost"
+
+    show = site.hdfmgr("show", config, "2023/05/04/a.fits")
+    assert show.returncode == 0, show.stderr
+    assert "held" in show.stdout and "mkdir 0.250 s, transfer 2.000 s, commit 0.500 s" in show.stdout
+    failed = site.hdfmgr("show", config, "2023/05/04/b.fits")
+    assert "[timeout] timed out" in failed.stdout and "[remote] scp: lost" in failed.stdout
+    listed = site.hdfmgr("files", config, "--all", "--limit=10")
+    assert listed.returncode == 0 and "top.fits" in listed.stdout
+    metrics = site.hdfmgr("metrics", config)
+    assert metrics.returncode == 0, metrics.stderr
+    assert "hdfmgr_files_committed" in metrics.stdout
+
+    # Run: b.fits goes out again (a new version), the leftover stays where the original left it.
+    site.write("new.fits", content("new"))
+    run = site.hdfmgr("rescan", config)
+    assert run.returncode == 0, run.stderr
+    assert site.delivered() == {"2023/05/04/b.fits": content("b"), "new.fits": content("new")}
+    assert leftover.read_bytes() == b"partial"
+    again = site.hdfmgr("show", config, "2023/05/04/b.fits")
+    assert "version 2 of 2" in again.stdout and "Traceback" not in again.stderr
+    status = site.hdfmgr("status", config)
+    assert status.returncode == 0 and "Traceback" not in status.stderr
+    reinit = site.hdfmgr("initdb", config)
+    assert reinit.returncode == 0 and f"schema version {SCHEMA_VERSION}" in reinit.stdout
+
+
+def test_initdb_takes_over_the_originals_sqlite_database(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    make_original_sqlite(site.db_path)
+    check_takeover(site, site.query)
+
+
+def test_initdb_takes_over_the_originals_postgresql_database(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    import psycopg2
+
+    name = postgres.create_database("original")
+    url = postgres.url(name)
+
+    def query(sql: str) -> list[tuple[object, ...]]:
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.commit()
+            conn.close()
+
+    try:
+        conn = postgres.connect(name)
+        with conn.cursor() as cur:
+            cur.execute((SCHEMAS / "original-postgresql.sql").read_text())
+            for sql, values in original_rows(postgres=True):
+                cur.execute(sql, values)
+        conn.close()
+        site = original_site(tmp_path, engine=url)
+        check_takeover(site, query)
+        # New rows get ids past the imported ones (the sequences moved with the import).
+        assert min(r[0] for r in query("SELECT id FROM files WHERE name = 'new.fits'")) > 3
+    finally:
+        postgres.drop_database(name)
+
+
+# ------------------------------------------------------------------ earlier hdfmgr schemas
+
+
+@pytest.mark.parametrize("ddl", EARLIER, ids=[p.stem for p in EARLIER])
+def test_initdb_migrates_each_earlier_schema_in_place(tmp_path: Path, ddl: Path) -> None:
+    site = Site(tmp_path)
+    site.configure(name="east")
+    with sqlite3.connect(site.db_path) as conn:
+        conn.executescript(ddl.read_text())
+        conn.execute(
+            "INSERT INTO batches (id, source, staging_dir, started_at, finished_at, files, bytes, "
+            "hash_seconds, status, committed) VALUES (1, 'east', 's', 100.0, 101.0, 1, 5, 0, 'committed', 1)"
+        )
+        conn.execute(
+            "INSERT INTO files (id, source, relpath, name, size, mtime_ns, inode, state, attempts, "
+            "next_try, detected_at, committed_at, held_at, updated_at, held_as, last_batch) VALUES "
+            "(1, 'east', CAST('old.fits' AS BLOB), 'old.fits', 5, 1, 2, 'held', 1, 0, 99.0, 101.0, "
+            "101.0, 101.0, 'old.fits', 1)"
+        )
+        conn.execute("INSERT INTO attempts (batch_id, file_id, outcome) VALUES (1, 1, 'committed')")
+    config = str(site.config_path)
+    before = site.hdfmgr("status", config)
+    assert_one_line(before, 78)
+    assert "older hdfmgr schema; run 'hdfmgr initdb'" in before.stderr
+
+    init = site.hdfmgr("initdb", config)
+    assert init.returncode == 0, init.stderr
+    assert (
+        f"migrated from an unversioned hdfmgr schema (1-4) to schema version {SCHEMA_VERSION}" in init.stdout
+    )
+    fresh = Site(tmp_path / "fresh")
+    assert fresh.hdfmgr("initdb", str(fresh.config_path)).returncode == 0
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+    assert site.query(schema) == fresh.query(schema)
+    assert site.query("SELECT version FROM hdfmgr_schema") == [(SCHEMA_VERSION,)]
+
+    show = site.hdfmgr("show", config, "old.fits")
+    assert show.returncode == 0 and "held" in show.stdout and "try 1: batch 1" in show.stdout
+    site.write("new.fits", content("new"))
+    run = site.hdfmgr("rescan", config)
+    assert run.returncode == 0, run.stderr
+    assert site.delivered() == {"new.fits": content("new")}
+
+
+def test_run_migrates_an_earlier_schema_itself(tmp_path: Path) -> None:
+    """An upgrade restarts the daemon: it migrates its own older schema without initdb."""
+    site = Site(tmp_path)
+    with sqlite3.connect(site.db_path) as conn:
+        conn.executescript(EARLIER[0].read_text())
+    site.write("a.fits", content("a"))
+    run = site.hdfmgr("rescan", str(site.config_path))
+    assert run.returncode == 0, run.stderr
+    assert site.query("SELECT version FROM hdfmgr_schema") == [(SCHEMA_VERSION,)]
+
+
+# --------------------------------------------------------------- databases hdfmgr cannot use
+
+COMMANDS = [
+    ("initdb",),
+    ("run",),
+    ("rescan",),
+    ("status",),
+    ("files",),
+    ("show", "x.fits"),
+    ("retry",),
+    ("metrics",),
+    ("report", "--output=r.png"),
+    ("dropdb", "--yes"),
+]
+
+
+def _unknown(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT, owner TEXT)")
+
+
+def _newer(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE hdfmgr_schema (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO hdfmgr_schema VALUES (99)")
+
+
+def _original_half(conn: sqlite3.Connection) -> None:
+    conn.executescript((SCHEMAS / "original-sqlite.sql").read_text())
+    conn.execute("DROP TABLE file_transfer_attempts")
+
+
+def _original(conn: sqlite3.Connection) -> None:
+    conn.executescript((SCHEMAS / "original-sqlite.sql").read_text())
+
+
+UNUSABLE = {
+    "unknown": (_unknown, "is not an hdfmgr database nor the original manager's (table files"),
+    "newer": (_newer, "hdfmgr schema version 99, newer than this hdfmgr's"),
+    "original-incomplete": (_original_half, "table file_transfer_attempts is missing"),
+    "original": (_original, "stop the original manager, then run 'hdfmgr initdb'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNUSABLE))
+def test_every_command_refuses_a_database_it_cannot_use_with_one_line(tmp_path: Path, kind: str) -> None:
+    make, message = UNUSABLE[kind]
+    site = Site(tmp_path)
+    with sqlite3.connect(site.db_path) as conn:
+        make(conn)
+    before = site.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+    for command, *rest in COMMANDS:
+        if kind == "original" and command == "initdb":
+            continue  # initdb takes it over (tests above)
+        result = site.hdfmgr(command, str(site.config_path), *rest, timeout=30)
+        assert_one_line(result, cli.EX_CONFIG)
+        assert message in result.stderr, (command, result.stderr)
+        assert result.stderr.startswith("hdfmgr: database "), result.stderr
+    assert site.query("SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
+
+
+def test_the_refusal_status_stops_systemds_restart_loop() -> None:
+    for name in UNITS:
+        assert str(cli.EX_CONFIG) in unit(name)["Service"]["RestartPreventExitStatus"].split()
+
+
+def test_hdfmgr_watch_refuses_a_newer_schema_at_once(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    with sqlite3.connect(site.db_path) as conn:
+        _newer(conn)
+    daemon = site.start(wait=False)
+    try:
+        status = daemon.proc.wait(30)
+    finally:
+        daemon.close()
+    assert status == cli.EX_CONFIG
+    output = daemon.output()
+    assert "Traceback" not in output and "newer than this hdfmgr's" in output
+
+
+def test_dropdb_never_drops_the_originals_tables(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    make_original_sqlite(site.db_path)
+    result = site.hdfmgr("dropdb", "--yes", str(site.config_path))
+    assert_one_line(result, cli.EX_CONFIG)
+    assert site.query("SELECT COUNT(*) FROM files")[0][0] == 3
+    assert os.path.exists(site.db_path)

@@ -1,10 +1,10 @@
 """hdfmgr: move files from a handoff buffer to an endpoint buffer, atomically and verified.
 
 Usage:
-  hdfmgr run CONFIG
+  hdfmgr run [--validate | --no-validate] CONFIG
   hdfmgr rescan [--wait=SECONDS] CONFIG
-  hdfmgr initdb CONFIG
-  hdfmgr dropdb --yes CONFIG
+  hdfmgr initdb [--validate | --no-validate] CONFIG
+  hdfmgr dropdb [--validate | --no-validate] --yes CONFIG
   hdfmgr validate CONFIG
   hdfmgr files [--state=S] [--since=T] [--name=GLOB] [--limit=N] [--json] [--all] CONFIG
   hdfmgr show [--json] [--all] CONFIG PATH
@@ -49,6 +49,8 @@ Options:
   --name=GLOB     Only files whose path relative to the buffer matches GLOB (* matches / too).
   --limit=N       At most N files [default: 50].
   --output=FILE   Write to FILE (atomically) instead of standard output.
+  --validate      Only validate the configuration, as 'hdfmgr validate' does (the original
+                  manager's option of run, initdb and dropdb; --no-validate is the default).
   -h --help       Show this text.
   --version       Show the version.
 
@@ -151,7 +153,7 @@ def _dispatch(command: str, args: dict) -> int:
 
         return doctor.main(path)
     config = config_mod.load(path)
-    if command == "validate":
+    if command == "validate" or args.get("--validate"):
         return _validate(config)
     if command in ("run", "rescan"):
         logs.setup(config.logging, echo=config.database_echo)

@@ -142,6 +142,15 @@ def test_the_originals_config_runs(tmp_path: Path) -> None:
     assert set(site.held()) == {"2023/05/04/x.fits", "y.fits"}
 
 
+@pytest.mark.parametrize("command", ["run", "initdb", "dropdb"])
+def test_the_originals_validate_option_validates_and_exits(tmp_path: Path, command: str) -> None:
+    site = original_site(tmp_path)
+    extra = ["--yes"] if command == "dropdb" else []
+    result = site.hdfmgr(command, "--validate", *extra, str(site.config_path), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout and not site.db_path.exists()
+
+
 def test_echo_logs_sql_and_rotate_null_never_rotates(tmp_path: Path) -> None:
     site = original_site(tmp_path)
     data = yaml.safe_load(site.config_path.read_text())
@@ -219,6 +228,10 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     assert "[timeout] timed out" in failed.stdout and "[remote] scp: lost" in failed.stdout
     listed = site.hdfmgr("files", config, "--all", "--limit=10")
     assert listed.returncode == 0 and "top.fits" in listed.stdout
+    report = site.hdfmgr("report", config, "--since=2023-05-01", f"--output={site.root / 'r.png'}")
+    assert report.returncode == 0, report.stderr
+    assert ": 2 files, 0.00 GB committed since 2023-05-01" in report.stdout
+    assert (site.root / "r.png").read_bytes().startswith(b"\x89PNG")
     metrics = site.hdfmgr("metrics", config)
     assert metrics.returncode == 0, metrics.stderr
     assert "hdfmgr_files_committed" in metrics.stdout

@@ -187,7 +187,10 @@ def _with_database(command: str, config: config_mod.Config, database: Any, args:
 
     location = dbm.database_location(config)
     if command == "initdb":
-        print(schema.ensure(database, source=config.name, location=location, take_over=True))
+        done = schema.ensure(
+            database, source=config.name, location=location, take_over=True, buffer=str(config.buffer)
+        )
+        print(done)
         return EX_OK
     if command == "dropdb":
         found = schema.inspect(database)

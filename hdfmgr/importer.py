@@ -9,15 +9,19 @@ read here in the local time zone of the host running ``initdb``; its durations a
 Intervals, which SQLite stores as a DATETIME offset from 1970-01-01.
 
 Rows keep their ids (hdfmgr's tables are new and empty), so attempts link as they did. A file
-the original moved to holding is ``held``; any other is ``quarantined`` with a note: hdfmgr
-never resumes it from this record (its inode is unknown), and sends the file again as a new
-version if it is still in the buffer.
+the original moved to holding is ``held``. A file it did not is looked for in the buffer: the
+same file (its size, and its mtime to the microsecond the original stored) is ``ready``, with
+its inode, and hdfmgr delivers it as the next try of this same record; its checksum is left to
+hdfmgr (the original's digest is kept in its own table). Otherwise the original's version is
+gone (deleted, or replaced: hdfmgr sends a replacement as a new version) and the record is
+``quarantined`` with a note saying which: an operator should know.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -34,9 +38,10 @@ _EPOCH = dt.datetime(1970, 1, 1)
 #: The original's status codes (errno values it used for outcomes) and hdfmgr's error classes.
 _ERROR_CLASSES = {62: "timeout", 121: "remote"}
 
-NOT_HELD = (
-    "imported from the original manager, which never moved it to holding; hdfmgr sends the "
-    "file again as a new version if it is still in the buffer"
+GONE = "the original manager never delivered it, and it was not in the buffer at the take-over"
+REPLACED = (
+    "the original manager never delivered this version; the buffer held another one at the "
+    "take-over (hdfmgr sends that one)"
 )
 
 
@@ -102,28 +107,49 @@ def batch_row(row: tuple[Any, ...], *, source: str, files: int) -> dict[str, Any
 
 
 def file_row(
-    row: tuple[Any, ...], *, source: str, tries: int, last_batch: int | None, delivered: float | None
+    row: tuple[Any, ...],
+    *,
+    source: str,
+    tries: int,
+    last_batch: int | None,
+    delivered: float | None,
+    present: os.stat_result | None = None,
 ) -> dict[str, Any]:
-    """One original file as hdfmgr's ``files`` row (pure, for tests)."""
+    """One original file as hdfmgr's ``files`` row (pure, for tests).
+
+    ``present``: the stat of the file now at its path in the buffer, if any.
+    """
     fid, relpath, filename, checksum, size, created_on, held_on, _deleted_on = row
     rel = os.path.join(relpath or "", filename)
     mtime = timestamp(created_on) or 0.0
     held = timestamp(held_on)
     held_state = held is not None
+    same = (
+        not held_state
+        and present is not None
+        and present.st_size == size
+        and abs(present.st_mtime_ns / 1e9 - mtime) < 2e-6
+    )
+    if held_state:
+        state, note = State.HELD, None
+    elif same:
+        state, note = State.READY, None
+    else:
+        state, note = State.QUARANTINED, (REPLACED if present is not None else GONE)
     return {
         "id": fid,
         "source": source,
         "relpath": to_blob(rel),
         "name": display(rel),
         "size": int(size),
-        "mtime_ns": round(mtime * 1e9),
-        "inode": 0,
-        "checksum": checksum or None,
-        "state": (State.HELD if held_state else State.QUARANTINED).value,
+        "mtime_ns": present.st_mtime_ns if same and present else round(mtime * 1e9),
+        "inode": present.st_ino if same and present else 0,
+        "checksum": None if same else (checksum or None),
+        "state": state.value,
         "attempts": tries,
         "next_try": 0.0,
-        "error_class": None if held_state else "original",
-        "last_error": None if held_state else NOT_HELD,
+        "error_class": None if note is None else "original",
+        "last_error": note,
         "held_as": display(rel) if held_state else None,
         "detected_at": mtime,
         "ready_at": mtime,
@@ -142,7 +168,16 @@ def _chunks(cursor: Any) -> Iterator[list[tuple[Any, ...]]]:
         yield rows
 
 
-def import_history(db: pw.Database, *, source: str, tables: dict[str, str]) -> dict[str, int]:
+def _stat(buffer: str, relpath: str, filename: str) -> os.stat_result | None:
+    """The regular file at the original's path in the buffer now, if there is one."""
+    try:
+        st = os.lstat(os.path.join(buffer, relpath or "", filename))
+    except (OSError, ValueError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def import_history(db: pw.Database, *, source: str, tables: dict[str, str], buffer: str) -> dict[str, int]:
     """Copy the original's rows into hdfmgr's (empty) tables; the caller holds the transaction."""
     files_t, batches_t, links_t = (tables[n] for n in ("files", "transfer_batches", "file_transfer_attempts"))
     links = db.execute_sql(f'SELECT "files_id", "batch_id" FROM "{links_t}" ORDER BY "batch_id"').fetchall()
@@ -180,6 +215,7 @@ def import_history(db: pw.Database, *, source: str, tables: dict[str, str]) -> d
     for fid, bid in links:
         tried.setdefault(fid, []).append(bid)
     imported: set[int] = set()
+    file_states: list[str] = []
     file_columns = (
         '"id", "relpath", "filename", "checksum", "size_bytes", "created_on", "held_on", "deleted_on"'
     )
@@ -189,6 +225,7 @@ def import_history(db: pw.Database, *, source: str, tables: dict[str, str]) -> d
         for r in rows:
             bids = [b for b in tried.get(r[0], ()) if b in ended]
             good = [ended[b][1] for b in bids if ended[b][0] and ended[b][1] is not None]
+            present = None if r[6] is not None else _stat(buffer, r[1], r[2])
             file_rows.append(
                 file_row(
                     r,
@@ -196,10 +233,12 @@ def import_history(db: pw.Database, *, source: str, tables: dict[str, str]) -> d
                     tries=len(bids),
                     last_batch=max(bids) if bids else None,
                     delivered=max(good) if good else None,
+                    present=present,
                 )
             )
         FileRecord.insert_many(file_rows).execute()
         imported.update(f["id"] for f in file_rows)
+        file_states.extend(f["state"] for f in file_rows)
 
     attempts = [
         {"batch": bid, "file": fid, "outcome": "committed" if ended[bid][0] else "failed"}
@@ -216,4 +255,5 @@ def import_history(db: pw.Database, *, source: str, tables: dict[str, str]) -> d
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                 f'COALESCE((SELECT MAX("id") FROM "{table}"), 0) + 1, false)'
             )
-    return {"files": len(imported), "batches": nbatches, "attempts": len(attempts)}
+    resumed = sum(1 for f in file_states if f == State.READY.value)
+    return {"resumed": resumed, "files": len(imported), "batches": nbatches, "attempts": len(attempts)}

@@ -179,12 +179,15 @@ def refusal(found: Inspection, location: str, *, initdb: bool) -> str | None:
     return None
 
 
-def ensure(db: pw.Database, *, source: str, location: str, take_over: bool = False) -> str:
+def ensure(db: pw.Database, *, source: str, location: str, take_over: bool = False, buffer: str = "") -> str:
     """Make the database usable by this hdfmgr, or raise :class:`SchemaError`.
 
-    Returns what was done, for ``initdb`` to print. In one transaction: several hosts starting
-    at once on a new central database take turns (PostgreSQL's CREATE TABLE IF NOT EXISTS is
-    not safe against itself), and a take-over interrupted half-way leaves nothing behind.
+    Returns what was done, for ``initdb`` to print. ``buffer``: the handoff buffer, where a
+    take-over looks for the files the original did not deliver (hdfmgr resumes those).
+
+    In one transaction: several hosts starting at once on a new central database take turns
+    (PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe against itself), and a take-over
+    interrupted half-way leaves nothing behind.
     """
     with db.atomic():
         if isinstance(db, pw.PostgresqlDatabase):
@@ -209,12 +212,13 @@ def ensure(db: pw.Database, *, source: str, location: str, take_over: bool = Fal
 
         renamed = _rename_original(db)
         _create(db)
-        counts = importer.import_history(db, source=source, tables=renamed)
+        counts = importer.import_history(db, source=source, tables=renamed, buffer=buffer)
         _stamp(db)
         return (
             f"database ready: took over the original manager's database {location}: imported "
             f"{counts['files']} files, {counts['batches']} batches and {counts['attempts']} attempts "
-            f"as source {source}; its tables are kept as {', '.join(renamed.values())}"
+            f"as source {source} ({counts['resumed']} undelivered files still in the buffer: hdfmgr "
+            f"sends them); its tables are kept as {', '.join(renamed.values())}"
         )
 
 

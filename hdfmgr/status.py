@@ -250,9 +250,10 @@ def render(info: dict[str, Any]) -> str:
         for f in info["recent_failures"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["at"]))
             who = f" {f['source']}" if info.get("source") is None else ""
+            code = f", exit {f['returncode']}" if f["returncode"] is not None else ""  # imported
             lines.append(
                 f"  {when}{who} batch {f['batch']} ({f['files']} files) {f['status']} "
-                f"[{f['error_class']}, exit {f['returncode']}]: {f['stderr']}"
+                f"[{f['error_class']}{code}]: {f['stderr']}"
             )
     return "\n".join(lines)
 

@@ -41,12 +41,15 @@ def local(text: str) -> float:
     return dt.datetime.fromisoformat(text).timestamp()
 
 
-# Three files: one delivered and held, one never delivered (a timeout, then a failed scp), one
-# held and later deleted from holding; four batches.
+# Five files: one delivered and held; one never delivered (a timeout, then a failed scp) and
+# still in the buffer; one held and later deleted from holding; one never tried and gone from
+# the buffer; one never tried whose path holds another version now. Four batches.
 ORIGINAL_FILES = [
     (1, "2023/05/04", "a.fits", "aa" * 64, 10, "2023-05-04 10:00:00", "2023-05-04 10:00:05", None),
     (2, "2023/05/04", "b.fits", "bb" * 64, 20, "2023-05-04 10:01:00", None, None),
     (3, "", "top.fits", "cc" * 64, 30, "2023-05-04 10:02:00", "2023-05-04 10:02:09", "2023-05-05 10:00:00"),
+    (4, "2023/05/04", "gone.fits", "dd" * 64, 40, "2023-05-04 10:03:00", None, None),
+    (5, "2023/05/04", "changed.fits", "ee" * 64, 50, "2023-05-04 10:04:00", None, None),
 ]
 # id, pre start, pre s, transfer start, transfer s, post start, post s, bytes, MiB/s, status, error
 ORIGINAL_BATCHES = [
@@ -175,8 +178,11 @@ def test_echo_logs_sql_and_rotate_null_never_rotates(tmp_path: Path) -> None:
 def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     """initdb, then run (rescan) and show, files, metrics on the original's database."""
     config = str(site.config_path)
-    # The original left b.fits in its buffer and a partial copy in its staging area.
-    site.write("2023/05/04/b.fits", content("b"))
+    # The original left b.fits in its buffer and a partial copy in its staging area; the
+    # archiver wrote changed.fits again since.
+    b = site.write("2023/05/04/b.fits", b"B" * 20)
+    os.utime(b, (local("2023-05-04 10:01:00"), local("2023-05-04 10:01:00")))
+    site.write("2023/05/04/changed.fits", b"newer")
     leftover = site.staging / "2023" / "05" / "04" / "b.fits"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"partial")
@@ -187,9 +193,10 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
 
     init = site.hdfmgr("initdb", config)
     assert init.returncode == 0, init.stderr
-    assert "imported 3 files, 4 batches and 4 attempts" in init.stdout
+    assert "imported 5 files, 4 batches and 4 attempts" in init.stdout
+    assert "(1 undelivered files still in the buffer: hdfmgr sends them)" in init.stdout
     assert "original_files, original_transfer_batches, original_file_transfer_attempts" in init.stdout
-    assert query("SELECT COUNT(*) FROM original_files")[0][0] == 3
+    assert query("SELECT COUNT(*) FROM original_files")[0][0] == 5
     assert query("SELECT COUNT(*) FROM original_transfer_batches")[0][0] == 4
     assert query("SELECT COUNT(*) FROM original_file_transfer_attempts")[0][0] == 4
     assert query("SELECT version FROM hdfmgr_schema") == [(SCHEMA_VERSION,)]
@@ -199,8 +206,10 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     )
     assert [r[:6] for r in rows] == [
         (1, "2023/05/04/a.fits", 10, "aa" * 64, "held", 1),
-        (2, "2023/05/04/b.fits", 20, "bb" * 64, "quarantined", 2),
+        (2, "2023/05/04/b.fits", 20, None, "ready", 2),
         (3, "top.fits", 30, "cc" * 64, "held", 1),
+        (4, "2023/05/04/gone.fits", 40, "dd" * 64, "quarantined", 0),
+        (5, "2023/05/04/changed.fits", 50, "ee" * 64, "quarantined", 0),
     ]
     assert rows[0][6] == pytest.approx(local("2023-05-04 10:00:00"))
     assert rows[0][7] == pytest.approx(local("2023-05-04 10:00:05"))
@@ -226,6 +235,8 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     assert "held" in show.stdout and "mkdir 0.250 s, transfer 2.000 s, commit 0.500 s" in show.stdout
     failed = site.hdfmgr("show", config, "2023/05/04/b.fits")
     assert "[timeout] timed out" in failed.stdout and "[remote] scp: lost" in failed.stdout
+    gone = site.hdfmgr("show", config, "2023/05/04/gone.fits")
+    assert "quarantined" in gone.stdout and "not in the buffer at the take-over" in gone.stdout
     listed = site.hdfmgr("files", config, "--all", "--limit=10")
     assert listed.returncode == 0 and "top.fits" in listed.stdout
     report = site.hdfmgr("report", config, "--since=2023-05-01", f"--output={site.root / 'r.png'}")
@@ -236,16 +247,26 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     assert metrics.returncode == 0, metrics.stderr
     assert "hdfmgr_files_committed" in metrics.stdout
 
-    # Run: b.fits goes out again (a new version), the leftover stays where the original left it.
+    # Run: b.fits goes out as the third try of its record, changed.fits as a new version; the
+    # leftover stays where the original left it.
     site.write("new.fits", content("new"))
     run = site.hdfmgr("rescan", config)
     assert run.returncode == 0, run.stderr
-    assert site.delivered() == {"2023/05/04/b.fits": content("b"), "new.fits": content("new")}
+    assert site.delivered() == {
+        "2023/05/04/b.fits": b"B" * 20,
+        "2023/05/04/changed.fits": b"newer",
+        "new.fits": content("new"),
+    }
     assert leftover.read_bytes() == b"partial"
     again = site.hdfmgr("show", config, "2023/05/04/b.fits")
-    assert "version 2 of 2" in again.stdout and "Traceback" not in again.stderr
+    assert "version 1 of 1" in again.stdout and "held" in again.stdout and "try 3: batch" in again.stdout
+    assert query("SELECT state, attempts FROM files WHERE id = 2") == [("held", 3)]
+    changed = site.hdfmgr("show", config, "2023/05/04/changed.fits")
+    assert "version 2 of 2" in changed.stdout and "Traceback" not in changed.stderr
     status = site.hdfmgr("status", config)
     assert status.returncode == 0 and "Traceback" not in status.stderr
+    assert "held 5" in status.stdout and "quarantined 2" in status.stdout
+    assert "failed [timeout]: timed out" in status.stdout
     reinit = site.hdfmgr("initdb", config)
     assert reinit.returncode == 0 and f"schema version {SCHEMA_VERSION}" in reinit.stdout
 
@@ -284,7 +305,7 @@ def test_initdb_takes_over_the_originals_postgresql_database(
         site = original_site(tmp_path, engine=url)
         check_takeover(site, query)
         # New rows get ids past the imported ones (the sequences moved with the import).
-        assert min(r[0] for r in query("SELECT id FROM files WHERE name = 'new.fits'")) > 3
+        assert min(r[0] for r in query("SELECT id FROM files WHERE name = 'new.fits'")) > 5
     finally:
         postgres.drop_database(name)
 
@@ -427,5 +448,5 @@ def test_dropdb_never_drops_the_originals_tables(tmp_path: Path) -> None:
     make_original_sqlite(site.db_path)
     result = site.hdfmgr("dropdb", "--yes", str(site.config_path))
     assert_one_line(result, cli.EX_CONFIG)
-    assert site.query("SELECT COUNT(*) FROM files")[0][0] == 3
+    assert site.query("SELECT COUNT(*) FROM files")[0][0] == 5
     assert os.path.exists(site.db_path)

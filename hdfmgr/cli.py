@@ -187,7 +187,7 @@ def _with_database(command: str, config: config_mod.Config, database: Any, args:
 
     location = dbm.database_location(config)
     if command == "initdb":
-        done = schema.ensure(
+        _, done = schema.ensure(
             database, source=config.name, location=location, take_over=True, buffer=str(config.buffer)
         )
         print(done)
@@ -205,7 +205,9 @@ def _with_database(command: str, config: config_mod.Config, database: Any, args:
     if command in ("run", "rescan"):
         # Creates or migrates hdfmgr's own schema; refuses the rest before the daemon starts
         # (a refusal under systemd is exit status 78: RestartPreventExitStatus, no loop).
-        schema.ensure(database, source=config.name, location=location)
+        changed, done = schema.ensure(database, source=config.name, location=location)
+        if changed:
+            log.info("%s", done)
         database.close()
         wait = _seconds(args.get("--wait") or "600")
         return _run(config, once=command == "rescan", wait=wait)

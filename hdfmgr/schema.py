@@ -143,10 +143,10 @@ def _original_or_unknown(db: pw.Database, tables: set[str]) -> Inspection:
 def _mismatch(table: str, columns: frozenset[str], expected: frozenset[str]) -> str:
     extra, missing = sorted(columns - expected), sorted(expected - columns)
     parts = []
-    if missing:
-        parts.append(f"without column{'s' if len(missing) > 1 else ''} {', '.join(missing[:3])}")
-    if extra:
-        parts.append(f"with unknown column{'s' if len(extra) > 1 else ''} {', '.join(extra[:3])}")
+    for what, names in (("without", missing), ("with unknown", extra)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{what} column{'s' if len(names) > 1 else ''} {', '.join(names[:3])}{more}")
     return f"table {table} {' and '.join(parts)}"
 
 
@@ -179,11 +179,13 @@ def refusal(found: Inspection, location: str, *, initdb: bool) -> str | None:
     return None
 
 
-def ensure(db: pw.Database, *, source: str, location: str, take_over: bool = False, buffer: str = "") -> str:
+def ensure(
+    db: pw.Database, *, source: str, location: str, take_over: bool = False, buffer: str = ""
+) -> tuple[bool, str]:
     """Make the database usable by this hdfmgr, or raise :class:`SchemaError`.
 
-    Returns what was done, for ``initdb`` to print. ``buffer``: the handoff buffer, where a
-    take-over looks for the files the original did not deliver (hdfmgr resumes those).
+    Returns whether anything changed, and what was done (``initdb`` prints it). ``buffer``:
+    the handoff buffer, where a take-over looks for the files the original did not deliver.
 
     In one transaction: several hosts starting at once on a new central database take turns
     (PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe against itself), and a take-over
@@ -198,23 +200,34 @@ def ensure(db: pw.Database, *, source: str, location: str, take_over: bool = Fal
             raise SchemaError(line, found.found)
         if found.found is Found.CURRENT:
             _create(db)  # indexes a hand-made change may have removed; all IF NOT EXISTS
-            return f"database ready (schema version {SCHEMA_VERSION}): {location}"
+            return False, f"database ready (schema version {SCHEMA_VERSION}): {location}"
         if found.found is Found.EMPTY:
             _create(db)
             _stamp(db)
-            return f"database ready (schema version {SCHEMA_VERSION}, created): {location}"
+            return True, f"database ready (schema version {SCHEMA_VERSION}, created): {location}"
         if found.found is Found.OLDER:
             _create(db)
             _stamp(db)
             before = "an unversioned hdfmgr schema (1-4)" if not found.version else f"version {found.version}"
-            return f"database ready: migrated from {before} to schema version {SCHEMA_VERSION}: {location}"
+            return (
+                True,
+                f"database ready: migrated from {before} to schema version {SCHEMA_VERSION}: {location}",
+            )
         from . import importer
 
         renamed = _rename_original(db)
         _create(db)
-        counts = importer.import_history(db, source=source, tables=renamed, buffer=buffer)
+        try:
+            counts = importer.import_history(db, source=source, tables=renamed, buffer=buffer)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Raised inside the transaction: the renames and the new tables roll back with it.
+            raise SchemaError(
+                f"database {location}: cannot import the original manager's history ({exc}); "
+                "nothing was changed: fix or remove that row, then run 'hdfmgr initdb' again",
+                Found.ORIGINAL,
+            ) from None
         _stamp(db)
-        return (
+        return True, (
             f"database ready: took over the original manager's database {location}: imported "
             f"{counts['files']} files, {counts['batches']} batches and {counts['attempts']} attempts "
             f"as source {source} ({counts['resumed']} undelivered files still in the buffer: hdfmgr "

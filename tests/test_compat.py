@@ -310,6 +310,20 @@ def test_initdb_takes_over_the_originals_postgresql_database(
         postgres.drop_database(name)
 
 
+def test_a_row_that_cannot_be_imported_changes_nothing(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    make_original_sqlite(site.db_path)
+    with sqlite3.connect(site.db_path) as conn:
+        conn.execute("INSERT INTO files VALUES (9, '', 'odd.fits', 'ff', 1, 'yesterday-ish', NULL, NULL)")
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    before = site.query(schema)
+    result = site.hdfmgr("initdb", str(site.config_path))
+    assert_one_line(result, cli.EX_CONFIG)
+    assert "cannot import the original manager's history" in result.stderr
+    assert "'yesterday-ish'" in result.stderr and "nothing was changed" in result.stderr
+    assert site.query(schema) == before
+
+
 # ------------------------------------------------------------------ earlier hdfmgr schemas
 
 
@@ -362,7 +376,11 @@ def test_run_migrates_an_earlier_schema_itself(tmp_path: Path) -> None:
     site.write("a.fits", content("a"))
     run = site.hdfmgr("rescan", str(site.config_path))
     assert run.returncode == 0, run.stderr
+    assert (
+        f"migrated from an unversioned hdfmgr schema (1-4) to schema version {SCHEMA_VERSION}" in run.stderr
+    )
     assert site.query("SELECT version FROM hdfmgr_schema") == [(SCHEMA_VERSION,)]
+    assert site.delivered() == {"a.fits": content("a")}
 
 
 # --------------------------------------------------------------- databases hdfmgr cannot use
@@ -422,6 +440,25 @@ def test_every_command_refuses_a_database_it_cannot_use_with_one_line(tmp_path: 
         assert message in result.stderr, (command, result.stderr)
         assert result.stderr.startswith("hdfmgr: database "), result.stderr
     assert site.query("SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
+
+
+def test_every_command_refuses_a_foreign_postgresql_database(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    name = postgres.create_database("foreign")
+    try:
+        conn = postgres.connect(name)
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE batches (id SERIAL PRIMARY KEY, label TEXT)")
+        conn.close()
+        site = Site(tmp_path, engine=postgres.url(name))
+        for command, *rest in COMMANDS:
+            result = site.hdfmgr(command, str(site.config_path), *rest, timeout=30)
+            assert_one_line(result, cli.EX_CONFIG)
+            found = "table batches without columns bytes, command, commit_seconds and 16 more"
+            assert f"({found} and with unknown column label)" in result.stderr
+    finally:
+        postgres.drop_database(name)
 
 
 def test_the_refusal_status_stops_systemds_restart_loop() -> None:

@@ -1,10 +1,11 @@
 """hdfmgr: move files from a handoff buffer to an endpoint buffer, atomically and verified.
 
 Usage:
-  hdfmgr run [--validate | --no-validate] CONFIG
+  hdfmgr run CONFIG
   hdfmgr rescan [--wait=SECONDS] CONFIG
-  hdfmgr initdb [--validate | --no-validate] CONFIG
-  hdfmgr dropdb [--validate | --no-validate] --yes CONFIG
+  hdfmgr initdb CONFIG
+  hdfmgr dropdb --yes CONFIG
+  hdfmgr (run | initdb | dropdb) (--validate | --no-validate) [--yes] CONFIG
   hdfmgr validate CONFIG
   hdfmgr files [--state=S] [--since=T] [--name=GLOB] [--limit=N] [--json] [--all] CONFIG
   hdfmgr show [--json] [--all] CONFIG PATH
@@ -51,6 +52,7 @@ Options:
   --output=FILE   Write to FILE (atomically) instead of standard output.
   --validate      Only validate the configuration, as 'hdfmgr validate' does (the original
                   manager's option of run, initdb and dropdb; --no-validate is the default).
+  --yes           dropdb: yes, drop the schema and the whole audit trail.
   -h --help       Show this text.
   --version       Show the version.
 
@@ -155,6 +157,9 @@ def _dispatch(command: str, args: dict) -> int:
     config = config_mod.load(path)
     if command == "validate" or args.get("--validate"):
         return _validate(config)
+    if command == "dropdb" and not args.get("--yes"):
+        print("hdfmgr: dropdb deletes the whole audit trail; add --yes to confirm", file=sys.stderr)
+        return EX_USAGE
     if command in ("run", "rescan"):
         logs.setup(config.logging, echo=config.database_echo)
     dbm = _database_module(config)
@@ -205,7 +210,12 @@ def _with_database(command: str, config: config_mod.Config, database: Any, args:
     if command in ("run", "rescan"):
         # Creates or migrates hdfmgr's own schema; refuses the rest before the daemon starts
         # (a refusal under systemd is exit status 78: RestartPreventExitStatus, no loop).
-        changed, done = schema.ensure(database, source=config.name, location=location)
+        try:
+            changed, done = schema.ensure(database, source=config.name, location=location)
+        except dbm.errors():
+            # Transient (a lock held too long, the server away): the pipeline meets it again
+            # and pauses and retries (run) or stops with one line (rescan), as for any failure.
+            changed, done = False, ""
         if changed:
             log.info("%s", done)
         database.close()

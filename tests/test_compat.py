@@ -154,6 +154,14 @@ def test_the_originals_validate_option_validates_and_exits(tmp_path: Path, comma
     assert "configuration OK" in result.stdout and not site.db_path.exists()
 
 
+def test_dropdb_with_no_validate_still_needs_yes(tmp_path: Path) -> None:
+    site = original_site(tmp_path)
+    make_original_sqlite(site.db_path)
+    result = site.hdfmgr("dropdb", "--no-validate", str(site.config_path))
+    assert_one_line(result, cli.EX_USAGE)
+    assert "add --yes" in result.stderr
+
+
 def test_echo_logs_sql_and_rotate_null_never_rotates(tmp_path: Path) -> None:
     site = original_site(tmp_path)
     data = yaml.safe_load(site.config_path.read_text())

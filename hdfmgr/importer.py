@@ -120,7 +120,8 @@ def file_row(
     ``present``: the stat of the file now at its path in the buffer, if any.
     """
     fid, relpath, filename, checksum, size, created_on, held_on, _deleted_on = row
-    rel = os.path.join(relpath or "", filename)
+    # Versions of the original kept a top-level file's directory as "" or as "." (relpath).
+    rel = os.path.normpath(os.path.join(relpath or "", filename))
     mtime = timestamp(created_on) or 0.0
     held = timestamp(held_on)
     held_state = held is not None

@@ -332,6 +332,19 @@ def test_a_row_that_cannot_be_imported_changes_nothing(tmp_path: Path) -> None:
     assert site.query(schema) == before
 
 
+def test_import_reads_each_dialects_times_and_either_top_level_directory() -> None:
+    from hdfmgr import importer
+
+    assert importer.seconds("1970-01-01 00:00:02.500000") == 2.5  # SQLite's Interval
+    assert importer.seconds(dt.timedelta(minutes=10)) == 600.0  # PostgreSQL's
+    assert importer.timestamp(dt.datetime(2023, 5, 4, 10)) == local("2023-05-04 10:00:00")
+    for top in ("", "."):
+        row = (7, top, "top.fits", "ab", 3, "2023-05-04 10:00:00", "2023-05-04 10:00:01", None)
+        made = importer.file_row(row, source="s", tries=1, last_batch=None, delivered=None)
+        assert made["relpath"] == b"top.fits" and made["state"] == "held"
+        assert made["held_as"] == "top.fits" and made["committed_at"] == local("2023-05-04 10:00:01")
+
+
 # ------------------------------------------------------------------ earlier hdfmgr schemas
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .checksum import blake2b_file
 from .detect import snapshot
 from .endpoint import Endpoint, ErrorClass, StagedFile, classify
-from .holding import HoldError
+from .holding import HoldError, HoldResult, Outcome
 from .runner import CommandResult
 from .settle import Snapshot
 
@@ -66,6 +66,9 @@ class BatchReport:
     hold_errors: dict[str, str] = field(default_factory=dict)
     #: Delivered files that changed or vanished in the buffer since (relative path -> why).
     changed_after: dict[str, str] = field(default_factory=dict)
+    #: Delivered files left in the buffer until a writer is known to be done with them:
+    #: relative path -> Outcome.WRITING (one has it open) or Outcome.UNPROVEN (cannot tell).
+    deferred: dict[str, Outcome] = field(default_factory=dict)
     #: Files whose commit ran but whose reply was lost: any of them may be in the endpoint
     #: buffer. They stay COMMITTING until a listing of the slot directory tells.
     unknown: list[str] = field(default_factory=list)
@@ -86,8 +89,9 @@ class BatchReport:
 #: the daemon is shutting down and the commit must not start.
 Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
 
-#: Moves one delivered file (relative path) to holding; returns its relative path there.
-Holder = Callable[[str], str]
+#: Moves one delivered file (relative path, the version sent) to holding if it is still that
+#: version and no writer is at it (holding.hold_delivered).
+Holder = Callable[[str, Snapshot], HoldResult]
 
 CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
 
@@ -156,19 +160,23 @@ def deliver(
 
 
 def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
-    """Delivered files that are still the delivered version go to holding."""
+    """Delivered files that are still the delivered version, with no writer, go to holding."""
     with _Turns() as turn:
         for f in job.files:
             if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
                 continue
             turn.before(f.size)
-            if snapshot(f.path) != job.snapshots[f.rel]:
-                report.changed_after[f.rel] = CHANGED_AFTER
-                continue
             try:
-                report.held[f.rel] = hold(f.rel)
+                result = hold(f.rel, job.snapshots[f.rel])
             except HoldError as exc:
                 report.hold_errors[f.rel] = str(exc)
+                continue
+            if result.outcome is Outcome.HELD and result.name is not None:
+                report.held[f.rel] = result.name
+            elif result.outcome is Outcome.CHANGED:
+                report.changed_after[f.rel] = CHANGED_AFTER
+            else:
+                report.deferred[f.rel] = result.outcome
 
 
 def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:

@@ -36,7 +36,8 @@ from .db import State
 from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
-from .holding import HoldError, find_held, hold, prune_empty_dirs
+from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
+from .holding import Outcome as HoldOutcome
 from .lock import InstanceLock, lock_path
 from .record import Failure, Recorder
 from .retry import CircuitBreaker, backoff
@@ -424,7 +425,7 @@ class Pipeline:
         if known is not None:
             known.scanned = self.scan_number
             if known.matches(snap):
-                if known.state == COMMITTED_STATE:
+                if known.state == COMMITTED_STATE and rel not in self.tracker:
                     delivered.append(rel)
                 return
             if known.state in IN_FLIGHT:
@@ -594,6 +595,7 @@ class Pipeline:
         wall = time.time()
         new: list[tuple[str, Snapshot]] = []
         changed: list[tuple[str, Snapshot, Known]] = []
+        settled: list[str] = []  # delivered files that waited for their writer
         for rel, snap in items:
             known = self.known.get(rel)
             if known is None:
@@ -601,6 +603,8 @@ class Pipeline:
             elif known.matches(snap):
                 if known.state == State.READY.value and rel not in self.ready:
                     self._enqueue(rel, known)
+                elif known.state == COMMITTED_STATE:
+                    settled.append(rel)
             elif known.state == COMMITTED_STATE:
                 # Delivered, then rewritten before it reached holding: the delivered version
                 # is done; the new content is a new version.
@@ -621,6 +625,8 @@ class Pipeline:
                 known = Known(row_id, snap.size, snap.mtime_ns, snap.inode, State.READY.value, since=now)
                 self.known[rel] = known
                 self._enqueue(rel, known)
+        if settled:
+            self._hold_committed(settled, proven=True)
 
     def _retire(self, rel: str, known: Known, reason: str) -> None:
         self._rec().set_state([known.id], State.HELD, error=reason, wall=time.time())
@@ -704,9 +710,9 @@ class Pipeline:
         """Worker thread: run the batch, hand the report to the loop."""
         self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint, self._hold_one)))
 
-    def _hold_one(self, rel: str) -> str:
+    def _hold_one(self, rel: str, sent: Snapshot) -> HoldResult:
         """Worker thread: one delivered file to holding (plain file-system calls, no state)."""
-        return hold(self.buffer, self.holding, rel)
+        return hold_delivered(self.buffer, self.holding, rel, sent, proven=False)
 
     def _checkpoint(self, job: BatchJob, files: list[StagedFile], checksums: dict[str, str]) -> bool:
         """Worker thread: have the loop record COMMITTING, and wait until it has."""
@@ -839,7 +845,11 @@ class Pipeline:
             )
             # Normally none: the worker held them, or says why not (a holding error is
             # retried by the next scan, not at once). Only if the worker's step broke off.
-            rest = [rel for rel in committed if rel in self.known and rel not in report.hold_errors]
+            rest = [
+                rel
+                for rel in committed
+                if rel in self.known and rel not in report.hold_errors and rel not in report.deferred
+            ]
             if rest:
                 self._hold_committed(rest)
         transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
@@ -857,15 +867,37 @@ class Pipeline:
             self.on_breaker(self.cfg.name, self.breaker.state.value)
 
     def _after_hold(self, report: BatchReport) -> None:
-        """What the worker did with the delivered files: held, changed, or not movable."""
+        """What the worker did with the delivered files: held, changed, left to a writer, or
+        not movable."""
         for rel in report.held:
             del self.known[rel]
         for rel, reason in report.changed_after.items():
             self._retire(rel, self.known[rel], reason)
+            self._settle_again(rel)
+        for rel, outcome in report.deferred.items():
+            self._await_writer(rel, outcome)
         for rel, error in report.hold_errors.items():
             self._hold_failed(rel, self.known[rel], error)
         if report.held:
             self.warned.discard("holding")
+
+    def _settle_again(self, rel: str) -> None:
+        """What is in the buffer under a delivered file's name now is a new version."""
+        snap = snapshot(os.path.join(self.buffer, rel))
+        if snap is not None:
+            self.tracker.note(rel, Evidence.SEEN, time.monotonic(), snap)
+
+    def _await_writer(self, rel: str, outcome: HoldOutcome) -> None:
+        """A delivered file that a writer may still be at stays in the buffer, settling like a
+        new file: once settled it is held if unchanged, or goes again as a new version."""
+        if rel in self.tracker:
+            return
+        snap = snapshot(os.path.join(self.buffer, rel))
+        if snap is None:
+            return  # the scan finds out where it went
+        evidence = Evidence.OPENED if outcome is HoldOutcome.WRITING else Evidence.SEEN
+        self.tracker.note(rel, evidence, time.monotonic(), snap)
+        log.debug("%r delivered; not moved to holding yet: %s", rel, outcome.value)
 
     def _hold_failed(self, rel: str, known: Known, error: str) -> None:
         """It stays in the buffer, delivered; the next scan tries again."""
@@ -882,36 +914,33 @@ class Pipeline:
         heapq.heapify(self.retry_heap)
         self.next_recovery = min(self.next_recovery, now)  # and staging is listed at once
 
-    def _hold_committed(self, rels: list[str]) -> None:
-        """Move delivered files to holding and record it (one transaction for the lot)."""
+    def _hold_committed(self, rels: list[str], *, proven: bool = False) -> None:
+        """Move delivered files to holding and record it (one transaction for the lot).
+
+        The same rule as the worker's (holding.hold_delivered): only the version that was sent,
+        only when no writer is at it; ``proven`` when a settle verdict just said so.
+        """
         plain: list[str] = []
         renamed: list[tuple[str, str]] = []
         for rel in rels:
             known = self.known.get(rel)
             if known is None:
                 continue
-            snap = snapshot(os.path.join(self.buffer, rel))
-            if snap is None:
-                # Moved to holding by a run that ended before recording it?
-                held_as = find_held(self.holding, rel, known.inode)
-                if held_as == rel:
-                    plain.append(rel)
-                    continue
-                if held_as is not None:
-                    renamed.append((rel, held_as))
-                    continue
-            if snap is None or not known.matches(snap):
-                self._retire(rel, known, CHANGED_AFTER)
-                continue
+            sent = Snapshot(known.size, known.mtime_ns, known.inode)
             try:
-                held_as = hold(self.buffer, self.holding, rel)
+                result = hold_delivered(self.buffer, self.holding, rel, sent, proven=proven)
             except HoldError as exc:
                 self._hold_failed(rel, known, str(exc))
                 continue
-            if held_as == rel:
+            if result.outcome is HoldOutcome.CHANGED:
+                self._retire(rel, known, CHANGED_AFTER)
+                self._settle_again(rel)
+            elif result.outcome is not HoldOutcome.HELD or result.name is None:
+                self._await_writer(rel, result.outcome)
+            elif result.name == rel:
                 plain.append(rel)
             else:
-                renamed.append((rel, held_as))
+                renamed.append((rel, result.name))
         if not plain and not renamed:
             return
         self.warned.discard("holding")
@@ -963,6 +992,7 @@ class Pipeline:
         asked, those files wait, untouched, until it can.
         """
         self._rec().close_interrupted_batches(time.time())
+        self._clean_holding_copies()
         staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
         if staging:
             self._set_state(staging, State.READY, error="interrupted during transfer; sending again")
@@ -979,6 +1009,22 @@ class Pipeline:
         if committed:
             log.info("moving %d already delivered file(s) to holding", len(committed))
             self._hold_committed(committed)
+
+    def _clean_holding_copies(self) -> None:
+        """Copies into holding (from another filesystem) that a killed run left: those of
+        files that may be in the middle of a move stay, as evidence for the next hold."""
+        try:
+            dev = os.stat(self.buffer).st_dev
+        except OSError:
+            return
+        keep = {
+            identity(dev, Snapshot(k.size, k.mtime_ns, k.inode))
+            for k in self.known.values()
+            if k.state in (State.COMMITTING.value, COMMITTED_STATE)
+        }
+        removed = clean_copies(self.holding, keep)
+        if removed:
+            log.info("removed %d partial copies an earlier run left in holding", removed)
 
     def _recover_committing(self) -> None:
         """List the slot directories of files whose commit may have run.

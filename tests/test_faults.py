@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -417,3 +418,61 @@ def test_a_hung_staging_sweep_does_not_outlive_the_daemon(site: Site, tmp_path: 
     finally:
         assert daemon.stop() == 0
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the hung sweep to be ended")
+
+
+#: Runs one hold of ``rel`` and dies like kill -9 (``os._exit``, no clean-up) at ``point``:
+#: "copy": the copy into holding is written, not yet linked to its name; "link": it has its
+#: name in holding, the original is still in the buffer.
+CRASHING_HOLD = """
+import os, sys
+from hdfmgr import holding
+buffer, held, rel, point = sys.argv[1:5]
+real_link, real_unlink = os.link, os.unlink
+linked = []
+def link(src, dst, *args, **kwargs):
+    copy = ".hdfmgr-tmp" in os.fsdecode(src)
+    if copy and point == "copy":
+        os._exit(9)
+    real_link(src, dst, *args, **kwargs)
+    if copy:
+        linked.append(dst)
+def unlink(path, *args, **kwargs):
+    if linked and point == "link":
+        os._exit(9)
+    real_unlink(path, *args, **kwargs)
+os.link, os.unlink = link, unlink
+holding.hold(buffer, held, rel)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("point", ["copy", "link"])
+def test_a_hold_across_filesystems_killed_midway_leaves_one_copy(site: Site, point: str) -> None:
+    """Holding on another filesystem: a kill -9 inside the copy-then-link leaves no temporary
+    file behind after the restart, and no second copy under a suffixed name."""
+    holding = site.holding
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(holding)], check=True)
+    try:
+        data = os.urandom(300_000)
+        site.configure(pause=1)
+        daemon = site.start()
+        filler = fill(holding)  # delivered, but it cannot be copied into holding: stays committed
+        try:
+            site.write("a/x.fits", data)
+            wait_for(lambda: site.states().get("a/x.fits") == "committed", 20, "committed state")
+        finally:
+            assert daemon.stop() == 0
+        filler.unlink()
+        crash = subprocess.run(
+            [sys.executable, "-c", CRASHING_HOLD, str(site.buffer), str(holding), "a/x.fits", point],
+            capture_output=True,
+            text=True,
+        )
+        assert crash.returncode == 9, crash.stderr
+        result = site.hdfmgr("rescan", str(site.config_path))
+        assert result.returncode == 0, result.stderr
+        assert site.held() == {"a/x.fits": data}
+        assert site.waiting() == {}
+        assert site.query("select state, held_as, size from files") == [("held", "a/x.fits", len(data))]
+    finally:
+        subprocess.run(["umount", "-l", str(holding)], check=False)

@@ -476,3 +476,82 @@ def test_a_hold_across_filesystems_killed_midway_leaves_one_copy(site: Site, poi
         assert site.query("select state, held_as, size from files") == [("held", "a/x.fits", len(data))]
     finally:
         subprocess.run(["umount", "-l", str(holding)], check=False)
+
+
+class Arrivals(threading.Thread):
+    """The endpoint manager: takes each file out of the endpoint buffer, keeping its bytes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.seen: list[tuple[str, bytes]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for path in self.root.rglob("*"):
+                if path.is_file():
+                    self.seen.append((str(path.relative_to(self.root)), path.read_bytes()))
+                    path.unlink()
+            self.stop_event.wait(0.01)
+
+    def of(self, rel: str) -> list[bytes]:
+        return [data for name, data in list(self.seen) if name == rel]
+
+
+#: A writer that reopens its file after it was delivered: the remote command runs the commit,
+#: then (once, when the file has arrived) starts a process that opens the buffer's file for
+#: appending, waits until it has it open, and leaves it writing: a second later it appends
+#: and closes.
+REOPEN_AFTER_DELIVERY = """#!/bin/sh
+sh -c "$1"
+status=$?
+if [ -e "{arm}" ] && [ -e "{arrived}" ]; then
+    rm -f "{arm}"
+    "{python}" -c '
+import os, sys, time
+f = open(sys.argv[1], "ab")
+open(sys.argv[2], "w").close()
+time.sleep(1.0)
+f.write(b"HEADER")
+f.close()
+' "{path}" "{opened}" </dev/null >/dev/null 2>&1 &
+    while [ ! -e "{opened}" ]; do sleep 0.01; done
+fi
+exit $status
+"""
+
+
+def test_a_file_reopened_for_writing_after_delivery_is_not_held_and_goes_again(
+    site: Site, tmp_path: Path
+) -> None:
+    """Holding never moves a file that a writer has open: the writer's last bytes would land
+    in holding, never be sent, and the database would record the first version as held."""
+    arm, opened = tmp_path / "arm", tmp_path / "opened"
+    arm.touch()
+    path = site.buffer / "a" / "x.fits"
+    arrived = site.ep_buffer / "a" / "x.fits"
+    remote = tmp_path / "remote.sh"
+    remote.write_text(
+        REOPEN_AFTER_DELIVERY.format(
+            arm=arm, arrived=arrived, python=sys.executable, path=path, opened=opened
+        )
+    )
+    remote.chmod(0o755)
+    site.configure(remote=f'{remote} "{{command}}"', pause=60)
+    first = os.urandom(5000)
+    daemon = site.start()
+    try:
+        site.write("a/x.fits", first)
+        wait_for(opened.exists, 20, "the writer reopened the delivered file")
+        consumer = Arrivals(site.ep_buffer)
+        consumer.start()
+        final = first + b"HEADER"
+        wait_for(lambda: final in consumer.of("a/x.fits"), 20, "the version the writer finished")
+        wait_for(lambda: site.held() == {"a/x.fits": final}, 20, "the finished version in holding")
+        consumer.stop_event.set()
+    finally:
+        assert daemon.stop() == 0
+    rows = site.query("select size, state, held_as from files order by id")
+    assert rows[-1] == (len(final), "held", "a/x.fits")
+    assert all(state == "held" for _, state, _ in rows)

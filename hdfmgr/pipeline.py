@@ -34,7 +34,7 @@ from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
 from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
-from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
+from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
 from .holding import Outcome as HoldOutcome
@@ -216,6 +216,7 @@ class Pipeline:
                 # The writer check takes (and at once drops) read leases; a lease break
                 # would send SIGIO, whose default action ends the process.
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
+            self._warn_without_leases()
             self._load_known()
             self._recover()
             self._sweep_staging(prepare=True)
@@ -271,6 +272,21 @@ class Pipeline:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGUSR1, rescan)
+
+    def _warn_without_leases(self) -> None:
+        """Said once at start: without leases, only close events and quiet time tell."""
+        if not os.path.isdir(self.buffer):
+            return
+        problem = lease_problem(self.buffer)
+        if problem is not None:
+            log.warning(
+                "cannot tell whether a writer still has a file open (%s): a file without a close "
+                "event counts as complete once unchanged for general.stable_age (%.1f s), and a "
+                "delivered one moves to holding only then; a writer that pauses longer gets its "
+                "file sent early and again when it changes",
+                problem,
+                self.cfg.stable_age,
+            )
 
     def _start_observer(self) -> None:
         try:

@@ -169,10 +169,18 @@ class Site:
             cwd=self.root,
         )
 
-    def start(self, *, env: dict[str, str] | None = None, command: str = "run", wait: bool = True) -> Daemon:
+    def start(
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        command: str = "run",
+        wait: bool = True,
+        wrap: Iterable[str] = (),
+    ) -> Daemon:
+        """Start the daemon (``wrap``: a command prefix, such as ``setpriv`` dropping a capability)."""
         log = open(self.root / f"daemon-{time.monotonic_ns()}.log", "w+b")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hdfmgr", command, str(self.config_path)],
+            [*wrap, sys.executable, "-m", "hdfmgr", command, str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,

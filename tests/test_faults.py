@@ -555,3 +555,73 @@ def test_a_file_reopened_for_writing_after_delivery_is_not_held_and_goes_again(
     rows = site.query("select size, state, held_as from files order by id")
     assert rows[-1] == (len(final), "held", "a/x.fits")
     assert all(state == "held" for _, state, _ in rows)
+
+
+#: Writes 1000 bytes every 3 s, six times, into a file it keeps open; says when two are in.
+SLOW_WRITER = """
+import sys, time
+path, flag = sys.argv[1:3]
+with open(path, "wb", buffering=0) as f:
+    for i in range(6):
+        f.write(bytes([65 + i]) * 1000)
+        if i == 1:
+            open(flag, "w").close()
+        time.sleep(3)
+"""
+
+
+@pytest.mark.parametrize("stable_age", [2.0, 4.0])
+def test_a_slow_writer_of_another_user_without_leases(site: Site, tmp_path: Path, stable_age: float) -> None:
+    """A writer running as nobody, a daemon without CAP_LEASE started in the middle of it: the
+    kernel cannot say whether the file is still open. The file never moves to holding while it
+    is written; the finished file is delivered and is the version held. With ``stable_age``
+    longer than the writer's pauses, no fragment is sent at all."""
+    top = tmp_path
+    while top != Path("/tmp") and top != top.parent:  # let nobody reach the buffer
+        top.chmod(top.stat().st_mode | 0o011)
+        top = top.parent
+    (site.buffer / "a").mkdir()
+    os.chown(site.buffer / "a", 65534, 65534)
+    flags = tmp_path / "flags"
+    flags.mkdir(mode=0o777)
+    flags.chmod(0o777)
+    site.configure(stable_age=stable_age, settle=0.1, pause=60)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    path = site.buffer / "a" / "slow.fits"
+    writer = subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            SLOW_WRITER,
+            str(path),
+            str(flags / "two"),
+        ]
+    )
+    try:
+        wait_for((flags / "two").exists, 20, "the writer's second write")
+        assert path.stat().st_uid == 65534
+        daemon = site.start(wrap=["setpriv", "--inh-caps=-lease", "--bounding-set=-lease"])
+        try:
+            while writer.poll() is None:
+                assert path.exists(), "moved to holding while the writer still had it open"
+                time.sleep(0.05)
+            assert writer.returncode == 0
+            final = b"".join(bytes([65 + i]) * 1000 for i in range(6))
+            wait_for(lambda: final in consumer.of("a/slow.fits"), 30, "the finished file delivered")
+            wait_for(lambda: site.held() == {"a/slow.fits": final}, 30, "the finished file in holding")
+        finally:
+            consumer.stop_event.set()
+            assert daemon.stop() == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    rows = site.query("select size, state, held_as from files order by id")
+    assert rows[-1] == (6000, "held", "a/slow.fits")
+    assert daemon.output().count("cannot tell whether a writer still has a file open") == 1
+    if stable_age > 3:
+        assert consumer.of("a/slow.fits") == [final], "a fragment was sent"

@@ -156,13 +156,15 @@ def _is(path: str, st: os.stat_result) -> bool:
 
 
 def _link(source: str, dst: str, directory: str) -> None:
+    # follow_symlinks=False: a link swapped in for the source is never followed out of the
+    # buffer (the check after the link then sees that it is not the version sent).
     try:
-        os.link(source, dst)
+        os.link(source, dst, follow_symlinks=False)
     except FileNotFoundError:
         # The holding directory is missing (the source was checked just before): create it
         # and try again, instead of a makedirs for every file.
         _make_holding_dir(directory)
-        os.link(source, dst)
+        os.link(source, dst, follow_symlinks=False)
 
 
 def _finish(src: str, st: os.stat_result, tmp: str) -> None:

@@ -39,6 +39,8 @@ from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
 from .holding import Outcome as HoldOutcome
 from .lock import InstanceLock, lock_path
+from .pin import clear as clear_pins
+from .pin import pin_root, slot_dir
 from .record import Failure, Recorder
 from .retry import CircuitBreaker, backoff
 from .runner import CommandResult
@@ -138,6 +140,10 @@ class Pipeline:
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.buffer = os.fspath(config.buffer)
         self.holding = os.fspath(config.holding)
+        #: The slots' private directories of pinned files (hdfmgr.pin), never detected.
+        self.pins = pin_root(self.buffer, self.holding)
+        #: Their relative path when they are in the buffer (holding is another filesystem).
+        self.pins_rel = self.pins[len(self.buffer) + 1 :] + os.sep if self._private_path(self.pins) else None
         self.tracker = SettleTracker(
             settle=config.settle,
             stable_age=config.stable_age,
@@ -217,6 +223,7 @@ class Pipeline:
                 # would send SIGIO, whose default action ends the process.
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
             self._warn_without_leases()
+            clear_pins(self.pins)
             self._load_known()
             self._recover()
             self._sweep_staging(prepare=True)
@@ -399,7 +406,15 @@ class Pipeline:
     def _rel(self, path: str) -> str | None:
         if not path.startswith(self.buffer + os.sep):
             return None
-        return path[len(self.buffer) + 1 :]
+        rel = path[len(self.buffer) + 1 :]
+        return None if self._private(rel) else rel
+
+    def _private_path(self, path: str) -> bool:
+        return path.startswith(self.buffer + os.sep)
+
+    def _private(self, rel: str) -> bool:
+        """The pins' directory, when it is in the buffer: never detected."""
+        return self.pins_rel is not None and (rel + os.sep).startswith(self.pins_rel)
 
     def _on_file(self, evidence: Evidence, path: str, now: float) -> None:
         rel = self._rel(path)
@@ -432,7 +447,7 @@ class Pipeline:
     ) -> None:
         """A scan saw ``rel``; a delivered file still in the buffer goes to ``delivered``
         (moved to holding by the caller, one transaction for the lot)."""
-        if self.cfg.excluded(rel):
+        if self.cfg.excluded(rel) or self._private(rel):
             return
         if snap is None:
             self._warn_link(rel)
@@ -719,6 +734,7 @@ class Pipeline:
             snapshots=snaps,
             prepare=dirty or not self.slot_ready.get(slot, False),
             clean=dirty,
+            pin_dir=slot_dir(self.pins, slot),
         )
         self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 

@@ -127,8 +127,8 @@ class Site:
             for name in names:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, top)
-                if rel == ".hdfmgr.lock":
-                    continue
+                if rel == ".hdfmgr.lock" or rel.startswith(".hdfmgr-send/"):
+                    continue  # the lock, and the pins of batches in flight (hdfmgr.pin)
                 try:
                     with open(full, "rb") as f:
                         out[rel] = f.read()

@@ -625,3 +625,47 @@ def test_a_slow_writer_of_another_user_without_leases(site: Site, tmp_path: Path
     assert daemon.output().count("cannot tell whether a writer still has a file open") == 1
     if stable_age > 3:
         assert consumer.of("a/slow.fits") == [final], "a fragment was sent"
+
+
+#: The transfer command, with an attacker beside it: just before the copy, the buffer's file is
+#: moved away and its name made a symbolic link to a file only root may read.
+SWAP_BEFORE_COPY = """#!/bin/sh
+if [ -e "{arm}" ]; then
+    rm -f "{arm}"
+    mv "{path}" "{aside}"
+    ln -s "{secret}" "{path}"
+fi
+for dest; do :; done
+cp "$@"
+if grep -rq TOPSECRET "$dest"; then touch "{leak}"; fi
+"""
+
+
+def test_a_symlink_swapped_in_during_the_transfer_is_never_followed(site: Site, tmp_path: Path) -> None:
+    """The file sent is the file that was registered: a link swapped in for it is not followed
+    (a root-only file must never reach staging), and the registered version is what arrives."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOPSECRET root-only\n")
+    secret.chmod(0o600)
+    arm, leak, aside = tmp_path / "arm", tmp_path / "leak", tmp_path / "aside"
+    arm.touch()
+    path = site.buffer / "a" / "x.fits"
+    transfer = tmp_path / "transfer.sh"
+    transfer.write_text(SWAP_BEFORE_COPY.format(arm=arm, path=path, aside=aside, secret=secret, leak=leak))
+    transfer.chmod(0o755)
+    site.configure(transfer=f"{transfer} {{batch}} {{dest}}", pause=1)
+    data = os.urandom(4000)
+    daemon = site.start()
+    try:
+        site.write("a/x.fits", data)
+        wait_for(lambda: not arm.exists(), 20, "the transfer")
+        finished = "select count(*) from batches where finished_at is not null"
+        wait_for(lambda: site.query(finished)[0][0] >= 1, 20, "the batch's outcome")
+        assert not leak.exists(), "the secret was copied into staging"
+        wait_for(lambda: site.delivered() == {"a/x.fits": data}, 20, "the registered version delivered")
+    finally:
+        assert daemon.stop() == 0
+    assert b"TOPSECRET" not in b"".join(site.files_under(site.root / "endpoint").values())
+    # Delivered; the name in the buffer is now the link, which is never moved nor followed.
+    assert site.query("select state, held_as from files") == [("held", None)]
+    assert path.is_symlink() and site.held() == {}

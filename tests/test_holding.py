@@ -121,10 +121,10 @@ def test_hold_across_filesystems(dirs: tuple[Path, Path], monkeypatch: pytest.Mo
     buffer, held = dirs
     real_link = os.link
 
-    def link(src: str, dst: str) -> None:
+    def link(src: str, dst: str, **kwargs: bool) -> None:
         if src.startswith(str(buffer)):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src, dst)
+        real_link(src, dst, **kwargs)
 
     monkeypatch.setattr(holding.os, "link", link)
     put(held, "d/img", b"old")

@@ -669,3 +669,43 @@ def test_a_symlink_swapped_in_during_the_transfer_is_never_followed(site: Site, 
     # Delivered; the name in the buffer is now the link, which is never moved nor followed.
     assert site.query("select state, held_as from files") == [("held", None)]
     assert path.is_symlink() and site.held() == {}
+
+
+#: The FITS pattern: write the file and close it, then half a second later reopen it (without
+#: creating it) and rewrite its header in place.
+HEADER_REWRITER = """
+import os, sys, time
+path, data = sys.argv[1], bytes.fromhex(sys.argv[2])
+with open(path, "wb") as f:
+    f.write(b"DRAFT---" + data)
+time.sleep(0.5)
+fd = os.open(path, os.O_WRONLY)  # fails if the file was moved away meanwhile
+os.write(fd, b"FINAL---")
+os.close(fd)
+"""
+
+
+def test_a_header_rewritten_after_the_close_with_the_recommended_settle(site: Site) -> None:
+    """With ``settle`` longer than the writer's reopen gap (README, Settle): the draft is
+    never sent, the writer's reopen finds its file, and the final version is sent once."""
+    site.configure(settle=1.0)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    daemon = site.start()
+    data = os.urandom(3000)
+    try:
+        (site.buffer / "a").mkdir()
+        writer = subprocess.run(
+            [sys.executable, "-c", HEADER_REWRITER, str(site.buffer / "a" / "h.fits"), data.hex()],
+            capture_output=True,
+            text=True,
+        )
+        assert writer.returncode == 0, writer.stderr
+        final = b"FINAL---" + data
+        wait_for(lambda: site.held() == {"a/h.fits": final}, 20, "the final version in holding")
+        wait_for(lambda: consumer.of("a/h.fits"), 10, "the delivery")
+    finally:
+        consumer.stop_event.set()
+        assert daemon.stop() == 0
+    assert consumer.of("a/h.fits") == [final]
+    assert site.query("select size, state from files") == [(len(final), "held")]

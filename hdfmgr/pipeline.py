@@ -143,7 +143,8 @@ class Pipeline:
         #: The slots' private directories of pinned files (hdfmgr.pin), never detected.
         self.pins = pin_root(self.buffer, self.holding)
         #: Their relative path when they are in the buffer (holding is another filesystem).
-        self.pins_rel = self.pins[len(self.buffer) + 1 :] + os.sep if self._private_path(self.pins) else None
+        inside = self.pins.startswith(self.buffer + os.sep)
+        self.pins_rel = self.pins[len(self.buffer) + 1 :] + os.sep if inside else None
         self.tracker = SettleTracker(
             settle=config.settle,
             stable_age=config.stable_age,
@@ -408,9 +409,6 @@ class Pipeline:
             return None
         rel = path[len(self.buffer) + 1 :]
         return None if self._private(rel) else rel
-
-    def _private_path(self, path: str) -> bool:
-        return path.startswith(self.buffer + os.sep)
 
     def _private(self, rel: str) -> bool:
         """The pins' directory, when it is in the buffer: never detected."""

@@ -174,7 +174,12 @@ def connect(config: Config) -> pw.Database:
             lock_type="IMMEDIATE",
             pragmas={
                 "journal_mode": "wal",
-                "synchronous": "normal",
+                # FULL: every commit syncs the log. With NORMAL a power cut may roll back the
+                # COMMITTING checkpoint written just before the remote mv (or the COMMITTED
+                # written before a slot directory is swept), and the restart would send a
+                # delivered file again. Measured (scripts/durability_cost.py): 2.6 ms more per
+                # batch, 2.3x the database time of a one-file batch, 1.5x at 100 files.
+                "synchronous": "full",
                 "foreign_keys": 1,
                 # SQLite's default 2 MB page cache. The pages stay in the OS page cache anyway;
                 # 16 MB here cost the daemon 16 MB of RSS with 100,000 files waiting

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import pin
 from .checksum import blake2b_file
 from .detect import snapshot
 from .endpoint import Endpoint, ErrorClass, StagedFile, classify
-from .holding import HoldError
+from .holding import HoldError, HoldResult, Outcome
 from .runner import CommandResult
 from .settle import Snapshot
 
@@ -43,6 +44,9 @@ class BatchJob:
     snapshots: dict[str, Snapshot]
     prepare: bool
     clean: bool
+    #: The slot's private directory of pins (see :mod:`hdfmgr.pin`); None: send the buffer's
+    #: paths as they are.
+    pin_dir: str | None = None
 
 
 @dataclass
@@ -66,6 +70,9 @@ class BatchReport:
     hold_errors: dict[str, str] = field(default_factory=dict)
     #: Delivered files that changed or vanished in the buffer since (relative path -> why).
     changed_after: dict[str, str] = field(default_factory=dict)
+    #: Delivered files left in the buffer until a writer is known to be done with them:
+    #: relative path -> Outcome.WRITING (one has it open) or Outcome.UNPROVEN (cannot tell).
+    deferred: dict[str, Outcome] = field(default_factory=dict)
     #: Files whose commit ran but whose reply was lost: any of them may be in the endpoint
     #: buffer. They stay COMMITTING until a listing of the slot directory tells.
     unknown: list[str] = field(default_factory=list)
@@ -86,8 +93,9 @@ class BatchReport:
 #: the daemon is shutting down and the commit must not start.
 Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
 
-#: Moves one delivered file (relative path) to holding; returns its relative path there.
-Holder = Callable[[str], str]
+#: Moves one delivered file (relative path, the version sent) to holding if it is still that
+#: version and no writer is at it (holding.hold_delivered).
+Holder = Callable[[str, Snapshot], HoldResult]
 
 CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
 
@@ -140,12 +148,15 @@ def deliver(
     """Run one batch's commands; never raises (a bug becomes a failed batch, retried)."""
     report = BatchReport(job, time.time())
     try:
-        _steps(job, endpoint, checkpoint, report)
+        _steps(job, _pin(job, report), endpoint, checkpoint, report)
     except Exception as exc:
         log.exception("batch %d failed unexpectedly", job.id)
         report.error_class, report.error = ErrorClass.LOCAL, f"internal error: {exc!r}"
         report.slot_clean = False
         return report
+    finally:
+        if job.pin_dir is not None:
+            pin.release(job.pin_dir)
     if hold is not None:
         try:
             _hold(job, report, hold)
@@ -156,29 +167,59 @@ def deliver(
 
 
 def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
-    """Delivered files that are still the delivered version go to holding."""
+    """Delivered files that are still the delivered version, with no writer, go to holding."""
     with _Turns() as turn:
         for f in job.files:
             if report.outcomes.get(f.rel, ("",))[0] != COMMITTED:
                 continue
             turn.before(f.size)
-            if snapshot(f.path) != job.snapshots[f.rel]:
-                report.changed_after[f.rel] = CHANGED_AFTER
-                continue
             try:
-                report.held[f.rel] = hold(f.rel)
+                result = hold(f.rel, job.snapshots[f.rel])
             except HoldError as exc:
                 report.hold_errors[f.rel] = str(exc)
+                continue
+            if result.outcome is Outcome.HELD and result.name is not None:
+                report.held[f.rel] = result.name
+            elif result.outcome is Outcome.CHANGED:
+                report.changed_after[f.rel] = CHANGED_AFTER
+            else:
+                report.deferred[f.rel] = result.outcome
 
 
-def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:
+def _pin(job: BatchJob, report: BatchReport) -> list[StagedFile]:
+    """The batch's files as the transfer, the hash and the checks will see them: pinned."""
+    if job.pin_dir is None:
+        return list(job.files)
+    files = []
+    for f in job.files:
+        try:
+            path = pin.pin(f.path, job.pin_dir, job.snapshots[f.rel])
+        except pin.NotRegistered:
+            report.outcomes[f.rel] = (CHANGED, "changed or replaced in the buffer before the transfer")
+            continue
+        except OSError as exc:
+            report.outcomes[f.rel] = (FAILED, f"cannot pin it for the transfer: {exc.strerror}")
+            continue
+        files.append(StagedFile(f.rel, path, f.size, f.checksum))
+    return files
+
+
+def _steps(
+    job: BatchJob, files: list[StagedFile], endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport
+) -> None:
+    if not files:
+        report.error_class, report.error = (
+            ErrorClass.LOCAL,
+            "no file of the batch is still the registered one",
+        )
+        return
     # Hash while the transfer runs: the digest is needed only at the commit, and on a large
     # file hashing alone takes about as long as a local copy.
     hashed: list[StagedFile] = []
-    hasher = threading.Thread(target=lambda: hashed.extend(_hash(job, report)), name=f"hash-{job.id}")
+    hasher = threading.Thread(target=lambda: hashed.extend(_hash(job, report, files)), name=f"hash-{job.id}")
     hasher.start()
     try:
-        if not _transfer(job, endpoint, report):
+        if not _transfer(job, files, endpoint, report):
             return
     finally:
         hasher.join()
@@ -190,7 +231,8 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
     # still the version that was registered.
     to_commit = []
     for f in files:
-        if snapshot(f.path) != job.snapshots[f.rel]:
+        sent = job.snapshots[f.rel]
+        if not (pin.intact(f.path, sent) if job.pin_dir is not None else snapshot(f.path) == sent):
             report.outcomes[f.rel] = (CHANGED, "changed or vanished during the transfer")
             report.slot_clean = False
         else:
@@ -227,14 +269,14 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         report.error = f"staged copy failed {mode} verification"
 
 
-def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:
+def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport) -> bool:
     """Prepare the slot if needed and run the transfer command(s); False on a failure."""
     if job.prepare:
         report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
         if not report.prepare.ok:
             report.fail(report.prepare, "preparing staging")
             return False
-    for argv in endpoint.transfer_argvs(job.files, job.staging_dir):
+    for argv in endpoint.transfer_argvs(files, job.staging_dir):
         result = endpoint.transfer(argv)
         report.transfers.append(result)
         if not result.ok:
@@ -243,12 +285,13 @@ def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:
     return True
 
 
-def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:
-    """BLAKE2b each file that has none yet (once per version: it is stored afterwards)."""
+def _hash(job: BatchJob, report: BatchReport, batch: list[StagedFile] | None = None) -> list[StagedFile]:
+    """BLAKE2b each file (of ``batch``, the pinned files; default the job's) that has none yet
+    (once per version: it is stored afterwards)."""
     t0 = time.monotonic()
     files = []
     with _Turns() as turn:
-        for f in job.files:
+        for f in job.files if batch is None else batch:
             digest = f.checksum
             if digest is None:
                 turn.before(f.size)

@@ -158,6 +158,50 @@ def open_for_writing(path: str) -> bool | None:
         os.close(fd)
 
 
+#: Capability bit of CAP_LEASE (linux/capability.h).
+CAP_LEASE = 28
+
+
+def lease_problem(buffer: str) -> str | None:
+    """Why the writer check cannot work here, or None when it can.
+
+    Probes the buffer's filesystem with a lease on a file of its own (created and removed at
+    once, before the observer starts), and the process for CAP_LEASE, without which leases
+    on files of other users are refused.
+    """
+    probe = os.path.join(buffer, f".hdfmgr-lease-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return f"cannot probe the buffer's filesystem: {exc.strerror}"
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        except OSError as exc:
+            return f"the buffer's filesystem refuses leases ({exc.strerror})"
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    if not _has_capability(CAP_LEASE):
+        return "no CAP_LEASE: files owned by other users cannot be asked"
+    return None
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
 def is_symlink(path: str) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)

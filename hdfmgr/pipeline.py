@@ -34,10 +34,13 @@ from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
 from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
-from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
+from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
-from .holding import HoldError, find_held, hold, prune_empty_dirs
+from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
+from .holding import Outcome as HoldOutcome
 from .lock import InstanceLock, lock_path
+from .pin import clear as clear_pins
+from .pin import pin_root, slot_dir
 from .record import Failure, Recorder
 from .retry import CircuitBreaker, backoff
 from .runner import CommandResult
@@ -137,6 +140,11 @@ class Pipeline:
         self.queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.buffer = os.fspath(config.buffer)
         self.holding = os.fspath(config.holding)
+        #: The slots' private directories of pinned files (hdfmgr.pin), never detected.
+        self.pins = pin_root(self.buffer, self.holding)
+        #: Their relative path when they are in the buffer (holding is another filesystem).
+        inside = self.pins.startswith(self.buffer + os.sep)
+        self.pins_rel = self.pins[len(self.buffer) + 1 :] + os.sep if inside else None
         self.tracker = SettleTracker(
             settle=config.settle,
             stable_age=config.stable_age,
@@ -215,6 +223,8 @@ class Pipeline:
                 # The writer check takes (and at once drops) read leases; a lease break
                 # would send SIGIO, whose default action ends the process.
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
+            self._warn_without_leases()
+            clear_pins(self.pins)
             self._load_known()
             self._recover()
             self._sweep_staging(prepare=True)
@@ -270,6 +280,21 @@ class Pipeline:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGUSR1, rescan)
+
+    def _warn_without_leases(self) -> None:
+        """Said once at start: without leases, only close events and quiet time tell."""
+        if not os.path.isdir(self.buffer):
+            return
+        problem = lease_problem(self.buffer)
+        if problem is not None:
+            log.warning(
+                "cannot tell whether a writer still has a file open (%s): a file without a close "
+                "event counts as complete once unchanged for general.stable_age (%.1f s), and a "
+                "delivered one moves to holding only then; a writer that pauses longer gets its "
+                "file sent early and again when it changes",
+                problem,
+                self.cfg.stable_age,
+            )
 
     def _start_observer(self) -> None:
         try:
@@ -382,7 +407,12 @@ class Pipeline:
     def _rel(self, path: str) -> str | None:
         if not path.startswith(self.buffer + os.sep):
             return None
-        return path[len(self.buffer) + 1 :]
+        rel = path[len(self.buffer) + 1 :]
+        return None if self._private(rel) else rel
+
+    def _private(self, rel: str) -> bool:
+        """The pins' directory, when it is in the buffer: never detected."""
+        return self.pins_rel is not None and (rel + os.sep).startswith(self.pins_rel)
 
     def _on_file(self, evidence: Evidence, path: str, now: float) -> None:
         rel = self._rel(path)
@@ -415,7 +445,7 @@ class Pipeline:
     ) -> None:
         """A scan saw ``rel``; a delivered file still in the buffer goes to ``delivered``
         (moved to holding by the caller, one transaction for the lot)."""
-        if self.cfg.excluded(rel):
+        if self.cfg.excluded(rel) or self._private(rel):
             return
         if snap is None:
             self._warn_link(rel)
@@ -424,7 +454,7 @@ class Pipeline:
         if known is not None:
             known.scanned = self.scan_number
             if known.matches(snap):
-                if known.state == COMMITTED_STATE:
+                if known.state == COMMITTED_STATE and rel not in self.tracker:
                     delivered.append(rel)
                 return
             if known.state in IN_FLIGHT:
@@ -594,6 +624,7 @@ class Pipeline:
         wall = time.time()
         new: list[tuple[str, Snapshot]] = []
         changed: list[tuple[str, Snapshot, Known]] = []
+        settled: list[str] = []  # delivered files that waited for their writer
         for rel, snap in items:
             known = self.known.get(rel)
             if known is None:
@@ -601,6 +632,8 @@ class Pipeline:
             elif known.matches(snap):
                 if known.state == State.READY.value and rel not in self.ready:
                     self._enqueue(rel, known)
+                elif known.state == COMMITTED_STATE:
+                    settled.append(rel)
             elif known.state == COMMITTED_STATE:
                 # Delivered, then rewritten before it reached holding: the delivered version
                 # is done; the new content is a new version.
@@ -621,6 +654,8 @@ class Pipeline:
                 known = Known(row_id, snap.size, snap.mtime_ns, snap.inode, State.READY.value, since=now)
                 self.known[rel] = known
                 self._enqueue(rel, known)
+        if settled:
+            self._hold_committed(settled, proven=True)
 
     def _retire(self, rel: str, known: Known, reason: str) -> None:
         self._rec().set_state([known.id], State.HELD, error=reason, wall=time.time())
@@ -697,6 +732,7 @@ class Pipeline:
             snapshots=snaps,
             prepare=dirty or not self.slot_ready.get(slot, False),
             clean=dirty,
+            pin_dir=slot_dir(self.pins, slot),
         )
         self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 
@@ -704,9 +740,9 @@ class Pipeline:
         """Worker thread: run the batch, hand the report to the loop."""
         self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint, self._hold_one)))
 
-    def _hold_one(self, rel: str) -> str:
+    def _hold_one(self, rel: str, sent: Snapshot) -> HoldResult:
         """Worker thread: one delivered file to holding (plain file-system calls, no state)."""
-        return hold(self.buffer, self.holding, rel)
+        return hold_delivered(self.buffer, self.holding, rel, sent, proven=False)
 
     def _checkpoint(self, job: BatchJob, files: list[StagedFile], checksums: dict[str, str]) -> bool:
         """Worker thread: have the loop record COMMITTING, and wait until it has."""
@@ -839,7 +875,11 @@ class Pipeline:
             )
             # Normally none: the worker held them, or says why not (a holding error is
             # retried by the next scan, not at once). Only if the worker's step broke off.
-            rest = [rel for rel in committed if rel in self.known and rel not in report.hold_errors]
+            rest = [
+                rel
+                for rel in committed
+                if rel in self.known and rel not in report.hold_errors and rel not in report.deferred
+            ]
             if rest:
                 self._hold_committed(rest)
         transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
@@ -857,15 +897,37 @@ class Pipeline:
             self.on_breaker(self.cfg.name, self.breaker.state.value)
 
     def _after_hold(self, report: BatchReport) -> None:
-        """What the worker did with the delivered files: held, changed, or not movable."""
+        """What the worker did with the delivered files: held, changed, left to a writer, or
+        not movable."""
         for rel in report.held:
             del self.known[rel]
         for rel, reason in report.changed_after.items():
             self._retire(rel, self.known[rel], reason)
+            self._settle_again(rel)
+        for rel, outcome in report.deferred.items():
+            self._await_writer(rel, outcome)
         for rel, error in report.hold_errors.items():
             self._hold_failed(rel, self.known[rel], error)
         if report.held:
             self.warned.discard("holding")
+
+    def _settle_again(self, rel: str) -> None:
+        """What is in the buffer under a delivered file's name now is a new version."""
+        snap = snapshot(os.path.join(self.buffer, rel))
+        if snap is not None:
+            self.tracker.note(rel, Evidence.SEEN, time.monotonic(), snap)
+
+    def _await_writer(self, rel: str, outcome: HoldOutcome) -> None:
+        """A delivered file that a writer may still be at stays in the buffer, settling like a
+        new file: once settled it is held if unchanged, or goes again as a new version."""
+        if rel in self.tracker:
+            return
+        snap = snapshot(os.path.join(self.buffer, rel))
+        if snap is None:
+            return  # the scan finds out where it went
+        evidence = Evidence.OPENED if outcome is HoldOutcome.WRITING else Evidence.SEEN
+        self.tracker.note(rel, evidence, time.monotonic(), snap)
+        log.debug("%r delivered; not moved to holding yet: %s", rel, outcome.value)
 
     def _hold_failed(self, rel: str, known: Known, error: str) -> None:
         """It stays in the buffer, delivered; the next scan tries again."""
@@ -882,36 +944,33 @@ class Pipeline:
         heapq.heapify(self.retry_heap)
         self.next_recovery = min(self.next_recovery, now)  # and staging is listed at once
 
-    def _hold_committed(self, rels: list[str]) -> None:
-        """Move delivered files to holding and record it (one transaction for the lot)."""
+    def _hold_committed(self, rels: list[str], *, proven: bool = False) -> None:
+        """Move delivered files to holding and record it (one transaction for the lot).
+
+        The same rule as the worker's (holding.hold_delivered): only the version that was sent,
+        only when no writer is at it; ``proven`` when a settle verdict just said so.
+        """
         plain: list[str] = []
         renamed: list[tuple[str, str]] = []
         for rel in rels:
             known = self.known.get(rel)
             if known is None:
                 continue
-            snap = snapshot(os.path.join(self.buffer, rel))
-            if snap is None:
-                # Moved to holding by a run that ended before recording it?
-                held_as = find_held(self.holding, rel, known.inode)
-                if held_as == rel:
-                    plain.append(rel)
-                    continue
-                if held_as is not None:
-                    renamed.append((rel, held_as))
-                    continue
-            if snap is None or not known.matches(snap):
-                self._retire(rel, known, CHANGED_AFTER)
-                continue
+            sent = Snapshot(known.size, known.mtime_ns, known.inode)
             try:
-                held_as = hold(self.buffer, self.holding, rel)
+                result = hold_delivered(self.buffer, self.holding, rel, sent, proven=proven)
             except HoldError as exc:
                 self._hold_failed(rel, known, str(exc))
                 continue
-            if held_as == rel:
+            if result.outcome is HoldOutcome.CHANGED:
+                self._retire(rel, known, CHANGED_AFTER)
+                self._settle_again(rel)
+            elif result.outcome is not HoldOutcome.HELD or result.name is None:
+                self._await_writer(rel, result.outcome)
+            elif result.name == rel:
                 plain.append(rel)
             else:
-                renamed.append((rel, held_as))
+                renamed.append((rel, result.name))
         if not plain and not renamed:
             return
         self.warned.discard("holding")
@@ -963,6 +1022,7 @@ class Pipeline:
         asked, those files wait, untouched, until it can.
         """
         self._rec().close_interrupted_batches(time.time())
+        self._clean_holding_copies()
         staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
         if staging:
             self._set_state(staging, State.READY, error="interrupted during transfer; sending again")
@@ -979,6 +1039,22 @@ class Pipeline:
         if committed:
             log.info("moving %d already delivered file(s) to holding", len(committed))
             self._hold_committed(committed)
+
+    def _clean_holding_copies(self) -> None:
+        """Copies into holding (from another filesystem) that a killed run left: those of
+        files that may be in the middle of a move stay, as evidence for the next hold."""
+        try:
+            dev = os.stat(self.buffer).st_dev
+        except OSError:
+            return
+        keep = {
+            identity(dev, Snapshot(k.size, k.mtime_ns, k.inode))
+            for k in self.known.values()
+            if k.state in (State.COMMITTING.value, COMMITTED_STATE)
+        }
+        removed = clean_copies(self.holding, keep)
+        if removed:
+            log.info("removed %d partial copies an earlier run left in holding", removed)
 
     def _recover_committing(self) -> None:
         """List the slot directories of files whose commit may have run.

@@ -7,11 +7,15 @@ A file must never leave half-written. The evidence differs by source:
 * a creation says a writer has the file open: wait for its close, and only if none arrives
   within ``open_grace`` (a lost event) fall back to the rule for files seen without events;
 * a file found by a scan or the polling observer carries no evidence at all: it is ready when
-  two stats ``settle`` apart agree and its mtime is at least ``stable_age`` old.
+  the daemon's own stats have agreed for ``stable_age`` seconds (by its clock: an mtime can be
+  old while a writer is still at the file, from a file server's clock or a copier that keeps
+  times) and its mtime is at least ``stable_age`` old as well.
 
 Where the kernel can say whether anyone holds the file open for writing (a read lease can be
 taken only when no one does), the caller passes that as ``writing`` and it decides instead of
-the timing rules: an unchanged stat and no writer means ready, a writer means wait.
+the timing rules: an unchanged stat and no writer means ready, a writer means wait. Without
+that answer and without a close event, nothing tells a finished file from a writer pausing
+longer than ``stable_age``: that setting is the longest pause a writer may make.
 
 No clock is read here and no file is touched: the caller passes ``now`` and the stats.
 """
@@ -57,6 +61,8 @@ class _Pending:
     since: float
     due: float
     snapshot: Snapshot | None
+    #: When the daemon first saw the current ``snapshot``: the file has been quiet since.
+    quiet_since: float
 
 
 class SettleTracker:
@@ -80,7 +86,7 @@ class SettleTracker:
         entry = self._pending.get(rel)
         if entry is None:
             due = now + (max(self.open_grace, self.settle) if evidence is Evidence.OPENED else self.settle)
-            self._pending[rel] = _Pending(evidence, now, due, snapshot)
+            self._pending[rel] = _Pending(evidence, now, due, snapshot, now)
             heapq.heappush(self._heap, (due, rel))
             return
         if entry.evidence is Evidence.CLOSED and evidence is not Evidence.CLOSED:
@@ -88,17 +94,21 @@ class SettleTracker:
             evidence = Evidence.CLOSED
         elif entry.evidence is Evidence.OPENED and evidence is not Evidence.CLOSED:
             # Still waiting for the writer's close; a scan passing by proves nothing.
-            if snapshot is not None:
-                entry.snapshot = snapshot
+            self._restat(entry, snapshot, now)
             if entry.due == _HANDED_OUT:  # popped but not checked: it must stay scheduled
                 self._reschedule(entry, rel, max(now, entry.since + max(self.open_grace, self.settle)))
             return
         entry.evidence = evidence
         entry.since = now
         entry.due = now + self.settle
-        if snapshot is not None:
-            entry.snapshot = snapshot
+        self._restat(entry, snapshot, now)
         heapq.heappush(self._heap, (entry.due, rel))
+
+    @staticmethod
+    def _restat(entry: _Pending, snapshot: Snapshot | None, now: float) -> None:
+        if snapshot is not None and snapshot != entry.snapshot:
+            entry.snapshot = snapshot
+            entry.quiet_since = now
 
     def forget(self, rel: str) -> None:
         self._pending.pop(rel, None)
@@ -143,7 +153,9 @@ class SettleTracker:
             del self._pending[rel]
             return Verdict.GONE
         unchanged = entry.snapshot == snapshot
-        entry.snapshot = snapshot
+        if not unchanged:
+            entry.snapshot = snapshot
+            entry.quiet_since = now
         if writing:
             self._reschedule(entry, rel, now + max(self.settle, WRITER_RECHECK))
             return Verdict.WAIT
@@ -166,10 +178,14 @@ class SettleTracker:
             self._reschedule(entry, rel, now + self.settle)
             return Verdict.WAIT
         age = wall - snapshot.mtime_ns / 1e9
-        if unchanged and age >= self.stable_age:
+        quiet = now - entry.quiet_since
+        if unchanged and age >= self.stable_age and quiet >= self.stable_age:
             del self._pending[rel]
             return Verdict.READY
-        wait = max(self.settle, self.stable_age - age) if unchanged else max(self.settle, 0.05)
+        if unchanged:
+            wait = max(self.settle, self.stable_age - age, self.stable_age - quiet)
+        else:
+            wait = max(self.settle, 0.05)
         self._reschedule(entry, rel, now + min(wait, max(self.stable_age, self.settle)))
         return Verdict.WAIT
 

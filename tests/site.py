@@ -127,8 +127,8 @@ class Site:
             for name in names:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, top)
-                if rel == ".hdfmgr.lock":
-                    continue
+                if rel == ".hdfmgr.lock" or rel.startswith(".hdfmgr-send/"):
+                    continue  # the lock, and the pins of batches in flight (hdfmgr.pin)
                 try:
                     with open(full, "rb") as f:
                         out[rel] = f.read()
@@ -169,10 +169,18 @@ class Site:
             cwd=self.root,
         )
 
-    def start(self, *, env: dict[str, str] | None = None, command: str = "run", wait: bool = True) -> Daemon:
+    def start(
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        command: str = "run",
+        wait: bool = True,
+        wrap: Iterable[str] = (),
+    ) -> Daemon:
+        """Start the daemon (``wrap``: a command prefix, such as ``setpriv`` dropping a capability)."""
         log = open(self.root / f"daemon-{time.monotonic_ns()}.log", "w+b")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hdfmgr", command, str(self.config_path)],
+            [*wrap, sys.executable, "-m", "hdfmgr", command, str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,

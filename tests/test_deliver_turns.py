@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from hdfmgr import deliver
 from hdfmgr.deliver import COMMITTED, LONG_CALL_BYTES, BatchJob, BatchReport, _hash, _hold
 from hdfmgr.detect import snapshot
 from hdfmgr.endpoint import StagedFile
+from hdfmgr.holding import HoldResult, Outcome
 
 
 def job(batch: int, tmp_path: Path, size: int) -> BatchJob:
@@ -30,13 +32,13 @@ def both_inside_at_once(
     meeting = threading.Barrier(2, timeout=patience)
     met: list[bool] = []
 
-    def meet_the_other(path_or_rel: str) -> str:
+    def meet_the_other(path_or_rel: str, *sent: object) -> Any:
         try:
             meeting.wait()
             met.append(True)
         except threading.BrokenBarrierError:
             met.append(False)
-        return "done"
+        return HoldResult(Outcome.HELD, "done") if sent else "done"
 
     reports = [BatchReport(job(n, tmp_path, size), 0.0) for n in (1, 2)]
     if step == "hash":

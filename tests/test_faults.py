@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -417,3 +418,294 @@ def test_a_hung_staging_sweep_does_not_outlive_the_daemon(site: Site, tmp_path: 
     finally:
         assert daemon.stop() == 0
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the hung sweep to be ended")
+
+
+#: Runs one hold of ``rel`` and dies like kill -9 (``os._exit``, no clean-up) at ``point``:
+#: "copy": the copy into holding is written, not yet linked to its name; "link": it has its
+#: name in holding, the original is still in the buffer.
+CRASHING_HOLD = """
+import os, sys
+from hdfmgr import holding
+buffer, held, rel, point = sys.argv[1:5]
+real_link, real_unlink = os.link, os.unlink
+linked = []
+def link(src, dst, *args, **kwargs):
+    copy = ".hdfmgr-tmp" in os.fsdecode(src)
+    if copy and point == "copy":
+        os._exit(9)
+    real_link(src, dst, *args, **kwargs)
+    if copy:
+        linked.append(dst)
+def unlink(path, *args, **kwargs):
+    if linked and point == "link":
+        os._exit(9)
+    real_unlink(path, *args, **kwargs)
+os.link, os.unlink = link, unlink
+holding.hold(buffer, held, rel)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("point", ["copy", "link"])
+def test_a_hold_across_filesystems_killed_midway_leaves_one_copy(site: Site, point: str) -> None:
+    """Holding on another filesystem: a kill -9 inside the copy-then-link leaves no temporary
+    file behind after the restart, and no second copy under a suffixed name."""
+    holding = site.holding
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(holding)], check=True)
+    try:
+        data = os.urandom(300_000)
+        site.configure(pause=1)
+        daemon = site.start()
+        filler = fill(holding)  # delivered, but it cannot be copied into holding: stays committed
+        try:
+            site.write("a/x.fits", data)
+            wait_for(lambda: site.states().get("a/x.fits") == "committed", 20, "committed state")
+        finally:
+            assert daemon.stop() == 0
+        filler.unlink()
+        crash = subprocess.run(
+            [sys.executable, "-c", CRASHING_HOLD, str(site.buffer), str(holding), "a/x.fits", point],
+            capture_output=True,
+            text=True,
+        )
+        assert crash.returncode == 9, crash.stderr
+        result = site.hdfmgr("rescan", str(site.config_path))
+        assert result.returncode == 0, result.stderr
+        assert site.held() == {"a/x.fits": data}
+        assert site.waiting() == {}
+        assert site.query("select state, held_as, size from files") == [("held", "a/x.fits", len(data))]
+    finally:
+        subprocess.run(["umount", "-l", str(holding)], check=False)
+
+
+class Arrivals(threading.Thread):
+    """The endpoint manager: takes each file out of the endpoint buffer, keeping its bytes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.seen: list[tuple[str, bytes]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for path in self.root.rglob("*"):
+                if path.is_file():
+                    self.seen.append((str(path.relative_to(self.root)), path.read_bytes()))
+                    path.unlink()
+            self.stop_event.wait(0.01)
+
+    def of(self, rel: str) -> list[bytes]:
+        return [data for name, data in list(self.seen) if name == rel]
+
+
+#: A writer that reopens its file after it was delivered: the remote command runs the commit,
+#: then (once, when the file has arrived) starts a process that opens the buffer's file for
+#: appending, waits until it has it open, and leaves it writing: a second later it appends
+#: and closes.
+REOPEN_AFTER_DELIVERY = """#!/bin/sh
+sh -c "$1"
+status=$?
+if [ -e "{arm}" ] && [ -e "{arrived}" ]; then
+    rm -f "{arm}"
+    "{python}" -c '
+import os, sys, time
+f = open(sys.argv[1], "ab")
+open(sys.argv[2], "w").close()
+time.sleep(1.0)
+f.write(b"HEADER")
+f.close()
+' "{path}" "{opened}" </dev/null >/dev/null 2>&1 &
+    while [ ! -e "{opened}" ]; do sleep 0.01; done
+fi
+exit $status
+"""
+
+
+def test_a_file_reopened_for_writing_after_delivery_is_not_held_and_goes_again(
+    site: Site, tmp_path: Path
+) -> None:
+    """Holding never moves a file that a writer has open: the writer's last bytes would land
+    in holding, never be sent, and the database would record the first version as held."""
+    arm, opened = tmp_path / "arm", tmp_path / "opened"
+    arm.touch()
+    path = site.buffer / "a" / "x.fits"
+    arrived = site.ep_buffer / "a" / "x.fits"
+    remote = tmp_path / "remote.sh"
+    remote.write_text(
+        REOPEN_AFTER_DELIVERY.format(
+            arm=arm, arrived=arrived, python=sys.executable, path=path, opened=opened
+        )
+    )
+    remote.chmod(0o755)
+    site.configure(remote=f'{remote} "{{command}}"', pause=60)
+    first = os.urandom(5000)
+    daemon = site.start()
+    try:
+        site.write("a/x.fits", first)
+        wait_for(opened.exists, 20, "the writer reopened the delivered file")
+        consumer = Arrivals(site.ep_buffer)
+        consumer.start()
+        final = first + b"HEADER"
+        wait_for(lambda: final in consumer.of("a/x.fits"), 20, "the version the writer finished")
+        wait_for(lambda: site.held() == {"a/x.fits": final}, 20, "the finished version in holding")
+        consumer.stop_event.set()
+    finally:
+        assert daemon.stop() == 0
+    rows = site.query("select size, state, held_as from files order by id")
+    assert rows[-1] == (len(final), "held", "a/x.fits")
+    assert all(state == "held" for _, state, _ in rows)
+
+
+#: Writes 1000 bytes every 3 s, six times, into a file it keeps open; says when two are in.
+SLOW_WRITER = """
+import sys, time
+path, flag = sys.argv[1:3]
+with open(path, "wb", buffering=0) as f:
+    for i in range(6):
+        f.write(bytes([65 + i]) * 1000)
+        if i == 1:
+            open(flag, "w").close()
+        time.sleep(3)
+"""
+
+
+@pytest.mark.parametrize("stable_age", [2.0, 4.0])
+def test_a_slow_writer_of_another_user_without_leases(site: Site, tmp_path: Path, stable_age: float) -> None:
+    """A writer running as nobody, a daemon without CAP_LEASE started in the middle of it: the
+    kernel cannot say whether the file is still open. The file never moves to holding while it
+    is written; the finished file is delivered and is the version held. With ``stable_age``
+    longer than the writer's pauses, no fragment is sent at all."""
+    top = tmp_path
+    while top != Path("/tmp") and top != top.parent:  # let nobody reach the buffer
+        top.chmod(top.stat().st_mode | 0o011)
+        top = top.parent
+    (site.buffer / "a").mkdir()
+    os.chown(site.buffer / "a", 65534, 65534)
+    flags = tmp_path / "flags"
+    flags.mkdir(mode=0o777)
+    flags.chmod(0o777)
+    site.configure(stable_age=stable_age, settle=0.1, pause=60)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    path = site.buffer / "a" / "slow.fits"
+    writer = subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            SLOW_WRITER,
+            str(path),
+            str(flags / "two"),
+        ]
+    )
+    try:
+        wait_for((flags / "two").exists, 20, "the writer's second write")
+        assert path.stat().st_uid == 65534
+        daemon = site.start(wrap=["setpriv", "--inh-caps=-lease", "--bounding-set=-lease"])
+        try:
+            while writer.poll() is None:
+                assert path.exists(), "moved to holding while the writer still had it open"
+                time.sleep(0.05)
+            assert writer.returncode == 0
+            final = b"".join(bytes([65 + i]) * 1000 for i in range(6))
+            wait_for(lambda: final in consumer.of("a/slow.fits"), 30, "the finished file delivered")
+            wait_for(lambda: site.held() == {"a/slow.fits": final}, 30, "the finished file in holding")
+        finally:
+            consumer.stop_event.set()
+            assert daemon.stop() == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    rows = site.query("select size, state, held_as from files order by id")
+    assert rows[-1] == (6000, "held", "a/slow.fits")
+    assert daemon.output().count("cannot tell whether a writer still has a file open") == 1
+    if stable_age > 3:
+        assert consumer.of("a/slow.fits") == [final], "a fragment was sent"
+
+
+#: The transfer command, with an attacker beside it: just before the copy, the buffer's file is
+#: moved away and its name made a symbolic link to a file only root may read.
+SWAP_BEFORE_COPY = """#!/bin/sh
+if [ -e "{arm}" ]; then
+    rm -f "{arm}"
+    mv "{path}" "{aside}"
+    ln -s "{secret}" "{path}"
+fi
+for dest; do :; done
+cp "$@"
+if grep -rq TOPSECRET "$dest"; then touch "{leak}"; fi
+"""
+
+
+def test_a_symlink_swapped_in_during_the_transfer_is_never_followed(site: Site, tmp_path: Path) -> None:
+    """The file sent is the file that was registered: a link swapped in for it is not followed
+    (a root-only file must never reach staging), and the registered version is what arrives."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOPSECRET root-only\n")
+    secret.chmod(0o600)
+    arm, leak, aside = tmp_path / "arm", tmp_path / "leak", tmp_path / "aside"
+    arm.touch()
+    path = site.buffer / "a" / "x.fits"
+    transfer = tmp_path / "transfer.sh"
+    transfer.write_text(SWAP_BEFORE_COPY.format(arm=arm, path=path, aside=aside, secret=secret, leak=leak))
+    transfer.chmod(0o755)
+    site.configure(transfer=f"{transfer} {{batch}} {{dest}}", pause=1)
+    data = os.urandom(4000)
+    daemon = site.start()
+    try:
+        site.write("a/x.fits", data)
+        wait_for(lambda: not arm.exists(), 20, "the transfer")
+        finished = "select count(*) from batches where finished_at is not null"
+        wait_for(lambda: site.query(finished)[0][0] >= 1, 20, "the batch's outcome")
+        assert not leak.exists(), "the secret was copied into staging"
+        wait_for(lambda: site.delivered() == {"a/x.fits": data}, 20, "the registered version delivered")
+    finally:
+        assert daemon.stop() == 0
+    assert b"TOPSECRET" not in b"".join(site.files_under(site.root / "endpoint").values())
+    # Delivered; the name in the buffer is now the link, which is never moved nor followed.
+    assert site.query("select state, held_as from files") == [("held", None)]
+    assert path.is_symlink() and site.held() == {}
+
+
+#: The FITS pattern: write the file and close it, then half a second later reopen it (without
+#: creating it) and rewrite its header in place.
+HEADER_REWRITER = """
+import os, sys, time
+path, data = sys.argv[1], bytes.fromhex(sys.argv[2])
+with open(path, "wb") as f:
+    f.write(b"DRAFT---" + data)
+time.sleep(0.5)
+fd = os.open(path, os.O_WRONLY)  # fails if the file was moved away meanwhile
+os.write(fd, b"FINAL---")
+os.close(fd)
+"""
+
+
+def test_a_header_rewritten_after_the_close_with_the_recommended_settle(site: Site) -> None:
+    """With ``settle`` longer than the writer's reopen gap (README, Settle): the draft is
+    never sent, the writer's reopen finds its file, and the final version is sent once."""
+    site.configure(settle=1.0)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    daemon = site.start()
+    data = os.urandom(3000)
+    try:
+        (site.buffer / "a").mkdir()
+        writer = subprocess.run(
+            [sys.executable, "-c", HEADER_REWRITER, str(site.buffer / "a" / "h.fits"), data.hex()],
+            capture_output=True,
+            text=True,
+        )
+        assert writer.returncode == 0, writer.stderr
+        final = b"FINAL---" + data
+        wait_for(lambda: site.held() == {"a/h.fits": final}, 20, "the final version in holding")
+        wait_for(lambda: consumer.of("a/h.fits"), 10, "the delivery")
+    finally:
+        consumer.stop_event.set()
+        assert daemon.stop() == 0
+    assert consumer.of("a/h.fits") == [final]
+    assert site.query("select size, state from files") == [(len(final), "held")]

@@ -121,10 +121,10 @@ def test_hold_across_filesystems(dirs: tuple[Path, Path], monkeypatch: pytest.Mo
     buffer, held = dirs
     real_link = os.link
 
-    def link(src: str, dst: str) -> None:
+    def link(src: str, dst: str, **kwargs: bool) -> None:
         if src.startswith(str(buffer)):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src, dst)
+        real_link(src, dst, **kwargs)
 
     monkeypatch.setattr(holding.os, "link", link)
     put(held, "d/img", b"old")
@@ -231,3 +231,76 @@ def test_prune_with_a_trailing_slash_still_spares_the_root(tmp_path: Path) -> No
     age(tmp_path, 10**6)
     assert prune_empty_dirs(str(tmp_path) + "/", older_than=0, now=time.time()) == 0
     assert tmp_path.is_dir()
+
+
+# --------------------------------------------------------------------------- the one holding path
+
+
+def sent_version(path: Path) -> holding.Snapshot:
+    st = os.lstat(path)
+    return holding.Snapshot(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_hold_delivered_moves_the_version_sent(dirs: tuple[Path, Path]) -> None:
+    buffer, held = dirs
+    sent = sent_version(put(buffer, "d/img", b"x"))
+    result = holding.hold_delivered(str(buffer), str(held), "d/img", sent, proven=False)
+    assert result == holding.HoldResult(holding.Outcome.HELD, "d/img")
+    assert files_under(held) == {"d/img": b"x"}
+
+
+def test_hold_delivered_leaves_a_file_open_for_writing(dirs: tuple[Path, Path]) -> None:
+    buffer, held = dirs
+    path = put(buffer, "d/img", b"x")
+    sent = sent_version(path)
+    with open(path, "ab"):
+        result = holding.hold_delivered(str(buffer), str(held), "d/img", sent, proven=False)
+    assert result.outcome is holding.Outcome.WRITING
+    assert path.exists() and files_under(held) == {}
+
+
+def test_hold_delivered_leaves_a_changed_file(dirs: tuple[Path, Path]) -> None:
+    buffer, held = dirs
+    path = put(buffer, "d/img", b"x")
+    sent = sent_version(path)
+    path.write_bytes(b"xy")
+    result = holding.hold_delivered(str(buffer), str(held), "d/img", sent, proven=True)
+    assert result.outcome is holding.Outcome.CHANGED
+    assert path.read_bytes() == b"xy" and files_under(held) == {}
+
+
+def test_hold_delivered_without_a_lease_answer_waits(
+    dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffer, held = dirs
+    path = put(buffer, "d/img", b"x")
+    monkeypatch.setattr(holding, "open_for_writing", lambda path: None)
+    result = holding.hold_delivered(str(buffer), str(held), "d/img", sent_version(path), proven=False)
+    assert result.outcome is holding.Outcome.UNPROVEN
+    assert path.exists()
+    # A settle verdict is the proof the kernel could not give.
+    result = holding.hold_delivered(str(buffer), str(held), "d/img", sent_version(path), proven=True)
+    assert result.outcome is holding.Outcome.HELD
+
+
+def test_hold_delivered_finds_a_file_moved_by_a_killed_run(dirs: tuple[Path, Path]) -> None:
+    buffer, held = dirs
+    path = put(buffer, "d/img", b"x")
+    sent = sent_version(path)
+    put(held, "d/img", b"another version")
+    (held / "d").mkdir(exist_ok=True)
+    os.link(path, held / "d" / "img.1")
+    path.unlink()
+    result = holding.hold_delivered(str(buffer), str(held), "d/img", sent, proven=False)
+    assert result == holding.HoldResult(holding.Outcome.HELD, "d/img.1")
+
+
+def test_hold_never_links_a_file_swapped_in_for_the_version_sent(dirs: tuple[Path, Path]) -> None:
+    buffer, held = dirs
+    path = put(buffer, "d/img", b"x")
+    sent = sent_version(path)
+    path.unlink()
+    put(buffer, "d/img", b"x")  # same bytes, another inode
+    with pytest.raises(holding.NotTheVersion):
+        hold(str(buffer), str(held), "d/img", sent)
+    assert files_under(held) == {}

@@ -159,11 +159,33 @@ def test_opened_with_settle_longer_than_grace() -> None:
 # --------------------------------------------------------------------------- SEEN
 
 
-def test_seen_old_and_unchanged_is_ready(tracker: SettleTracker) -> None:
+def test_seen_old_and_unchanged_is_ready_after_a_quiet_period_of_its_own(tracker: SettleTracker) -> None:
+    """An old mtime alone proves nothing (a file server's clock, a copier that keeps times, a
+    daemon started while a slow writer pauses): the daemon's own stats must agree for
+    ``stable_age`` seconds."""
     s = snap(100, -10.0)
     tracker.note("a", Evidence.SEEN, 0.0, s)
     assert tracker.next_due() == pytest.approx(SETTLE)
-    assert check(tracker, "a", s, SETTLE) is Verdict.READY
+    assert check(tracker, "a", s, SETTLE) is Verdict.WAIT
+    assert tracker.next_due() == pytest.approx(STABLE_AGE)
+    assert check(tracker, "a", s, STABLE_AGE) is Verdict.READY
+
+
+def test_a_writer_keeping_an_old_mtime_is_not_ready_while_it_writes(tracker: SettleTracker) -> None:
+    """Found at start with an mtime an hour old, yet growing between the daemon's looks."""
+    mtime = snap(0, -3600.0).mtime_ns
+
+    def stat(now: float) -> Snapshot:  # appends 1000 bytes every 1.5 s (under stable_age)
+        return Snapshot(1000 * (1 + math.floor(now / 1.5)), mtime, 7)
+
+    tracker.note("a", Evidence.SEEN, 0.0, stat(0.0))
+    now = 0.0
+    while now < 30.0:
+        due = tracker.next_due()
+        assert due is not None and due >= now
+        now = due
+        assert tracker.pop_due(now) == ["a"]
+        assert check(tracker, "a", stat(now), now) is Verdict.WAIT, f"ready at {now} while growing"
 
 
 def test_seen_needs_stable_age(tracker: SettleTracker) -> None:
@@ -172,8 +194,9 @@ def test_seen_needs_stable_age(tracker: SettleTracker) -> None:
     assert check(tracker, "a", s, SETTLE) is Verdict.WAIT
     due = tracker.next_due()
     assert due is not None
-    # the next look is when the mtime will be stable_age old, not one settle later
-    assert due == pytest.approx(STABLE_AGE - 0.5)
+    # the next look is when the file will have been quiet for stable_age by the daemon's clock
+    # (its mtime is stable_age old by then too), not one settle later
+    assert due == pytest.approx(STABLE_AGE)
     assert check(tracker, "a", s, due) is Verdict.READY
 
 
@@ -188,9 +211,14 @@ def test_seen_without_a_first_stat(tracker: SettleTracker) -> None:
     tracker.note("a", Evidence.SEEN, 0.0)
     s = snap(100, -10.0)
     assert check(tracker, "a", s, SETTLE) is Verdict.WAIT
-    due = tracker.next_due()
-    assert due is not None
-    assert check(tracker, "a", s, due) is Verdict.READY
+    now = SETTLE
+    while True:
+        due = tracker.next_due()
+        assert due is not None and due > now
+        now = due
+        if check(tracker, "a", s, now) is Verdict.READY:
+            break
+    assert SETTLE + STABLE_AGE - EPS <= now <= SETTLE + STABLE_AGE + SETTLE
 
 
 def test_seen_with_mtime_in_the_future_waits(tracker: SettleTracker) -> None:
@@ -393,13 +421,16 @@ def test_slow_appender_growing_between_checks_is_never_ready(tracker: SettleTrac
 def test_slow_appender_without_events_is_never_ready(
     tracker: SettleTracker, first: Evidence, interval: float
 ) -> None:
-    """A writer pausing longer than ``settle`` (but under ``stable_age``) between appends."""
+    """A writer pausing longer than ``settle`` (but under ``stable_age``) between appends.
+
+    The quiet period is measured between the daemon's own looks, so the last write is noticed
+    at the first look after it: ready at most two ``stable_age`` after it."""
     writer = SlowWriter(start=0.0, stop=20.0, interval=interval)
     ready_at = drive(tracker, writer, first)
     assert ready_at is not None
     last_write = writer.start + (writer.appends_by(writer.stop) - 1) * interval
     assert ready_at - last_write >= STABLE_AGE - EPS
-    assert ready_at <= last_write + STABLE_AGE + 3 * SETTLE
+    assert ready_at <= last_write + 2 * STABLE_AGE + 3 * SETTLE
 
 
 def test_slow_appender_that_closes_at_the_end(tracker: SettleTracker) -> None:

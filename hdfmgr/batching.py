@@ -48,6 +48,7 @@ class ReadyQueue:
     def __init__(self) -> None:
         self._by_dir: dict[str, dict[str, Candidate]] = {}
         self._count = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return self._count
@@ -57,15 +58,26 @@ class ReadyQueue:
 
     def add(self, item: Candidate) -> None:
         files = self._by_dir.setdefault(item.directory, {})
-        if item.rel not in files:
+        old = files.get(item.rel)
+        if old is None:
             self._count += 1
+        else:
+            self._bytes -= old.size
+        self._bytes += item.size
         files[item.rel] = item
+
+    @property
+    def bytes(self) -> int:
+        """The data of every ready file."""
+        return self._bytes
 
     def remove(self, rel: str) -> None:
         directory = os.path.dirname(rel)
         files = self._by_dir.get(directory)
-        if files is not None and files.pop(rel, None) is not None:
+        gone = files.pop(rel, None) if files is not None else None
+        if gone is not None:
             self._count -= 1
+            self._bytes -= gone.size
             if not files:
                 del self._by_dir[directory]
 
@@ -77,6 +89,7 @@ class ReadyQueue:
         path_bytes: int,
         spread: bool = False,
         max_bytes: int | None = None,
+        slots: int = 1,
     ) -> list[Candidate]:
         """Remove and return the next batch: the oldest file and its oldest siblings.
 
@@ -89,9 +102,18 @@ class ReadyQueue:
         ``max_bytes`` bounds the data of one batch (at least one file always goes), so that
         large files spread over the transfer slots instead of queueing behind one another in
         a single batch.
+
+        ``slots`` is the number of transfer slots free now, this batch's included: the batch
+        then takes at most its share of the ready data (rounded up, at least one file), so
+        that a visit already in the buffer travels over every free slot at once. Over a long
+        link one ssh channel is limited by its window, and a second slot left idle halves the
+        throughput.
         """
         if not self._by_dir:
             return []
+        if slots > 1:
+            share = max(1, -(-self._bytes // slots))
+            max_bytes = share if max_bytes is None else min(max_bytes, share)
         # By its oldest file, not its first added: a retried file comes back with its old age.
         oldest = {d: min(c.since for c in files.values()) for d, files in self._by_dir.items()}
         directories = (

@@ -54,24 +54,26 @@ class Relay:
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            u_reader, u_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            c_writer.close()
-            return
-        for w in (c_writer, u_writer):
-            sock = w.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        writers = [c_writer]
         try:
+            u_reader, u_writer = await asyncio.open_connection(*self.upstream)
+            writers.append(u_writer)
+            for w in writers:
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.gather(self._pipe(c_reader, u_writer), self._pipe(u_reader, c_writer))
+        except OSError:
+            pass
         finally:
             self._tasks.discard(task)
-            for w in (c_writer, u_writer):
+            for w in writers:
                 w.close()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await w.wait_closed()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One direction: read and stamp, and beside it release each chunk when it is due."""
@@ -91,13 +93,16 @@ class Relay:
 
         releaser = asyncio.create_task(release())
         try:
-            while data := await reader.read(CHUNK):
-                await line.put((loop.time() + self.delay, data))
-        except (ConnectionError, OSError):
-            pass
-        await line.put(None)
-        with contextlib.suppress(ConnectionError, OSError):
-            await releaser
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(CHUNK):
+                    await line.put((loop.time() + self.delay, data))
+            await line.put(None)
+            with contextlib.suppress(ConnectionError, OSError):
+                await releaser
+        finally:
+            releaser.cancel()
+            with contextlib.suppress(BaseException):
+                await releaser
 
     def stop(self) -> None:
         """Close the listening socket and every relayed connection; end the thread."""
@@ -105,12 +110,17 @@ class Relay:
         async def shut() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            self._loop.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._server is not None:
+                await self._server.wait_closed()
 
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(shut(), self._loop)
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
 

@@ -360,6 +360,7 @@ class Bench:
             "method": f"hdfmgr {transport.name}",
             "transport": transport.name,
             "family": transport.family,
+            "rtt_ms": transport.rtt_ms,
             "rep": rep,
             "files": len(expected),
             "bytes": sum(

@@ -23,7 +23,12 @@ def run(b: Bench) -> int:
         raise SystemExit(
             f"unknown workload(s) {', '.join(sorted(only - known))} (known: {', '.join(sorted(known))})"
         )
-    chosen = [w for w in chosen if (only is None or w.name in only) and not (w.ssh and b.args.no_ssh)]
+    chosen = [
+        w
+        for w in chosen
+        if (w.name in only if only is not None else (w.quick or not b.quick))
+        and not (w.ssh and b.args.no_ssh)
+    ]
     started = now()
     sites_fs = subprocess.run(
         ["stat", "-f", "-c", "%T", str(b.sites)], capture_output=True, text=True, check=False
@@ -39,7 +44,7 @@ def run(b: Bench) -> int:
     )
     if not b.args.no_ssh:
         b.record(workload="machine", method="ssh true", ok=True, problems=[], **b.remote_command_cost())
-        if any(w.ssh for w in chosen) and b.rtt_ms > 0:
+        if any(w.ssh for w in chosen) and b.rtt_ms > 0 and not b.quick:
             cost = b.remote_command_cost(b.rtt_ms)
             b.record(workload="machine", method="ssh true (long link)", ok=True, problems=[], **cost)
     for workload in chosen:
@@ -78,8 +83,8 @@ def main(argv: list[str] | None = None, *, doc: str = "") -> int:
     parser.add_argument(
         "--rtt",
         type=float,
-        default=100.0,
-        help="round trip of the long link in ms, emulated by a relay (default 100)",
+        default=None,
+        help="round trip of the long link in ms, emulated by a relay (default 100; 20 with --quick: a smoke)",
     )
     parser.add_argument(
         "--transports",
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None, *, doc: str = "") -> int:
     parser.add_argument("--render", default="", help="only rewrite the report from a results.jsonl")
     parser.add_argument("--dbcount-helper", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rtt is None:
+        args.rtt = 20.0 if args.quick else 100.0
     if args.dbcount_helper:
         return dbcount_helper(args.dbcount_helper)
     if args.render:

@@ -66,8 +66,8 @@ class Relay:
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.gather(self._pipe(c_reader, u_writer), self._pipe(u_reader, c_writer))
-        except OSError:
-            pass
+        except (OSError, asyncio.CancelledError):
+            pass  # a connection ends; cancelled: the relay stops (not an error of the stream)
         finally:
             self._tasks.discard(task)
             for w in writers:

@@ -94,6 +94,13 @@ class Site:
             data["general"] = general
         self.config.write_text(yaml.safe_dump(data, sort_keys=False))
 
+    def count_or_zero(self, sql: str) -> int:
+        """A count, or 0 while the daemon has not created its tables yet."""
+        try:
+            return int(self.query(sql)[0][0])
+        except sqlite3.OperationalError:
+            return 0
+
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(self.db, timeout=30)) as conn:
             return conn.execute(sql).fetchall()

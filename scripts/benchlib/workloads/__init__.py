@@ -26,6 +26,7 @@ class Workload:
     run: Callable[[Bench], None]
     order: int = 100
     ssh: bool = False  # needs the sshd (skipped with --no-ssh)
+    quick: bool = True  # part of --quick (which must stay under a minute)
 
 
 def registry() -> list[Workload]:

@@ -31,7 +31,7 @@ def scale(b: Bench) -> None:
     populated = wait_until(
         lambda: (
             site.db.exists()
-            and site.query("select count(*) from files where checksum is not null")[0][0] >= n
+            and site.count_or_zero("select count(*) from files where checksum is not null") >= n
         ),
         900,
         0.5,

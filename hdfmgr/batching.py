@@ -42,6 +42,21 @@ def arg_budget(env_bytes: int | None = None) -> int:
     return max(16 * 1024, arg_max // 2 - env_bytes - 4096)
 
 
+def byte_share(ready: int, slots: int, max_bytes: int | None) -> int | None:
+    """The most data one batch may take when ``ready`` bytes wait and ``slots`` slots are free.
+
+    Equal shares, in as few rounds over the slots as ``max_bytes`` allows: 768 MiB on two
+    slots with a 256 MiB cap go as four batches of 192 MiB (two rounds, both slots busy to
+    the end), not as 256 + 256 + 256 MiB with one slot idle during the third. ``None``: no
+    limit (one slot and no cap). At least one file always goes, whatever the share.
+    """
+    slots = max(1, slots)
+    if max_bytes is None:
+        return None if slots == 1 else max(1, -(-ready // slots))
+    rounds = max(1, -(-ready // (slots * max_bytes)))
+    return max(1, min(max_bytes, -(-ready // (slots * rounds))))
+
+
 class ReadyQueue:
     """Ready files per directory, oldest first, with the batch planner on top."""
 
@@ -104,16 +119,13 @@ class ReadyQueue:
         a single batch.
 
         ``slots`` is the number of transfer slots free now, this batch's included: the batch
-        then takes at most its share of the ready data (rounded up, at least one file), so
-        that a visit already in the buffer travels over every free slot at once. Over a long
-        link one ssh channel is limited by its window, and a second slot left idle halves the
-        throughput.
+        then takes at most its share of the ready data (``byte_share``), so that a visit
+        already in the buffer travels over every free slot at once. Over a long link one ssh
+        channel is limited by its window, and a second slot left idle halves the throughput.
         """
         if not self._by_dir:
             return []
-        if slots > 1:
-            share = max(1, -(-self._bytes // slots))
-            max_bytes = share if max_bytes is None else min(max_bytes, share)
+        max_bytes = byte_share(self._bytes, slots, max_bytes)
         # By its oldest file, not its first added: a retried file comes back with its old age.
         oldest = {d: min(c.since for c in files.values()) for d, files in self._by_dir.items()}
         directories = (

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdfmgr.batching import COMMIT_RECORD_BYTES, Candidate, ReadyQueue, arg_budget
+from hdfmgr.batching import COMMIT_RECORD_BYTES, Candidate, ReadyQueue, arg_budget, byte_share
 
 BIG = 1 << 30  # a budget that never limits
 
@@ -303,3 +303,33 @@ def test_the_ready_bytes_follow_adds_replacements_and_removals() -> None:
     assert q.bytes == 2050 and len(q) == 3
     q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1)
     assert q.bytes == 0
+
+
+def test_a_big_visit_goes_in_equal_batches_that_keep_every_slot_busy_to_the_end() -> None:
+    """24 x 32 MiB with the 256 MiB cap on two slots: four batches of 192 MiB (two rounds),
+    not 256 + 256 + 256 MiB, whose third batch would leave one slot idle."""
+    mib = 1024 * 1024
+    q = visit(24, 32 * mib)
+    sizes = []
+    free = 2
+    while len(q):
+        batch = q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1, max_bytes=256 * mib, slots=free)
+        sizes.append(sum(c.size for c in batch) // mib)
+        free = 1  # the other slot is still busy when each later batch is planned
+    assert sizes == [192, 192, 192, 192]
+
+
+@pytest.mark.parametrize(
+    ("ready", "slots", "cap", "share"),
+    [
+        (1000, 1, None, None),
+        (1000, 2, None, 500),
+        (1001, 2, None, 501),
+        (100, 1, 256, 100),
+        (768, 2, 256, 192),
+        (600, 1, 256, 200),
+        (0, 2, 256, 1),
+    ],
+)
+def test_byte_share(ready: int, slots: int, cap: int | None, share: int | None) -> None:
+    assert byte_share(ready, slots, cap) == share

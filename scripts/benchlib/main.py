@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import workloads
 from .context import FULL, QUICK, Bench
-from .report import render_report
+from .report import machine, render_report
 from .util import ROOT, now
 from .workloads.dbcount import dbcount_helper
 
@@ -41,6 +41,9 @@ def run(b: Bench) -> int:
         sites=str(b.sites),
         sites_fs=sites_fs,
         **b.code,
+    )
+    b.record(
+        workload="machine", method="host", ok=True, problems=[], commit=b.code["commit"], lines=machine()
     )
     if not b.args.no_ssh:
         b.record(workload="machine", method="ssh true", ok=True, problems=[], **b.remote_command_cost())

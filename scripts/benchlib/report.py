@@ -97,10 +97,14 @@ def render_report(results: list[dict[str, Any]], *, quick: bool, sizes: Sizes, r
         " scp floor for scp). A drain is timed from process start to the last file in the endpoint buffer"
         " and out of the local buffer; the floor from its first command to the end of its `mv`.",
         "",
-        "Machine:",
-        "",
-        *machine(),
     ]
+    hosts = by.get(("machine", "host"), [])
+    if not hosts:  # results from before the machine was recorded with them: this machine
+        lines += ["Machine:", "", *machine()]
+    for host in hosts:
+        lines += [f"Machine of the run of {host.get('commit', '?')}:" if len(hosts) > 1 else "Machine:", ""]
+        lines += [*host["lines"], ""]
+    lines += ["Runs:", ""]
     for row in by.get(("machine", "code"), []):
         if row.get("sites_fs"):
             lines.append(f"- filesystem of the sites: {row['sites_fs']} ({row['sites']})")

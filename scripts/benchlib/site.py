@@ -25,7 +25,8 @@ Writer = Callable[["Site", dict[str, str], Callable[[str, float], None]], dict[s
 
 @dataclass
 class Transport:
-    """How files travel: the two seed-format command templates plus parameters."""
+    """How files travel: the seed-format command templates plus parameters (``params`` go into
+    the ``endpoint`` section beside them, so a transport may also set other keys there)."""
 
     name: str
     transfer: str
@@ -35,6 +36,14 @@ class Transport:
     cpath: str | None = None  # ControlPath of a shared connection, to close after a run
     server: Any = None  # the sshd as the client reaches it (directly or through a relay)
     rtt_ms: float = 0.0  # the emulated round trip, 0 on loopback
+
+    def commands(self) -> dict[str, str]:
+        """The ``endpoint.commands`` section: a transport without a transfer command (say, a
+        built-in stream through the remote command) leaves ``transfer`` out."""
+        commands = {"remote": self.remote}
+        if self.transfer:
+            commands = {"transfer": self.transfer, **commands}
+        return commands
 
 
 @dataclass
@@ -84,7 +93,7 @@ class Site:
             "endpoint": {
                 "buffer": str(self.ep_buffer),
                 "staging": str(self.staging),
-                "commands": {"transfer": transport.transfer, "remote": transport.remote},
+                "commands": transport.commands(),
                 **transport.params,
             },
             "database": {"engine": f"sqlite:///{self.db}"},

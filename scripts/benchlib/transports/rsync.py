@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..site import Transport
-from . import Link
+from . import Builder, Link
 
 
-def rsync(share: bool):
+def rsync(share: bool) -> Builder:
     def build(link: Link) -> Transport:
         ssh = "ssh -p {port} -i {key} " + link.ssh_options(share=share)
         transfer = f'rsync -a -e "{ssh}" {{batch}} {{user}}@{{host}}:{{dest}}'

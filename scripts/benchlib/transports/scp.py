@@ -4,10 +4,10 @@ connection. scp pays round trips per file (SFTP: open, write, close, setstat).""
 from __future__ import annotations
 
 from ..site import Transport
-from . import Link
+from . import Builder, Link
 
 
-def scp(share: bool):
+def scp(share: bool) -> Builder:
     def build(link: Link) -> Transport:
         transfer = (
             "scp -Bpq -P {port} -i {key} " + link.ssh_options(share=share) + " {batch} {user}@{host}:{dest}"

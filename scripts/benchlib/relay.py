@@ -81,15 +81,22 @@ class Relay:
         line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(MAX_IN_FLIGHT)
 
         async def release() -> None:
+            broken = False  # the far side went away: keep taking chunks so the reader never blocks
             while (item := await line.get()) is not None:
+                if broken:
+                    continue
                 due, data = item
                 wait = due - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    broken = True
+            if not broken and writer.can_write_eof():
+                with contextlib.suppress(ConnectionError, OSError):
+                    writer.write_eof()
 
         releaser = asyncio.create_task(release())
         try:

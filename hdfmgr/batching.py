@@ -42,12 +42,28 @@ def arg_budget(env_bytes: int | None = None) -> int:
     return max(16 * 1024, arg_max // 2 - env_bytes - 4096)
 
 
+def byte_share(ready: int, slots: int, max_bytes: int | None) -> int | None:
+    """The most data one batch may take when ``ready`` bytes wait and ``slots`` slots are free.
+
+    Equal shares, in as few rounds over the slots as ``max_bytes`` allows: 768 MiB on two
+    slots with a 256 MiB cap go as four batches of 192 MiB (two rounds, both slots busy to
+    the end), not as 256 + 256 + 256 MiB with one slot idle during the third. ``None``: no
+    limit (one slot and no cap). At least one file always goes, whatever the share.
+    """
+    slots = max(1, slots)
+    if max_bytes is None:
+        return None if slots == 1 else max(1, -(-ready // slots))
+    rounds = max(1, -(-ready // (slots * max_bytes)))
+    return max(1, min(max_bytes, -(-ready // (slots * rounds))))
+
+
 class ReadyQueue:
     """Ready files per directory, oldest first, with the batch planner on top."""
 
     def __init__(self) -> None:
         self._by_dir: dict[str, dict[str, Candidate]] = {}
         self._count = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return self._count
@@ -57,15 +73,26 @@ class ReadyQueue:
 
     def add(self, item: Candidate) -> None:
         files = self._by_dir.setdefault(item.directory, {})
-        if item.rel not in files:
+        old = files.get(item.rel)
+        if old is None:
             self._count += 1
+        else:
+            self._bytes -= old.size
+        self._bytes += item.size
         files[item.rel] = item
+
+    @property
+    def bytes(self) -> int:
+        """The data of every ready file."""
+        return self._bytes
 
     def remove(self, rel: str) -> None:
         directory = os.path.dirname(rel)
         files = self._by_dir.get(directory)
-        if files is not None and files.pop(rel, None) is not None:
+        gone = files.pop(rel, None) if files is not None else None
+        if gone is not None:
             self._count -= 1
+            self._bytes -= gone.size
             if not files:
                 del self._by_dir[directory]
 
@@ -77,6 +104,7 @@ class ReadyQueue:
         path_bytes: int,
         spread: bool = False,
         max_bytes: int | None = None,
+        slots: int = 1,
     ) -> list[Candidate]:
         """Remove and return the next batch: the oldest file and its oldest siblings.
 
@@ -89,9 +117,15 @@ class ReadyQueue:
         ``max_bytes`` bounds the data of one batch (at least one file always goes), so that
         large files spread over the transfer slots instead of queueing behind one another in
         a single batch.
+
+        ``slots`` is the number of transfer slots free now, this batch's included: the batch
+        then takes at most its share of the ready data (``byte_share``), so that a visit
+        already in the buffer travels over every free slot at once. Over a long link one ssh
+        channel is limited by its window, and a second slot left idle halves the throughput.
         """
         if not self._by_dir:
             return []
+        max_bytes = byte_share(self._bytes, slots, max_bytes)
         # By its oldest file, not its first added: a retried file comes back with its old age.
         oldest = {d: min(c.since for c in files.values()) for d, files in self._by_dir.items()}
         directories = (

@@ -692,6 +692,7 @@ class Pipeline:
                 path_bytes=len(self.buffer) + 1,
                 spread=True,
                 max_bytes=BATCH_BYTES,
+                slots=len(self.free_slots),  # a visit goes over every free stream
             )
             files: list[StagedFile] = []
             snaps: dict[str, Snapshot] = {}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdfmgr.batching import COMMIT_RECORD_BYTES, Candidate, ReadyQueue, arg_budget
+from hdfmgr.batching import COMMIT_RECORD_BYTES, Candidate, ReadyQueue, arg_budget, byte_share
 
 BIG = 1 << 30  # a budget that never limits
 
@@ -255,3 +255,81 @@ def test_max_bytes_spreads_large_files_over_batches_but_always_sends_one() -> No
     assert rels(q.take_batch(chunk_size=10, budget=BIG, path_bytes=5, spread=True, max_bytes=250)) == [
         "huge/h"
     ]
+
+
+def visit(count: int, size: int) -> ReadyQueue:
+    q = ReadyQueue()
+    for i in range(count):
+        q.add(Candidate(f"night/img{i:05d}.fits", size, float(i)))
+    return q
+
+
+def test_a_visit_is_split_over_every_free_slot_balanced_by_bytes() -> None:
+    """189 x 256 KiB already ready and two free slots: one batch each, not one batch for all
+    (over a long link one ssh channel is window-limited and an idle slot halves throughput)."""
+    q = visit(189, 256 * 1024)
+    first = q.take_batch(chunk_size=5000, budget=BIG, path_bytes=10, spread=True, slots=2)
+    second = q.take_batch(chunk_size=5000, budget=BIG, path_bytes=10, spread=True, slots=1)
+    assert len(q) == 0
+    assert {len(first), len(second)} == {94, 95}
+    assert rels(first) == [f"night/img{i:05d}.fits" for i in range(94)]  # the oldest go first
+
+
+@pytest.mark.parametrize("slots", [2, 3, 4, 8])
+def test_unequal_files_are_shared_by_bytes_not_by_count(slots: int) -> None:
+    q = ReadyQueue()
+    sizes = [(i * 7919) % 1000 + 1 for i in range(300)]
+    for i, size in enumerate(sizes):
+        q.add(Candidate(f"d/f{i:04d}", size, float(i)))
+    total = sum(sizes)
+    loads = []
+    for free in range(slots, 0, -1):
+        loads.append(sum(c.size for c in q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1, slots=free)))
+    assert sum(loads) == total and len(q) == 0
+    assert max(loads) - min(loads) <= 2 * max(sizes)
+
+
+def test_a_share_always_takes_one_file_and_a_single_slot_takes_all() -> None:
+    q = visit(3, 1000)
+    assert len(q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1, slots=8)) == 1
+    assert len(q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1, slots=1)) == 2
+
+
+def test_the_ready_bytes_follow_adds_replacements_and_removals() -> None:
+    q = visit(4, 1000)
+    q.add(Candidate("night/img00001.fits", 50, 9.0))  # the same file again, now smaller
+    q.remove("night/img00002.fits")
+    q.remove("night/never.fits")
+    assert q.bytes == 2050 and len(q) == 3
+    q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1)
+    assert q.bytes == 0
+
+
+def test_a_big_visit_goes_in_equal_batches_that_keep_every_slot_busy_to_the_end() -> None:
+    """24 x 32 MiB with the 256 MiB cap on two slots: four batches of 192 MiB (two rounds),
+    not 256 + 256 + 256 MiB, whose third batch would leave one slot idle."""
+    mib = 1024 * 1024
+    q = visit(24, 32 * mib)
+    sizes = []
+    free = 2
+    while len(q):
+        batch = q.take_batch(chunk_size=5000, budget=BIG, path_bytes=1, max_bytes=256 * mib, slots=free)
+        sizes.append(sum(c.size for c in batch) // mib)
+        free = 1  # the other slot is still busy when each later batch is planned
+    assert sizes == [192, 192, 192, 192]
+
+
+@pytest.mark.parametrize(
+    ("ready", "slots", "cap", "share"),
+    [
+        (1000, 1, None, None),
+        (1000, 2, None, 500),
+        (1001, 2, None, 501),
+        (100, 1, 256, 100),
+        (768, 2, 256, 192),
+        (600, 1, 256, 200),
+        (0, 2, 256, 1),
+    ],
+)
+def test_byte_share(ready: int, slots: int, cap: int | None, share: int | None) -> None:
+    assert byte_share(ready, slots, cap) == share

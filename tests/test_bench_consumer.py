@@ -8,7 +8,7 @@ appears, and files written in place instead of renamed in.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import os
 import sys
 import time
@@ -21,15 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_bench() -> ModuleType:
-    name = "hdfmgr_bench_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark's consumer module (scripts/benchlib/consumer.py)."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.append(scripts)
+    return importlib.import_module("benchlib.consumer")
 
 
 def digest(data: bytes) -> str:

@@ -47,9 +47,15 @@ def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     # The ssh target's work as a bare pipeline: done, every file delivered, reported.
     ideal = [r for r in rows if r["method"].startswith("ideal")]
     assert ideal and all(r["ok"] and r["files"] > 0 for r in ideal)
+    # The long link (a smoke at 20 ms): the floor and hdfmgr through the relay, both delivering
+    # every file.
+    far = [r for r in rows if r["workload"] == "long visit"]
+    assert {r["method"] for r in far} >= {"floor tar→ssh", "hdfmgr rsync+share"}
+    assert all(r["ok"] and r["rtt_ms"] == 20 and r["files"] > 0 for r in far)
     report = (out / "benchmarks-quick.md").read_text()
     assert "that work alone needs at least" in report
     assert "The 1.5x target leaves" in report
+    assert "## Long link: 20 ms round trip" in report
 
 
 def kill_processes_mentioning(text: str) -> None:

@@ -8,6 +8,7 @@ there, removes the flag and restarts.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -297,10 +298,10 @@ def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path:
 def run_with_a_cut_off_commit(
     tmp_path: Path, detached: str, until: Callable[[], bool] | None = None, **settings: Any
 ) -> tuple[Site, str]:
-    """Five files in one batch, whose commit loses its connection (exit 255, as ssh) while the
-    remote script runs on by itself: ``detached`` is the shell line that starts it, with the
-    remote command in "$1" and its input in a file, ``{saved}``. Returns once all are held
-    (and ``until`` holds) and the daemon has stopped."""
+    """Five files, shared by the free slots (one batch each), the first commit losing its
+    connection (exit 255, as ssh) while the remote script runs on by itself: ``detached`` is
+    the shell line that starts it, with the remote command in "$1" and its input in a file,
+    ``{saved}``. Returns once all are held (and ``until`` holds) and the daemon has stopped."""
     site = Site(tmp_path / "site")
     flag, saved = tmp_path / "cut-off", tmp_path / "stdin"
     script = tmp_path / "remote"
@@ -344,7 +345,9 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
     detached = f'PATH={shims}:$PATH setsid sh -c "$1" < {{saved}} > /dev/null 2>&1'
     site, output = run_with_a_cut_off_commit(tmp_path, detached, num_threads=2)
     assert {n for (n,) in site.query("select attempts from files")} == {1}
-    assert "5 had been delivered, 0 will be sent again" in output
+    # Two free slots share the five files (3 + 2): the cut-off batch is one of them.
+    cut_off = re.search(r"(\d+) had been delivered, 0 will be sent again", output)
+    assert cut_off is not None and int(cut_off.group(1)) >= 1, output[-3000:]
 
 
 def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ def _database_module(config: config_mod.Config) -> ModuleType:
 
 def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .db import DatabaseFailure, database_location
-    from .lock import LockBusy
+    from .lock import LockBusy, LockUnavailable
     from .pipeline import Outcome, Pipeline
     from .supervise import watch
 
@@ -245,6 +245,9 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             )
             return EX_TEMPFAIL
         return _delegate_rescan(config, busy.pid, wait)
+    except LockUnavailable as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except DatabaseFailure as exc:
         print(
             f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",
@@ -406,7 +409,7 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
         for name in result[key]:
             print(f"  skipped {name!r}: {what}")
     if result["requeued"]:
-        pid = audit.watcher_pid(config.holding)
+        pid = audit.watcher_pid(config.buffer)
         if pid is None:
             print("retry: no watcher is running; the next hdfmgr-watch or hdfmgr-rescan sends them")
         else:

@@ -176,7 +176,7 @@ class Pipeline:
         self.next_scan = 0.0
         self.next_prune = 0.0
         self.next_recovery = 0.0
-        self.lock = InstanceLock(lock_path(self.holding))
+        self.lock = InstanceLock(lock_path(self.buffer))
         self.db: pw.Database | None = None
         self.recorder: Recorder | None = None
         self.closing = False

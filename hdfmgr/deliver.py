@@ -9,6 +9,7 @@ disk first, so that a restart knows they may already be in the endpoint buffer
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -30,6 +31,9 @@ COMMITTED = "committed"
 FAILED = "failed"
 UNVERIFIED = "unverified"
 CHANGED = "changed"
+#: The local file cannot be read (its mode, an I/O error): the file's own fault, quarantined
+#: at once, and left out of the transfer so that it never fails the others.
+UNREADABLE = "unreadable"
 
 
 @dataclass
@@ -174,11 +178,17 @@ def _hold(job: BatchJob, report: BatchReport, hold: Holder) -> None:
 def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: BatchReport) -> None:
     # Hash while the transfer runs: the digest is needed only at the commit, and on a large
     # file hashing alone takes about as long as a local copy.
+    readable = _readable(job, report)
+    if not readable:
+        report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
+        return
     hashed: list[StagedFile] = []
-    hasher = threading.Thread(target=lambda: hashed.extend(_hash(job, report)), name=f"hash-{job.id}")
+    hasher = threading.Thread(
+        target=lambda: hashed.extend(_hash(job, readable, report)), name=f"hash-{job.id}"
+    )
     hasher.start()
     try:
-        if not _transfer(job, endpoint, report):
+        if not _transfer(job, readable, endpoint, report):
             return
     finally:
         hasher.join()
@@ -227,15 +237,39 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         report.error = f"staged copy failed {mode} verification"
 
 
-def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:
+def _readable(job: BatchJob, report: BatchReport) -> list[StagedFile]:
+    """The files this process can open; the others get the outcome UNREADABLE.
+
+    A transfer tool that meets an unreadable file fails the whole batch (cp, scp and rsync
+    all exit non-zero), and nothing in its exit status says which file was at fault: so each
+    file is opened first (one open and close, no read).
+    """
+    files = []
+    for f in job.files:
+        try:
+            os.close(os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):
+                files.append(f)  # gone or replaced: the transfer's check tells (CHANGED)
+                continue
+            report.outcomes[f.rel] = (UNREADABLE, f"cannot read: {exc.strerror}")
+            continue
+        files.append(f)
+    return files
+
+
+def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport) -> bool:
     """Prepare the slot if needed and run the transfer command(s); False on a failure."""
     if job.prepare:
         report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
         if not report.prepare.ok:
             report.fail(report.prepare, "preparing staging")
             return False
-    for argv in endpoint.transfer_argvs(job.files, job.staging_dir):
-        result = endpoint.transfer(argv)
+    argvs = endpoint.transfer_argvs(files, job.staging_dir)
+    # One command for the batch, or one per file (a template without {batch}).
+    sizes = [sum(f.size for f in files)] if len(argvs) == 1 else [f.size for f in files]
+    for argv, nbytes in zip(argvs, sizes, strict=True):
+        result = endpoint.transfer(argv, nbytes)
         report.transfers.append(result)
         if not result.ok:
             report.fail(result, "transfer")
@@ -243,24 +277,25 @@ def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:
     return True
 
 
-def _hash(job: BatchJob, report: BatchReport) -> list[StagedFile]:
+def _hash(job: BatchJob, files: list[StagedFile], report: BatchReport) -> list[StagedFile]:
     """BLAKE2b each file that has none yet (once per version: it is stored afterwards)."""
     t0 = time.monotonic()
-    files = []
+    hashed = []
     with _Turns() as turn:
-        for f in job.files:
+        for f in files:
             digest = f.checksum
             if digest is None:
                 turn.before(f.size)
                 try:
                     digest = blake2b_file(f.path)
                 except OSError as exc:
-                    report.outcomes[f.rel] = (FAILED, f"cannot read: {exc.strerror}")
+                    outcome = CHANGED if exc.errno == errno.ENOENT else UNREADABLE
+                    report.outcomes[f.rel] = (outcome, f"cannot read: {exc.strerror}")
                     continue
                 report.checksums[f.rel] = digest
-            files.append(StagedFile(f.rel, f.path, f.size, digest))
+            hashed.append(StagedFile(f.rel, f.path, f.size, digest))
     report.hash_seconds = time.monotonic() - t0
-    return files
+    return hashed
 
 
 def describe_commands(commands: list[CommandResult]) -> str:

@@ -20,6 +20,7 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,13 +34,13 @@ from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
-from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
+from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, find_held, hold, prune_empty_dirs
 from .lock import InstanceLock, lock_path
 from .record import Failure, Recorder
-from .retry import CircuitBreaker, backoff
+from .retry import CircuitBreaker, LinkHealth, RetryGroup, after_failure, backoff, pinned
 from .runner import CommandResult
 from .settle import Evidence, SettleTracker, Snapshot, Verdict
 
@@ -48,6 +49,7 @@ log = logging.getLogger("hdfmgr")
 IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
 #: A plain string for the per-file loops: an enum member's ``.value`` is a descriptor call each time.
 COMMITTED_STATE = State.COMMITTED.value
+FAILED_STATE = State.FAILED.value
 
 #: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
 #: copying in parallel) instead of queueing in one batch; small files are unaffected.
@@ -145,6 +147,16 @@ class Pipeline:
         self.ready = ReadyQueue()
         self.known: dict[str, Known] = {}
         self.retry_heap: list[tuple[float, str]] = []
+        #: Files of batches that failed for a reason naming no file, retried together on the
+        #: endpoint's backoff (see hdfmgr/retry.py): group id -> group, (due, group id), the
+        #: groups due now, and the group each batch in flight carries.
+        self.health = LinkHealth()
+        self.groups: dict[int, RetryGroup] = {}
+        self.group_heap: list[tuple[float, int]] = []
+        self.due_groups: deque[int] = deque()
+        self.batch_group: dict[int, int] = {}
+        self.group_ids = 0
+        self.group_turn = True
         self.endpoint = Endpoint(config)
         self.breaker = CircuitBreaker(
             threshold=config.breaker_threshold, initial=config.retry_initial, maximum=config.retry_max
@@ -308,6 +320,8 @@ class Pipeline:
             deadlines.append(due)
         if self.retry_heap and not self.once:
             deadlines.append(self.retry_heap[0][0])
+        if self.group_heap:
+            deadlines.append(self.group_heap[0][0])
         if self.breaker.state.value == "open":
             deadlines.append(self.breaker.probe_at)
         return max(0.0, min(deadlines) - now)
@@ -631,6 +645,8 @@ class Pipeline:
         self.ready.add(Candidate(rel, known.size, known.since))
 
     def _release_retries(self, now: float) -> None:
+        while self.group_heap and self.group_heap[0][0] <= now:
+            self.due_groups.append(heapq.heappop(self.group_heap)[1])
         while self.retry_heap and (self.retry_heap[0][0] <= now or self.once):
             _, rel = heapq.heappop(self.retry_heap)
             known = self.known.get(rel)
@@ -645,12 +661,19 @@ class Pipeline:
     def _dispatch(self, now: float) -> None:
         while (
             self.free_slots
-            and len(self.ready)
+            and (len(self.ready) or self.due_groups)
             and self.breaker.allows_dispatch()
             and not self.stop_event.is_set()
         ):
             if not self.buffer_present or self.preparing:
                 return
+            # Groups retried whole and new batches take turns: files that keep failing never
+            # starve the ones not yet tried, and a retried group never waits behind a backlog.
+            if self.due_groups and (self.group_turn or not len(self.ready)):
+                self.group_turn = False
+                self._dispatch_group(now)
+                continue
+            self.group_turn = True
             batch = self.ready.take_batch(
                 chunk_size=self.cfg.chunk_size,
                 budget=self.budget,
@@ -658,28 +681,48 @@ class Pipeline:
                 spread=True,
                 max_bytes=BATCH_BYTES,
             )
-            files: list[StagedFile] = []
-            snaps: dict[str, Snapshot] = {}
-            for item in batch:
-                known = self.known.get(item.rel)
-                if known is None:
-                    continue
-                snap = snapshot(os.path.join(self.buffer, item.rel))
-                if snap is None or not known.matches(snap):
-                    # Changed or gone since it settled: let it settle again (or vanish).
-                    if snap is not None:
-                        self.tracker.note(item.rel, Evidence.SEEN, now, snap)
-                    continue
-                files.append(StagedFile(item.rel, os.path.join(self.buffer, item.rel), known.size))
-                snaps[item.rel] = snap
-            if not files:
-                continue
-            stored = self._rec().checksums([self.known[f.rel].id for f in files if self.known[f.rel].hashed])
-            if stored:
-                files = [StagedFile(f.rel, f.path, f.size, stored.get(self.known[f.rel].id)) for f in files]
-            self._start_batch(files, snaps)
+            files, snaps = self._stage([item.rel for item in batch], now)
+            if files:
+                self._start_batch(files, snaps)
 
-    def _start_batch(self, files: list[StagedFile], snaps: dict[str, Snapshot]) -> None:
+    def _dispatch_group(self, now: float) -> None:
+        group_id = self.due_groups.popleft()
+        group = self.groups[group_id]
+        known = self.known
+        rels = [rel for rel in group.rels if rel in known and known[rel].state == FAILED_STATE]
+        files, snaps = self._stage(rels, now)
+        if not files:
+            del self.groups[group_id]
+            return
+        group.rels = [f.rel for f in files]
+        self._start_batch(files, snaps, group=group_id)
+
+    def _stage(self, rels: list[str], now: float) -> tuple[list[StagedFile], dict[str, Snapshot]]:
+        """The files of a batch that are still the version registered (others settle again)."""
+        files: list[StagedFile] = []
+        snaps: dict[str, Snapshot] = {}
+        for rel in rels:
+            known = self.known.get(rel)
+            if known is None:
+                continue
+            snap = snapshot(os.path.join(self.buffer, rel))
+            if snap is None or not known.matches(snap):
+                # Changed or gone since it settled: let it settle again (or vanish).
+                if snap is not None:
+                    self.tracker.note(rel, Evidence.SEEN, now, snap)
+                continue
+            files.append(StagedFile(rel, os.path.join(self.buffer, rel), known.size))
+            snaps[rel] = snap
+        if not files:
+            return files, snaps
+        stored = self._rec().checksums([self.known[f.rel].id for f in files if self.known[f.rel].hashed])
+        if stored:
+            files = [StagedFile(f.rel, f.path, f.size, stored.get(self.known[f.rel].id)) for f in files]
+        return files, snaps
+
+    def _start_batch(
+        self, files: list[StagedFile], snaps: dict[str, Snapshot], *, group: int | None = None
+    ) -> None:
         slot = self.free_slots.pop()
         staging_dir = self.endpoint.slot_dir(slot)
         ids = [self.known[f.rel].id for f in files]
@@ -698,6 +741,8 @@ class Pipeline:
             prepare=dirty or not self.slot_ready.get(slot, False),
             clean=dirty,
         )
+        if group is not None:
+            self.batch_group[batch_id] = group
         self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 
     def _deliver(self, job: BatchJob) -> None:
@@ -758,37 +803,52 @@ class Pipeline:
         delivered = set(committed)
         unknown = set(report.unknown)
         failed = [f for f in job.files if f.rel not in delivered and f.rel not in unknown]
-        failures = []
+        failures: list[Failure] = []
         quarantined: list[tuple[str, str]] = []
+        unpinned: list[str] = []  # failed for a reason that names no file
         for f in failed:
             known = self.known[f.rel]
             outcome, error = report.outcomes.get(f.rel, ("failed", None))
             error_class = report.error_class or ErrorClass.REMOTE
+            message = error or report.error or "failed"
+            if outcome == UNREADABLE:
+                # The file's own fault, and it was left out of the transfer: at once.
+                failures.append(Failure(known.id, outcome, message, ErrorClass.LOCAL, wall, True))
+                quarantined.append((f.rel, message))
+                continue
             if outcome == CHANGED:
                 error_class, delay = ErrorClass.LOCAL, 0.0
-            else:
-                if outcome == UNVERIFIED:
-                    error_class = ErrorClass.VERIFICATION
+            elif outcome == UNVERIFIED:
+                error_class = ErrorClass.VERIFICATION
                 delay = backoff(
                     known.attempts,
                     initial=self.cfg.retry_initial,
                     maximum=self.cfg.retry_max,
                     jitter=self.rng.random(),
                 )
-            # A file that keeps failing for reasons of its own needs an operator; transport
-            # failures never quarantine (the breaker waits for the endpoint instead).
-            stuck = error_class in (ErrorClass.VERIFICATION, ErrorClass.LOCAL) and outcome != CHANGED
-            quarantine = stuck and known.attempts >= self.cfg.quarantine_after
-            message = error or report.error or "failed"
+            elif not self.once:
+                unpinned.append(f.rel)
+                continue
+            else:
+                delay = 0.0  # a rescan does not retry; the next run does
+            # A file that keeps failing verification needs an operator.
+            quarantine = (
+                error_class == ErrorClass.VERIFICATION and known.attempts >= self.cfg.quarantine_after
+            )
             failures.append(Failure(known.id, outcome, message, error_class, wall + delay, quarantine))
             if quarantine:
                 quarantined.append((f.rel, message))
                 continue
-            known.state = State.FAILED.value
+            known.state = FAILED_STATE
             if outcome == CHANGED:
                 self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
             else:
                 heapq.heappush(self.retry_heap, (now + delay, f.rel))
+        group_id = self.batch_group.pop(job.id, None)
+        group = self.groups.pop(group_id, None) if group_id is not None else None
+        self.health.record(not unpinned and not unknown, first_try=group is None)
+        if unpinned:
+            self._retry_together(report, group, unpinned, failures, quarantined, now, wall)
         held = report.held
         self._rec().finish_batch(
             report,
@@ -856,6 +916,76 @@ class Pipeline:
         if self.on_breaker is not None:
             self.on_breaker(self.cfg.name, self.breaker.state.value)
 
+    def _retry_together(
+        self,
+        report: BatchReport,
+        group: RetryGroup | None,
+        rels: list[str],
+        failures: list[Failure],
+        quarantined: list[tuple[str, str]],
+        now: float,
+        wall: float,
+    ) -> None:
+        """Files a batch failed for a reason that names none of them (the tool's exit status,
+        ssh's 255, a timeout): retried together on the endpoint's backoff, split only when
+        the link no longer explains their failures, pinned once one fails on its own."""
+        if group is None:
+            group = RetryGroup(rels, successes_at_start=self.health.successes)
+        else:
+            group.rels = rels
+        error_class = report.error_class or ErrorClass.REMOTE
+        message = report.error or "failed"
+        delay = self.health.delay(
+            initial=self.cfg.retry_initial, maximum=self.cfg.retry_max, jitter=self.rng.random()
+        )
+        for piece in after_failure(group, self.health):
+            wait = delay
+            why = message
+            quarantine = False
+            if piece is group and pinned(piece, self.health):  # failed alone, not just split
+                rel = piece.rels[0]
+                known = self.known[rel]
+                why = self._alone(rel, known, piece, error_class, message)
+                # Its own backoff from now on; a tool that fails on this one file needs an
+                # operator. A link that is too slow for it does not: it is only reported.
+                wait = backoff(
+                    known.attempts,
+                    initial=self.cfg.retry_initial,
+                    maximum=self.cfg.retry_max,
+                    jitter=self.rng.random(),
+                )
+                quarantine = error_class == ErrorClass.REMOTE and known.attempts >= self.cfg.quarantine_after
+            for rel in piece.rels:
+                known = self.known[rel]
+                failures.append(Failure(known.id, "failed", why, error_class, wall + wait, quarantine))
+                if quarantine:
+                    quarantined.append((rel, why))
+                else:
+                    known.state = FAILED_STATE
+            if not quarantine:
+                self.group_ids += 1
+                self.groups[self.group_ids] = piece
+                heapq.heappush(self.group_heap, (now + wait, self.group_ids))
+
+    def _alone(self, rel: str, known: Known, group: RetryGroup, error_class: str, message: str) -> str:
+        """The reason recorded for a file that fails on its own; said once in the log."""
+        if error_class == ErrorClass.TIMEOUT:
+            why = (
+                f"times out on its own ({group.failures} times in a row while other batches got "
+                f"through; its deadline is {self.cfg.deadline(known.size):.0f} s for "
+                f"{known.size / 1e6:.1f} MB: raise general.timeout or lower general.min_rate): {message}"
+            )
+        else:
+            why = (
+                f"fails on its own ({group.failures} times in a row, alone, while other batches "
+                f"got through): {message}"
+            )
+        key = f"alone:{rel}"
+        if key not in self.warned:
+            self.warned.add(key)
+            log.error("%r %s", rel, why)
+        return why
+
     def _after_hold(self, report: BatchReport) -> None:
         """What the worker did with the delivered files: held, changed, or not movable."""
         for rel in report.held:
@@ -880,6 +1010,8 @@ class Pipeline:
         now = time.monotonic()
         self.retry_heap = [(min(due, now), rel) for due, rel in self.retry_heap]
         heapq.heapify(self.retry_heap)
+        self.group_heap = [(min(due, now), group) for due, group in self.group_heap]
+        heapq.heapify(self.group_heap)
         self.next_recovery = min(self.next_recovery, now)  # and staging is listed at once
 
     def _hold_committed(self, rels: list[str]) -> None:

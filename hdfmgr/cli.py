@@ -132,6 +132,11 @@ def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> i
         command = next(c for c in commands if args.get(c))
     try:
         return _dispatch(command, args)
+    except BrokenPipeError:
+        # `hdfmgr files ... | head`: the reader has what it wanted. Nothing more may reach
+        # the closed pipe, not even the interpreter's flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
     except config_mod.ConfigError as exc:
         print(f"hdfmgr: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -348,7 +353,10 @@ def _status(config: config_mod.Config, database: object, *, as_json: bool, every
             file=sys.stderr,
         )
         return EX_CANTCREAT
+    from .lock import published
+
     info = status.summary(None if everything else config.name, breaker_threshold=config.breaker_threshold)
+    info["daemon"] = published(config.buffer)
     print(json.dumps(info, indent=2) if as_json else status.render(info))
     return EX_OK
 

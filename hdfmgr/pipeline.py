@@ -29,8 +29,8 @@ from typing import Any
 
 import peewee as pw
 
+from . import __version__, sdnotify
 from . import db as dbm
-from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
@@ -38,7 +38,7 @@ from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, BatchJob, B
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, find_held, hold, prune_empty_dirs
-from .lock import InstanceLock, lock_path
+from .lock import InstanceLock, lock_path, publish, state_path
 from .record import Failure, Recorder
 from .retry import CircuitBreaker, LinkHealth, RetryGroup, after_failure, backoff, pinned
 from .runner import CommandResult
@@ -189,6 +189,15 @@ class Pipeline:
         self.next_prune = 0.0
         self.next_recovery = 0.0
         self.lock = InstanceLock(lock_path(self.buffer))
+        #: What ``hdfmgr status`` reads about this daemon and its slots (see hdfmgr/lock.py):
+        #: written beside the lock at most once a second when something changed.
+        self.state_path = state_path(self.buffer)
+        self.slot_info: dict[int, dict[str, Any]] = {
+            slot: {"slot": slot, "state": "free"} for slot in range(config.num_threads)
+        }
+        self.started_wall = time.time()
+        self.publish_due = True
+        self.published_at = 0.0
         self.db: pw.Database | None = None
         self.recorder: Recorder | None = None
         self.closing = False
@@ -244,6 +253,7 @@ class Pipeline:
                 len(self.ready) + len(self.tracker),
             )
             self.announced = True
+            self._publish(time.monotonic(), force=True)
             sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
         except dbm.errors() as exc:
@@ -307,11 +317,39 @@ class Pipeline:
             self._dispatch(now)
             if self.on_progress is not None:
                 self.on_progress(self)
+            self._publish(now)
             if self.on_written is not None and self._rec().writes:
                 written, self.on_written = self.on_written, None
                 written()
             if self.once and self._idle():
                 return Outcome.DRAINED if not self._undelivered() else Outcome.INCOMPLETE
+
+    def _publish(self, now: float, *, force: bool = False) -> None:
+        """The daemon's state for ``hdfmgr status``: on a change (at most once a second) and
+        every 10 s as a heartbeat (its age tells a loop that is blocked)."""
+        if not force and now - self.published_at < (1.0 if self.publish_due else 10.0):
+            return
+        self.publish_due = False
+        self.published_at = now
+        publish(
+            self.state_path,
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "source": self.cfg.name,
+                "buffer": self.buffer,
+                "config": os.fspath(self.cfg.path),
+                "started_at": self.started_wall,
+                "updated_at": time.time(),
+                "breaker": self.breaker.state.value,
+                "waiting": len(self.ready) + len(self.tracker),
+                "slots": [self.slot_info[slot] for slot in sorted(self.slot_info)],
+            },
+        )
+
+    def _slot(self, slot: int, state: str, **details: Any) -> None:
+        self.slot_info[slot] = {"slot": slot, "state": state, **details}
+        self.publish_due = True
 
     def _wait_time(self, now: float) -> float:
         deadlines = [self.next_scan, now + 1.0]
@@ -743,6 +781,18 @@ class Pipeline:
         )
         if group is not None:
             self.batch_group[batch_id] = group
+        wall = time.time()
+        nbytes = sum(f.size for f in files)
+        self._slot(
+            slot,
+            "transfer",
+            batch=batch_id,
+            files=len(files),
+            bytes=nbytes,
+            since=wall,
+            # prepare, transfer and commit each within their deadline
+            due=wall + self.cfg.deadline(nbytes) + 2 * self.cfg.timeout,
+        )
         self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 
     def _deliver(self, job: BatchJob) -> None:
@@ -773,6 +823,18 @@ class Pipeline:
         )
         for rel in rels:
             self.known[rel].state = State.COMMITTING.value
+        wall = time.time()
+        info = self.slot_info.get(job.slot, {})
+        checked = sum(self.known[rel].size for rel in rels) if self.cfg.verify == "checksum" else 0
+        self._slot(
+            job.slot,
+            "committing",
+            batch=job.id,
+            files=info.get("files", len(rels)),
+            bytes=info.get("bytes", 0),
+            since=wall,
+            due=wall + self.cfg.deadline(checked),
+        )
         ack.set()
 
     def _new_checksums(self, checksums: dict[str, str]) -> list[tuple[int, str]]:
@@ -792,8 +854,18 @@ class Pipeline:
             # Its slot directory is the evidence of what the lost commit did: out of use
             # until the listing (see _recover_committing), then cleaned.
             self.suspended_slots[job.staging_dir] = job.slot
+            self._slot(
+                job.slot,
+                "suspended",
+                batch=job.id,
+                files=len(report.unknown),
+                since=time.time(),
+                reason=f"commit reply lost ({report.error}); out of use until a listing of its "
+                "staging directory tells what the commit did",
+            )
         else:
             self.free_slots.append(job.slot)
+            self._slot(job.slot, "free")
         self.slot_dirty[job.slot] = not report.slot_clean
         if report.prepare is not None and report.prepare.ok:
             self.slot_ready[job.slot] = True
@@ -1143,6 +1215,13 @@ class Pipeline:
                 jitter=self.rng.random(),
             )
             self.next_recovery = time.monotonic() + delay
+            for slot in self.suspended_slots.values():
+                info = self.slot_info[slot]
+                info["reason"] = (
+                    f"commit reply lost; {self.listing_failures} listing(s) of its staging "
+                    f"directory failed ({result.describe()}), next in {delay:.0f} s"
+                )
+                self.publish_due = True
             log.log(
                 logging.WARNING if self.listing_failures == 1 else logging.DEBUG,
                 "cannot check staging for %d file(s) whose commit may have run (%s); will retry",
@@ -1164,6 +1243,7 @@ class Pipeline:
             if slot is not None:
                 self.slot_dirty[slot] = True
                 self.free_slots.append(slot)
+                self._slot(slot, "free")
         if resend:
             self._set_state(resend, State.READY, error="interrupted before the move; sending again")
             for rel in resend:

@@ -50,6 +50,9 @@ IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
 #: A plain string for the per-file loops: an enum member's ``.value`` is a descriptor call each time.
 COMMITTED_STATE = State.COMMITTED.value
 FAILED_STATE = State.FAILED.value
+#: A quarantined file stays known (a tombstone) while it is in the buffer unchanged, so that
+#: no scan registers it again; it is forgotten once it leaves the buffer or changes.
+QUARANTINED_STATE = State.QUARANTINED.value
 
 #: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
 #: copying in parallel) instead of queueing in one batch; small files are unaffected.
@@ -405,11 +408,11 @@ class Pipeline:
 
     def waiting(self) -> tuple[int, int]:
         """Files (and bytes) known and not yet delivered, plus those still settling."""
-        pending = [k for k in self.known.values() if k.state != COMMITTED_STATE]
+        pending = [k for k in self.known.values() if k.state not in (COMMITTED_STATE, QUARANTINED_STATE)]
         return len(pending) + len(self.tracker), sum(k.size for k in pending)
 
     def _undelivered(self) -> list[str]:
-        return [rel for rel, k in self.known.items() if k.state != COMMITTED_STATE]
+        return [rel for rel, k in self.known.items() if k.state not in (COMMITTED_STATE, QUARANTINED_STATE)]
 
     def _drain_and_stop(self) -> Outcome:
         sdnotify.notify("STOPPING=1")
@@ -510,6 +513,9 @@ class Pipeline:
         ]
         if vanished:
             self._mark_vanished(vanished)
+        for rel, k in unseen:
+            if k.state == QUARANTINED_STATE:
+                del self.known[rel]  # gone from the buffer: no scan can register it again
         # Still in the buffer: moved to holding. Gone from it: recorded as done, with the reason.
         delivered += [rel for rel, k in unseen if k.state == COMMITTED_STATE]
         if delivered:
@@ -657,6 +663,11 @@ class Pipeline:
                 # Delivered, then rewritten before it reached holding: the delivered version
                 # is done; the new content is a new version.
                 self._retire(rel, known, "replaced in the buffer by a new version after delivery")
+                new.append((rel, snap))
+            elif known.state == QUARANTINED_STATE:
+                # Replaced by the operator (or the camera): the quarantined row stays as it
+                # was, the new content is a new version.
+                del self.known[rel]
                 new.append((rel, snap))
             else:
                 changed.append((rel, snap, known))
@@ -949,11 +960,13 @@ class Pipeline:
         size = sum(self.known[rel].size for rel in committed)
         self._after_hold(report)
         for rel, message in quarantined:
+            known = self.known[rel]
+            known.state = QUARANTINED_STATE
             log.error(
                 "%r quarantined after %d attempts (%s); it stays in the buffer: fix the cause, "
                 "then run 'hdfmgr retry'",
                 rel,
-                self.known.pop(rel).attempts,
+                known.attempts,
                 message,
             )
         self.counters.batches += 1
@@ -1157,6 +1170,11 @@ class Pipeline:
             elif state == failed:
                 retry_heap.append((now + max(0.0, row.next_try - wall), rel))
         heapq.heapify(retry_heap)
+        for row in self._rec().quarantined():
+            if row.rel not in known_files:
+                known_files[row.rel] = Known(
+                    row.id, row.size, row.mtime_ns, row.inode, QUARANTINED_STATE, row.attempts, row.hashed
+                )
 
     def _recover(self) -> None:
         """Reconcile files that were in flight when the last run ended.
@@ -1166,7 +1184,7 @@ class Pipeline:
         slot directory means moved (committed, never send again). If the endpoint cannot be
         asked, those files wait, untouched, until it can.
         """
-        self._rec().close_interrupted_batches(time.time())
+        self._rec().close_interrupted_batches(time.time(), keep=self._committing_batches)
         staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
         if staging:
             self._set_state(staging, State.READY, error="interrupted during transfer; sending again")
@@ -1232,18 +1250,24 @@ class Pipeline:
         self.listing_failures = 0
         resend: list[str] = []
         moved: list[str] = []
+        by_batch: dict[int, tuple[list[int], list[int]]] = {}
         for staging_dir in dirs:
             names = present.get(staging_dir)
-            for rel, _batch in self.unrecovered.pop(staging_dir, []):
+            for rel, batch in self.unrecovered.pop(staging_dir, []):
+                outcome = by_batch.setdefault(batch, ([], []))
                 if names is not None and os.path.basename(rel) not in names:
                     moved.append(rel)
+                    outcome[0].append(self.known[rel].id)
                 else:
                     resend.append(rel)
+                    outcome[1].append(self.known[rel].id)
             slot = self.suspended_slots.pop(staging_dir, None)
             if slot is not None:
                 self.slot_dirty[slot] = True
                 self.free_slots.append(slot)
                 self._slot(slot, "free")
+        # The batches and attempts learn what the listing proved (a restart left them running).
+        self._rec().close_listed_batches(by_batch, time.time())
         if resend:
             self._set_state(resend, State.READY, error="interrupted before the move; sending again")
             for rel in resend:

@@ -230,7 +230,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
-            self.db = dbm.connect(self.cfg)
+            self.db = dbm.connect(self.cfg, daemon=True)
             dbm.create_schema(self.db)
             self.recorder = Recorder(self.db, self.cfg.name)
             if self.install_signals:
@@ -260,7 +260,7 @@ class Pipeline:
             sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
         except dbm.errors() as exc:
-            raise dbm.DatabaseFailure(dbm.describe_error(exc)) from exc
+            raise dbm.failure(exc) from exc
         finally:
             self._shutdown()
 

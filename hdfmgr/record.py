@@ -152,6 +152,10 @@ class Recorder:
                 if batch.status == "running":
                     status = "committed" if not resend else ("partial" if committed else "interrupted")
                     batch.finished_at = wall
+                    # Its files that never reached the commit were sent again from the start.
+                    Attempt.update(outcome="interrupted", error="the daemon stopped during this batch").where(
+                        (Attempt.batch == batch_id) & (Attempt.outcome == "running")
+                    ).execute()
                 else:
                     status = "partial" if committed and batch.status == "failed" else batch.status
                 batch.status, batch.committed = status, committed

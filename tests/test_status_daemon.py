@@ -68,3 +68,56 @@ def test_a_closed_pipe_ends_the_output_quietly(site: Site) -> None:
     assert result.stderr == ""
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_render_marks_slots_past_their_deadline_and_says_why_one_is_suspended() -> None:
+    now = 1_800_000_000.0
+    info = {
+        "source": "cam1",
+        "generated_at": now,
+        "states": {"ready": 0, "committing": 3},
+        "backlog": {"files": 0, "bytes": 0, "oldest": None, "oldest_age_seconds": None},
+        "last_commit": None,
+        "throughput": {},
+        "oldest": {"committing": 900.0},
+        "recent_failures": [],
+        "daemon": {
+            "pid": 42,
+            "version": "1.0.0",
+            "started_at": now - 7200,
+            "updated_at": now - 1,
+            "breaker": "open",
+            "slots": [
+                {
+                    "slot": 0,
+                    "state": "committing",
+                    "batch": 7,
+                    "files": 3,
+                    "bytes": 3e6,
+                    "since": now - 900,
+                    "due": now - 300,
+                },
+                {
+                    "slot": 1,
+                    "state": "suspended",
+                    "batch": 8,
+                    "files": 2,
+                    "since": now - 60,
+                    "reason": "commit reply lost (exit status 255); out of use until a listing",
+                },
+                {"slot": 2, "state": "free"},
+            ],
+        },
+    }
+    from hdfmgr import status
+
+    text = status.render(info)
+    assert "daemon:   running, pid 42 since" in text and "version 1.0.0" in text
+    assert "circuit breaker open" in text
+    assert "slots:    1 committing, 1 free, 1 suspended" in text
+    assert (
+        "slot 0: committing batch 7 (3 file(s), 3.0 MB) for 15 min, STUCK: past its deadline by 5 min" in text
+    )
+    assert "slot 1: suspended batch 8 (2 file(s), 0.0 MB) for 60 s: commit reply lost" in text
+    assert "slot 2" not in text
+    assert "oldest:   committing 3 (oldest 15 min)" in text

@@ -184,7 +184,7 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         return
     hashed: list[StagedFile] = []
     hasher = threading.Thread(
-        target=lambda: hashed.extend(_hash(job, readable, report)), name=f"hash-{job.id}"
+        target=lambda: hashed.extend(_hash(job, report, readable)), name=f"hash-{job.id}"
     )
     hasher.start()
     try:
@@ -277,12 +277,13 @@ def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report
     return True
 
 
-def _hash(job: BatchJob, files: list[StagedFile], report: BatchReport) -> list[StagedFile]:
-    """BLAKE2b each file that has none yet (once per version: it is stored afterwards)."""
+def _hash(job: BatchJob, report: BatchReport, files: list[StagedFile] | None = None) -> list[StagedFile]:
+    """BLAKE2b each file (of ``files``, by default the job's) that has none yet (once per
+    version: it is stored afterwards)."""
     t0 = time.monotonic()
     hashed = []
     with _Turns() as turn:
-        for f in files:
+        for f in job.files if files is None else files:
             digest = f.checksum
             if digest is None:
                 turn.before(f.size)

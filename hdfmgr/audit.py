@@ -8,7 +8,6 @@ its batch's timings and rate), ``retry`` re-queues quarantined and failed files.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import fnmatch
 import logging
 import os
@@ -360,23 +359,11 @@ def retry(
     return result
 
 
-def watcher_pid(holding: Path) -> int | None:
+def watcher_pid(buffer: Path) -> int | None:
     """The pid of the hdfmgr process holding this buffer's lock, or None when none runs."""
-    from .lock import lock_path, read_pid
+    from .lock import holder
 
-    try:
-        fd = os.open(lock_path(os.fspath(holding)), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return read_pid(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return holder(buffer)
 
 
 # ---------------------------------------------------------------------------------- helpers

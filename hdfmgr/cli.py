@@ -141,6 +141,11 @@ def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> i
         command = next(c for c in commands if args.get(c))
     try:
         return _dispatch(command, args)
+    except BrokenPipeError:
+        # `hdfmgr files ... | head`: the reader has what it wanted. Nothing more may reach
+        # the closed pipe, not even the interpreter's flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
     except config_mod.ConfigError as exc:
         print(f"hdfmgr: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -250,7 +255,7 @@ def _database_module(config: config_mod.Config) -> ModuleType:
 
 def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .db import DatabaseFailure, database_location
-    from .lock import LockBusy
+    from .lock import LockBusy, LockUnavailable
     from .pipeline import Outcome, Pipeline
     from .schema import Found, SchemaError
     from .supervise import watch
@@ -303,6 +308,9 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     except SchemaError as exc:
         print(f"hdfmgr: {exc}", file=sys.stderr)
         return EX_CANTCREAT if exc.found is Found.EMPTY else EX_CONFIG
+    except LockUnavailable as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except DatabaseFailure as exc:
         print(
             f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",
@@ -395,8 +403,10 @@ def _delegate_rescan(config: config_mod.Config, pid: int | None, wait: float) ->
 
 def _status(config: config_mod.Config, database: object, *, as_json: bool, everything: bool) -> int:
     from . import status
+    from .lock import published
 
     info = status.summary(None if everything else config.name, breaker_threshold=config.breaker_threshold)
+    info["daemon"] = published(config.buffer)
     print(json.dumps(info, indent=2) if as_json else status.render(info))
     return EX_OK
 
@@ -451,7 +461,7 @@ def _audit(command: str, config: config_mod.Config, database: object, args: dict
         for name in result[key]:
             print(f"  skipped {name!r}: {what}")
     if result["requeued"]:
-        pid = audit.watcher_pid(config.holding)
+        pid = audit.watcher_pid(config.buffer)
         if pid is None:
             print("retry: no watcher is running; the next hdfmgr-watch or hdfmgr-rescan sends them")
         else:

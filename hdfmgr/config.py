@@ -51,6 +51,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "chunk_size": 5000,
         "num_threads": 2,
         "timeout": 600.0,
+        "min_rate": 1.0,
         "pause": 60.0,
         "expiration_time": 86400.0,
         "exclude_list": [],
@@ -136,6 +137,14 @@ class Config:
     database_echo: bool = False
     #: One line per original-only key or original-style null the file uses (for ``validate``).
     original_notes: tuple[str, ...] = ()
+    #: MB/s a transfer is allowed at the least: its deadline is ``timeout`` plus its bytes at
+    #: this rate (see :meth:`deadline`).
+    min_rate: float = 1.0
+
+    def deadline(self, nbytes: int) -> float:
+        """Seconds a command that moves or reads ``nbytes`` may take: ``timeout`` is the fixed
+        part (connection, start-up), the rest grows with the bytes."""
+        return self.timeout + nbytes / (self.min_rate * 1e6)
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -326,6 +335,7 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         metrics_address=_string(gen, "general", "metrics_address"),
         database_echo=echo,
         original_notes=original_notes(data),
+        min_rate=_number(gen, "general", "min_rate", minimum=0.001),
     )
 
 

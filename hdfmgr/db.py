@@ -137,6 +137,31 @@ class DatabaseFailure(Exception):
     """A statement failed while running: a full disk, a lost connection, a lock held too long."""
 
 
+class DatabaseUnresponsive(DatabaseFailure):
+    """The server did not answer in time: a statement ran past ``database.timeout`` (a lock
+    held by another session, an overloaded server) or the connection died without a reset
+    (found by TCP keepalives). The supervisor reconnects, as after any failure."""
+
+
+def failure(exc: BaseException) -> DatabaseFailure:
+    """The :class:`DatabaseFailure` (or its :class:`DatabaseUnresponsive` kind) for ``exc``."""
+    message = describe_error(exc)
+    lowered = message.lower()
+    if any(sign in lowered for sign in UNRESPONSIVE_SIGNS):
+        return DatabaseUnresponsive(message)
+    return DatabaseFailure(message)
+
+
+#: How PostgreSQL and libpq word "did not answer in time".
+UNRESPONSIVE_SIGNS = (
+    "statement timeout",
+    "lock timeout",
+    "timeout expired",
+    "connection timed out",
+    "server closed the connection unexpectedly",
+)
+
+
 def errors() -> tuple[type[BaseException], ...]:
     """What a failed statement raises: peewee's wrapper, or the driver's own error from a raw
     cursor (the bulk writes use ``executemany`` directly)."""
@@ -160,8 +185,16 @@ def describe_error(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def connect(config: Config) -> pw.Database:
-    """Open the configured database and bind the models to it (schema created if missing)."""
+def connect(config: Config, *, daemon: bool = False) -> pw.Database:
+    """Open the configured database and bind the models to it (schema created if missing).
+
+    With ``daemon`` a PostgreSQL session also gets a statement timeout of ``database.timeout``
+    (a statement blocked by another session's lock, or a server that stops answering, fails
+    instead of holding the loop and SIGTERM for ever) and TCP keepalives plus a TCP user
+    timeout (a connection that died without a reset is found within about a minute). The
+    commands an operator runs (status, report) keep no statement timeout: a long report is
+    not a failure.
+    """
     url = config.database
     if url.startswith("sqlite:"):
         path = sqlite_path(url, config.path.parent)
@@ -189,7 +222,18 @@ def connect(config: Config) -> pw.Database:
         )
     else:
         # psycopg2 gives up connecting after connect_timeout seconds (it waits forever without).
-        db = connect_url(url, connect_timeout=max(1, round(config.database_timeout)))
+        options: dict[str, object] = {"connect_timeout": max(1, round(config.database_timeout))}
+        if daemon:
+            milliseconds = max(1, round(config.database_timeout * 1000))
+            options.update(
+                keepalives=1,
+                keepalives_idle=30,
+                keepalives_interval=10,
+                keepalives_count=3,
+                tcp_user_timeout=max(milliseconds, 30000),
+                options=f"-c statement_timeout={milliseconds}",
+            )
+        db = connect_url(url, **options)
     proxy.initialize(db)
     db.connect(reuse_if_open=True)
     return db

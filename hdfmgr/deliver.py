@@ -9,6 +9,7 @@ disk first, so that a restart knows they may already be in the endpoint buffer
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -31,6 +32,9 @@ COMMITTED = "committed"
 FAILED = "failed"
 UNVERIFIED = "unverified"
 CHANGED = "changed"
+#: The local file cannot be read (its mode, an I/O error): the file's own fault, quarantined
+#: at once, and left out of the transfer so that it never fails the others.
+UNREADABLE = "unreadable"
 
 
 @dataclass
@@ -197,6 +201,10 @@ def _pin(job: BatchJob, report: BatchReport) -> list[StagedFile]:
         except pin.NotRegistered:
             report.outcomes[f.rel] = (CHANGED, "changed or replaced in the buffer before the transfer")
             continue
+        except PermissionError as exc:
+            # The private copy's open failed: this process cannot read the file at all.
+            report.outcomes[f.rel] = (UNREADABLE, f"cannot read: {exc.strerror}")
+            continue
         except OSError as exc:
             report.outcomes[f.rel] = (FAILED, f"cannot pin it for the transfer: {exc.strerror}")
             continue
@@ -215,11 +223,17 @@ def _steps(
         return
     # Hash while the transfer runs: the digest is needed only at the commit, and on a large
     # file hashing alone takes about as long as a local copy.
+    readable = _readable(files, report)
+    if not readable:
+        report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
+        return
     hashed: list[StagedFile] = []
-    hasher = threading.Thread(target=lambda: hashed.extend(_hash(job, report, files)), name=f"hash-{job.id}")
+    hasher = threading.Thread(
+        target=lambda: hashed.extend(_hash(job, report, readable)), name=f"hash-{job.id}"
+    )
     hasher.start()
     try:
-        if not _transfer(job, files, endpoint, report):
+        if not _transfer(job, readable, endpoint, report):
             return
     finally:
         hasher.join()
@@ -269,6 +283,27 @@ def _steps(
         report.error = f"staged copy failed {mode} verification"
 
 
+def _readable(files: list[StagedFile], report: BatchReport) -> list[StagedFile]:
+    """The files this process can open; the others get the outcome UNREADABLE.
+
+    A transfer tool that meets an unreadable file fails the whole batch (cp, scp and rsync
+    all exit non-zero), and nothing in its exit status says which file was at fault: so each
+    file is opened first (one open and close, no read).
+    """
+    readable = []
+    for f in files:
+        try:
+            os.close(os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP):
+                readable.append(f)  # gone or replaced: the transfer's check tells (CHANGED)
+                continue
+            report.outcomes[f.rel] = (UNREADABLE, f"cannot read: {exc.strerror}")
+            continue
+        readable.append(f)
+    return readable
+
+
 def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport) -> bool:
     """Prepare the slot if needed and run the transfer command(s); False on a failure."""
     if job.prepare:
@@ -276,8 +311,11 @@ def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report
         if not report.prepare.ok:
             report.fail(report.prepare, "preparing staging")
             return False
-    for argv in endpoint.transfer_argvs(files, job.staging_dir):
-        result = endpoint.transfer(argv)
+    argvs = endpoint.transfer_argvs(files, job.staging_dir)
+    # One command for the batch, or one per file (a template without {batch}).
+    sizes = [sum(f.size for f in files)] if len(argvs) == 1 else [f.size for f in files]
+    for argv, nbytes in zip(argvs, sizes, strict=True):
+        result = endpoint.transfer(argv, nbytes)
         report.transfers.append(result)
         if not result.ok:
             report.fail(result, "transfer")
@@ -285,25 +323,26 @@ def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report
     return True
 
 
-def _hash(job: BatchJob, report: BatchReport, batch: list[StagedFile] | None = None) -> list[StagedFile]:
-    """BLAKE2b each file (of ``batch``, the pinned files; default the job's) that has none yet
-    (once per version: it is stored afterwards)."""
+def _hash(job: BatchJob, report: BatchReport, files: list[StagedFile] | None = None) -> list[StagedFile]:
+    """BLAKE2b each file (of ``files``, by default the job's) that has none yet (once per
+    version: it is stored afterwards)."""
     t0 = time.monotonic()
-    files = []
+    hashed = []
     with _Turns() as turn:
-        for f in job.files if batch is None else batch:
+        for f in job.files if files is None else files:
             digest = f.checksum
             if digest is None:
                 turn.before(f.size)
                 try:
                     digest = blake2b_file(f.path)
                 except OSError as exc:
-                    report.outcomes[f.rel] = (FAILED, f"cannot read: {exc.strerror}")
+                    outcome = CHANGED if exc.errno == errno.ENOENT else UNREADABLE
+                    report.outcomes[f.rel] = (outcome, f"cannot read: {exc.strerror}")
                     continue
                 report.checksums[f.rel] = digest
-            files.append(StagedFile(f.rel, f.path, f.size, digest))
+            hashed.append(StagedFile(f.rel, f.path, f.size, digest))
     report.hash_seconds = time.monotonic() - t0
-    return files
+    return hashed
 
 
 def describe_commands(commands: list[CommandResult]) -> str:

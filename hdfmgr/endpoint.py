@@ -322,8 +322,9 @@ class Endpoint:
     def prepare(self, slot_dir: str, *, clean: bool) -> CommandResult:
         return self.remote(PREPARE_SCRIPT, slot_dir, "clean" if clean else "keep")
 
-    def transfer(self, argv: Sequence[str]) -> CommandResult:
-        return self._run(list(argv), timeout=self.config.timeout)
+    def transfer(self, argv: Sequence[str], nbytes: int = 0) -> CommandResult:
+        """One transfer command; its deadline grows with the ``nbytes`` it moves."""
+        return self._run(list(argv), timeout=self.config.deadline(nbytes))
 
     def transfer_argvs(self, files: Sequence[StagedFile], slot_dir: str) -> list[list[str]]:
         template = self.config.transfer
@@ -365,6 +366,10 @@ class Endpoint:
             "" if batch is None else str(batch),
             stdin=stdin,
             on_start=on_start,
+            # A checksum verification reads every staged byte.
+            timeout=self.config.deadline(sum(f.size for f in files))
+            if self.config.verify == "checksum"
+            else None,
         )
         return result, parse_commit_output(result.stdout)
 

@@ -327,8 +327,15 @@ def prune_empty_dirs(buffer: str, *, older_than: float, now: float) -> int:
 
     Never the buffer itself. A directory a writer is about to use has a recent mtime (it was
     just created or just emptied), so the age rule keeps this from racing the camera.
+
+    One pass removes a whole emptied tree (``night/raw/exposure/``): removing a child sets
+    its parent's mtime to now, so the parent is judged by the mtime it had before this pass
+    removed anything from it, unless its mtime moved again after our last removal (then
+    someone else used it, and it waits like any young directory).
     """
     removed = 0
+    #: directory -> (its mtime before this pass removed a child, its mtime_ns just after)
+    emptied: dict[str, tuple[float, int]] = {}
     for root, dirs, files, root_fd in os.fwalk(buffer, topdown=False):
         if root == buffer:
             continue
@@ -336,9 +343,17 @@ def prune_empty_dirs(buffer: str, *, older_than: float, now: float) -> int:
             continue
         try:
             st = os.stat(root)
-            if now - st.st_mtime >= older_than:
-                os.rmdir(root)
-                removed += 1
+            mtime = st.st_mtime
+            ours = emptied.get(root)
+            if ours is not None and st.st_mtime_ns == ours[1]:
+                mtime = ours[0]
+            if now - mtime < older_than:
+                continue
+            parent = os.path.dirname(root)
+            before = emptied[parent][0] if parent in emptied else os.stat(parent).st_mtime
+            os.rmdir(root)
+            removed += 1
+            emptied[parent] = (before, os.stat(parent).st_mtime_ns)
         except OSError:
             continue
     return removed

@@ -20,6 +20,7 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,21 +29,21 @@ from typing import Any
 
 import peewee as pw
 
+from . import __version__, sdnotify
 from . import db as dbm
-from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
-from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
+from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, BatchJob, BatchReport, deliver
 from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
 from .holding import Outcome as HoldOutcome
-from .lock import InstanceLock, lock_path
+from .lock import InstanceLock, lock_path, publish, state_path
 from .pin import clear as clear_pins
 from .pin import pin_root, slot_dir
 from .record import Failure, Recorder
-from .retry import CircuitBreaker, backoff
+from .retry import CircuitBreaker, LinkHealth, RetryGroup, after_failure, backoff, pinned
 from .runner import CommandResult
 from .settle import Evidence, SettleTracker, Snapshot, Verdict
 
@@ -51,6 +52,10 @@ log = logging.getLogger("hdfmgr")
 IN_FLIGHT = (State.STAGING.value, State.COMMITTING.value)
 #: A plain string for the per-file loops: an enum member's ``.value`` is a descriptor call each time.
 COMMITTED_STATE = State.COMMITTED.value
+FAILED_STATE = State.FAILED.value
+#: A quarantined file stays known (a tombstone) while it is in the buffer unchanged, so that
+#: no scan registers it again; it is forgotten once it leaves the buffer or changes.
+QUARANTINED_STATE = State.QUARANTINED.value
 
 #: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
 #: copying in parallel) instead of queueing in one batch; small files are unaffected.
@@ -153,6 +158,16 @@ class Pipeline:
         self.ready = ReadyQueue()
         self.known: dict[str, Known] = {}
         self.retry_heap: list[tuple[float, str]] = []
+        #: Files of batches that failed for a reason naming no file, retried together on the
+        #: endpoint's backoff (see hdfmgr/retry.py): group id -> group, (due, group id), the
+        #: groups due now, and the group each batch in flight carries.
+        self.health = LinkHealth()
+        self.groups: dict[int, RetryGroup] = {}
+        self.group_heap: list[tuple[float, int]] = []
+        self.due_groups: deque[int] = deque()
+        self.batch_group: dict[int, int] = {}
+        self.group_ids = 0
+        self.group_turn = True
         self.endpoint = Endpoint(config)
         self.breaker = CircuitBreaker(
             threshold=config.breaker_threshold, initial=config.retry_initial, maximum=config.retry_max
@@ -184,7 +199,16 @@ class Pipeline:
         self.next_scan = 0.0
         self.next_prune = 0.0
         self.next_recovery = 0.0
-        self.lock = InstanceLock(lock_path(self.holding))
+        self.lock = InstanceLock(lock_path(self.buffer))
+        #: What ``hdfmgr status`` reads about this daemon and its slots (see hdfmgr/lock.py):
+        #: written beside the lock at most once a second when something changed.
+        self.state_path = state_path(self.buffer)
+        self.slot_info: dict[int, dict[str, Any]] = {
+            slot: {"slot": slot, "state": "free"} for slot in range(config.num_threads)
+        }
+        self.started_wall = time.time()
+        self.publish_due = True
+        self.published_at = 0.0
         self.db: pw.Database | None = None
         self.recorder: Recorder | None = None
         self.closing = False
@@ -214,7 +238,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
-            self.db = dbm.connect(self.cfg)
+            self.db = dbm.connect(self.cfg, daemon=True)
             dbm.create_schema(self.db)
             self.recorder = Recorder(self.db, self.cfg.name)
             if self.install_signals:
@@ -242,10 +266,11 @@ class Pipeline:
                 len(self.ready) + len(self.tracker),
             )
             self.announced = True
+            self._publish(time.monotonic(), force=True)
             sdnotify.notify("READY=1", f"STATUS=watching {self.buffer}")
             return self._loop()
         except dbm.errors() as exc:
-            raise dbm.DatabaseFailure(dbm.describe_error(exc)) from exc
+            raise dbm.failure(exc) from exc
         finally:
             self._shutdown()
 
@@ -320,11 +345,39 @@ class Pipeline:
             self._dispatch(now)
             if self.on_progress is not None:
                 self.on_progress(self)
+            self._publish(now)
             if self.on_written is not None and self._rec().writes:
                 written, self.on_written = self.on_written, None
                 written()
             if self.once and self._idle():
                 return Outcome.DRAINED if not self._undelivered() else Outcome.INCOMPLETE
+
+    def _publish(self, now: float, *, force: bool = False) -> None:
+        """The daemon's state for ``hdfmgr status``: on a change (at most once a second) and
+        every 10 s as a heartbeat (its age tells a loop that is blocked)."""
+        if not force and now - self.published_at < (1.0 if self.publish_due else 10.0):
+            return
+        self.publish_due = False
+        self.published_at = now
+        publish(
+            self.state_path,
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "source": self.cfg.name,
+                "buffer": self.buffer,
+                "config": os.fspath(self.cfg.path),
+                "started_at": self.started_wall,
+                "updated_at": time.time(),
+                "breaker": self.breaker.state.value,
+                "waiting": len(self.ready) + len(self.tracker),
+                "slots": [self.slot_info[slot] for slot in sorted(self.slot_info)],
+            },
+        )
+
+    def _slot(self, slot: int, state: str, **details: Any) -> None:
+        self.slot_info[slot] = {"slot": slot, "state": state, **details}
+        self.publish_due = True
 
     def _wait_time(self, now: float) -> float:
         deadlines = [self.next_scan, now + 1.0]
@@ -333,6 +386,8 @@ class Pipeline:
             deadlines.append(due)
         if self.retry_heap and not self.once:
             deadlines.append(self.retry_heap[0][0])
+        if self.group_heap:
+            deadlines.append(self.group_heap[0][0])
         if self.breaker.state.value == "open":
             deadlines.append(self.breaker.probe_at)
         return max(0.0, min(deadlines) - now)
@@ -378,11 +433,11 @@ class Pipeline:
 
     def waiting(self) -> tuple[int, int]:
         """Files (and bytes) known and not yet delivered, plus those still settling."""
-        pending = [k for k in self.known.values() if k.state != COMMITTED_STATE]
+        pending = [k for k in self.known.values() if k.state not in (COMMITTED_STATE, QUARANTINED_STATE)]
         return len(pending) + len(self.tracker), sum(k.size for k in pending)
 
     def _undelivered(self) -> list[str]:
-        return [rel for rel, k in self.known.items() if k.state != COMMITTED_STATE]
+        return [rel for rel, k in self.known.items() if k.state not in (COMMITTED_STATE, QUARANTINED_STATE)]
 
     def _drain_and_stop(self) -> Outcome:
         sdnotify.notify("STOPPING=1")
@@ -488,6 +543,9 @@ class Pipeline:
         ]
         if vanished:
             self._mark_vanished(vanished)
+        for rel, k in unseen:
+            if k.state == QUARANTINED_STATE:
+                del self.known[rel]  # gone from the buffer: no scan can register it again
         # Still in the buffer: moved to holding. Gone from it: recorded as done, with the reason.
         delivered += [rel for rel, k in unseen if k.state == COMMITTED_STATE]
         if delivered:
@@ -639,6 +697,11 @@ class Pipeline:
                 # is done; the new content is a new version.
                 self._retire(rel, known, "replaced in the buffer by a new version after delivery")
                 new.append((rel, snap))
+            elif known.state == QUARANTINED_STATE:
+                # Replaced by the operator (or the camera): the quarantined row stays as it
+                # was, the new content is a new version.
+                del self.known[rel]
+                new.append((rel, snap))
             else:
                 changed.append((rel, snap, known))
         rec = self._rec()
@@ -666,6 +729,8 @@ class Pipeline:
         self.ready.add(Candidate(rel, known.size, known.since))
 
     def _release_retries(self, now: float) -> None:
+        while self.group_heap and self.group_heap[0][0] <= now:
+            self.due_groups.append(heapq.heappop(self.group_heap)[1])
         while self.retry_heap and (self.retry_heap[0][0] <= now or self.once):
             _, rel = heapq.heappop(self.retry_heap)
             known = self.known.get(rel)
@@ -680,12 +745,19 @@ class Pipeline:
     def _dispatch(self, now: float) -> None:
         while (
             self.free_slots
-            and len(self.ready)
+            and (len(self.ready) or self.due_groups)
             and self.breaker.allows_dispatch()
             and not self.stop_event.is_set()
         ):
             if not self.buffer_present or self.preparing:
                 return
+            # Groups retried whole and new batches take turns: files that keep failing never
+            # starve the ones not yet tried, and a retried group never waits behind a backlog.
+            if self.due_groups and (self.group_turn or not len(self.ready)):
+                self.group_turn = False
+                self._dispatch_group(now)
+                continue
+            self.group_turn = True
             batch = self.ready.take_batch(
                 chunk_size=self.cfg.chunk_size,
                 budget=self.budget,
@@ -694,28 +766,48 @@ class Pipeline:
                 max_bytes=BATCH_BYTES,
                 slots=len(self.free_slots),  # a visit goes over every free stream
             )
-            files: list[StagedFile] = []
-            snaps: dict[str, Snapshot] = {}
-            for item in batch:
-                known = self.known.get(item.rel)
-                if known is None:
-                    continue
-                snap = snapshot(os.path.join(self.buffer, item.rel))
-                if snap is None or not known.matches(snap):
-                    # Changed or gone since it settled: let it settle again (or vanish).
-                    if snap is not None:
-                        self.tracker.note(item.rel, Evidence.SEEN, now, snap)
-                    continue
-                files.append(StagedFile(item.rel, os.path.join(self.buffer, item.rel), known.size))
-                snaps[item.rel] = snap
-            if not files:
-                continue
-            stored = self._rec().checksums([self.known[f.rel].id for f in files if self.known[f.rel].hashed])
-            if stored:
-                files = [StagedFile(f.rel, f.path, f.size, stored.get(self.known[f.rel].id)) for f in files]
-            self._start_batch(files, snaps)
+            files, snaps = self._stage([item.rel for item in batch], now)
+            if files:
+                self._start_batch(files, snaps)
 
-    def _start_batch(self, files: list[StagedFile], snaps: dict[str, Snapshot]) -> None:
+    def _dispatch_group(self, now: float) -> None:
+        group_id = self.due_groups.popleft()
+        group = self.groups[group_id]
+        known = self.known
+        rels = [rel for rel in group.rels if rel in known and known[rel].state == FAILED_STATE]
+        files, snaps = self._stage(rels, now)
+        if not files:
+            del self.groups[group_id]
+            return
+        group.rels = [f.rel for f in files]
+        self._start_batch(files, snaps, group=group_id)
+
+    def _stage(self, rels: list[str], now: float) -> tuple[list[StagedFile], dict[str, Snapshot]]:
+        """The files of a batch that are still the version registered (others settle again)."""
+        files: list[StagedFile] = []
+        snaps: dict[str, Snapshot] = {}
+        for rel in rels:
+            known = self.known.get(rel)
+            if known is None:
+                continue
+            snap = snapshot(os.path.join(self.buffer, rel))
+            if snap is None or not known.matches(snap):
+                # Changed or gone since it settled: let it settle again (or vanish).
+                if snap is not None:
+                    self.tracker.note(rel, Evidence.SEEN, now, snap)
+                continue
+            files.append(StagedFile(rel, os.path.join(self.buffer, rel), known.size))
+            snaps[rel] = snap
+        if not files:
+            return files, snaps
+        stored = self._rec().checksums([self.known[f.rel].id for f in files if self.known[f.rel].hashed])
+        if stored:
+            files = [StagedFile(f.rel, f.path, f.size, stored.get(self.known[f.rel].id)) for f in files]
+        return files, snaps
+
+    def _start_batch(
+        self, files: list[StagedFile], snaps: dict[str, Snapshot], *, group: int | None = None
+    ) -> None:
         slot = self.free_slots.pop()
         staging_dir = self.endpoint.slot_dir(slot)
         ids = [self.known[f.rel].id for f in files]
@@ -734,6 +826,20 @@ class Pipeline:
             prepare=dirty or not self.slot_ready.get(slot, False),
             clean=dirty,
             pin_dir=slot_dir(self.pins, slot),
+        )
+        if group is not None:
+            self.batch_group[batch_id] = group
+        wall = time.time()
+        nbytes = sum(f.size for f in files)
+        self._slot(
+            slot,
+            "transfer",
+            batch=batch_id,
+            files=len(files),
+            bytes=nbytes,
+            since=wall,
+            # prepare, transfer and commit each within their deadline
+            due=wall + self.cfg.deadline(nbytes) + 2 * self.cfg.timeout,
         )
         self.inflight[batch_id] = self.executor.submit(self._deliver, job)
 
@@ -765,6 +871,18 @@ class Pipeline:
         )
         for rel in rels:
             self.known[rel].state = State.COMMITTING.value
+        wall = time.time()
+        info = self.slot_info.get(job.slot, {})
+        checked = sum(self.known[rel].size for rel in rels) if self.cfg.verify == "checksum" else 0
+        self._slot(
+            job.slot,
+            "committing",
+            batch=job.id,
+            files=info.get("files", len(rels)),
+            bytes=info.get("bytes", 0),
+            since=wall,
+            due=wall + self.cfg.deadline(checked),
+        )
         ack.set()
 
     def _new_checksums(self, checksums: dict[str, str]) -> list[tuple[int, str]]:
@@ -784,8 +902,18 @@ class Pipeline:
             # Its slot directory is the evidence of what the lost commit did: out of use
             # until the listing (see _recover_committing), then cleaned.
             self.suspended_slots[job.staging_dir] = job.slot
+            self._slot(
+                job.slot,
+                "suspended",
+                batch=job.id,
+                files=len(report.unknown),
+                since=time.time(),
+                reason=f"commit reply lost ({report.error}); out of use until a listing of its "
+                "staging directory tells what the commit did",
+            )
         else:
             self.free_slots.append(job.slot)
+            self._slot(job.slot, "free")
         self.slot_dirty[job.slot] = not report.slot_clean
         if report.prepare is not None and report.prepare.ok:
             self.slot_ready[job.slot] = True
@@ -795,37 +923,52 @@ class Pipeline:
         delivered = set(committed)
         unknown = set(report.unknown)
         failed = [f for f in job.files if f.rel not in delivered and f.rel not in unknown]
-        failures = []
+        failures: list[Failure] = []
         quarantined: list[tuple[str, str]] = []
+        unpinned: list[str] = []  # failed for a reason that names no file
         for f in failed:
             known = self.known[f.rel]
             outcome, error = report.outcomes.get(f.rel, ("failed", None))
             error_class = report.error_class or ErrorClass.REMOTE
+            message = error or report.error or "failed"
+            if outcome == UNREADABLE:
+                # The file's own fault, and it was left out of the transfer: at once.
+                failures.append(Failure(known.id, outcome, message, ErrorClass.LOCAL, wall, True))
+                quarantined.append((f.rel, message))
+                continue
             if outcome == CHANGED:
                 error_class, delay = ErrorClass.LOCAL, 0.0
-            else:
-                if outcome == UNVERIFIED:
-                    error_class = ErrorClass.VERIFICATION
+            elif outcome == UNVERIFIED:
+                error_class = ErrorClass.VERIFICATION
                 delay = backoff(
                     known.attempts,
                     initial=self.cfg.retry_initial,
                     maximum=self.cfg.retry_max,
                     jitter=self.rng.random(),
                 )
-            # A file that keeps failing for reasons of its own needs an operator; transport
-            # failures never quarantine (the breaker waits for the endpoint instead).
-            stuck = error_class in (ErrorClass.VERIFICATION, ErrorClass.LOCAL) and outcome != CHANGED
-            quarantine = stuck and known.attempts >= self.cfg.quarantine_after
-            message = error or report.error or "failed"
+            elif not self.once:
+                unpinned.append(f.rel)
+                continue
+            else:
+                delay = 0.0  # a rescan does not retry; the next run does
+            # A file that keeps failing verification needs an operator.
+            quarantine = (
+                error_class == ErrorClass.VERIFICATION and known.attempts >= self.cfg.quarantine_after
+            )
             failures.append(Failure(known.id, outcome, message, error_class, wall + delay, quarantine))
             if quarantine:
                 quarantined.append((f.rel, message))
                 continue
-            known.state = State.FAILED.value
+            known.state = FAILED_STATE
             if outcome == CHANGED:
                 self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
             else:
                 heapq.heappush(self.retry_heap, (now + delay, f.rel))
+        group_id = self.batch_group.pop(job.id, None)
+        group = self.groups.pop(group_id, None) if group_id is not None else None
+        self.health.record(not unpinned and not unknown, first_try=group is None)
+        if unpinned:
+            self._retry_together(report, group, unpinned, failures, quarantined, now, wall)
         held = report.held
         self._rec().finish_batch(
             report,
@@ -854,11 +997,13 @@ class Pipeline:
         size = sum(self.known[rel].size for rel in committed)
         self._after_hold(report)
         for rel, message in quarantined:
+            known = self.known[rel]
+            known.state = QUARANTINED_STATE
             log.error(
                 "%r quarantined after %d attempts (%s); it stays in the buffer: fix the cause, "
                 "then run 'hdfmgr retry'",
                 rel,
-                self.known.pop(rel).attempts,
+                known.attempts,
                 message,
             )
         self.counters.batches += 1
@@ -896,6 +1041,76 @@ class Pipeline:
             self._endpoint_back()
         if self.on_breaker is not None:
             self.on_breaker(self.cfg.name, self.breaker.state.value)
+
+    def _retry_together(
+        self,
+        report: BatchReport,
+        group: RetryGroup | None,
+        rels: list[str],
+        failures: list[Failure],
+        quarantined: list[tuple[str, str]],
+        now: float,
+        wall: float,
+    ) -> None:
+        """Files a batch failed for a reason that names none of them (the tool's exit status,
+        ssh's 255, a timeout): retried together on the endpoint's backoff, split only when
+        the link no longer explains their failures, pinned once one fails on its own."""
+        if group is None:
+            group = RetryGroup(rels, successes_at_start=self.health.successes)
+        else:
+            group.rels = rels
+        error_class = report.error_class or ErrorClass.REMOTE
+        message = report.error or "failed"
+        delay = self.health.delay(
+            initial=self.cfg.retry_initial, maximum=self.cfg.retry_max, jitter=self.rng.random()
+        )
+        for piece in after_failure(group, self.health):
+            wait = delay
+            why = message
+            quarantine = False
+            if piece is group and pinned(piece, self.health):  # failed alone, not just split
+                rel = piece.rels[0]
+                known = self.known[rel]
+                why = self._alone(rel, known, piece, error_class, message)
+                # Its own backoff from now on; a tool that fails on this one file needs an
+                # operator. A link that is too slow for it does not: it is only reported.
+                wait = backoff(
+                    known.attempts,
+                    initial=self.cfg.retry_initial,
+                    maximum=self.cfg.retry_max,
+                    jitter=self.rng.random(),
+                )
+                quarantine = error_class == ErrorClass.REMOTE and known.attempts >= self.cfg.quarantine_after
+            for rel in piece.rels:
+                known = self.known[rel]
+                failures.append(Failure(known.id, "failed", why, error_class, wall + wait, quarantine))
+                if quarantine:
+                    quarantined.append((rel, why))
+                else:
+                    known.state = FAILED_STATE
+            if not quarantine:
+                self.group_ids += 1
+                self.groups[self.group_ids] = piece
+                heapq.heappush(self.group_heap, (now + wait, self.group_ids))
+
+    def _alone(self, rel: str, known: Known, group: RetryGroup, error_class: str, message: str) -> str:
+        """The reason recorded for a file that fails on its own; said once in the log."""
+        if error_class == ErrorClass.TIMEOUT:
+            why = (
+                f"times out on its own ({group.failures} times in a row while other batches got "
+                f"through; its deadline is {self.cfg.deadline(known.size):.0f} s for "
+                f"{known.size / 1e6:.1f} MB: raise general.timeout or lower general.min_rate): {message}"
+            )
+        else:
+            why = (
+                f"fails on its own ({group.failures} times in a row, alone, while other batches "
+                f"got through): {message}"
+            )
+        key = f"alone:{rel}"
+        if key not in self.warned:
+            self.warned.add(key)
+            log.error("%r %s", rel, why)
+        return why
 
     def _after_hold(self, report: BatchReport) -> None:
         """What the worker did with the delivered files: held, changed, left to a writer, or
@@ -943,6 +1158,8 @@ class Pipeline:
         now = time.monotonic()
         self.retry_heap = [(min(due, now), rel) for due, rel in self.retry_heap]
         heapq.heapify(self.retry_heap)
+        self.group_heap = [(min(due, now), group) for due, group in self.group_heap]
+        heapq.heapify(self.group_heap)
         self.next_recovery = min(self.next_recovery, now)  # and staging is listed at once
 
     def _hold_committed(self, rels: list[str], *, proven: bool = False) -> None:
@@ -1013,6 +1230,11 @@ class Pipeline:
             elif state == failed:
                 retry_heap.append((now + max(0.0, row.next_try - wall), rel))
         heapq.heapify(retry_heap)
+        for row in self._rec().quarantined():
+            if row.rel not in known_files:
+                known_files[row.rel] = Known(
+                    row.id, row.size, row.mtime_ns, row.inode, QUARANTINED_STATE, row.attempts, row.hashed
+                )
 
     def _recover(self) -> None:
         """Reconcile files that were in flight when the last run ended.
@@ -1022,7 +1244,7 @@ class Pipeline:
         slot directory means moved (committed, never send again). If the endpoint cannot be
         asked, those files wait, untouched, until it can.
         """
-        self._rec().close_interrupted_batches(time.time())
+        self._rec().close_interrupted_batches(time.time(), keep=self._committing_batches)
         self._clean_holding_copies()
         staging = [rel for rel, k in self.known.items() if k.state == State.STAGING.value]
         if staging:
@@ -1088,6 +1310,13 @@ class Pipeline:
                 jitter=self.rng.random(),
             )
             self.next_recovery = time.monotonic() + delay
+            for slot in self.suspended_slots.values():
+                info = self.slot_info[slot]
+                info["reason"] = (
+                    f"commit reply lost; {self.listing_failures} listing(s) of its staging "
+                    f"directory failed ({result.describe()}), next in {delay:.0f} s"
+                )
+                self.publish_due = True
             log.log(
                 logging.WARNING if self.listing_failures == 1 else logging.DEBUG,
                 "cannot check staging for %d file(s) whose commit may have run (%s); will retry",
@@ -1098,17 +1327,24 @@ class Pipeline:
         self.listing_failures = 0
         resend: list[str] = []
         moved: list[str] = []
+        by_batch: dict[int, tuple[list[int], list[int]]] = {}
         for staging_dir in dirs:
             names = present.get(staging_dir)
-            for rel, _batch in self.unrecovered.pop(staging_dir, []):
+            for rel, batch in self.unrecovered.pop(staging_dir, []):
+                outcome = by_batch.setdefault(batch, ([], []))
                 if names is not None and os.path.basename(rel) not in names:
                     moved.append(rel)
+                    outcome[0].append(self.known[rel].id)
                 else:
                     resend.append(rel)
+                    outcome[1].append(self.known[rel].id)
             slot = self.suspended_slots.pop(staging_dir, None)
             if slot is not None:
                 self.slot_dirty[slot] = True
                 self.free_slots.append(slot)
+                self._slot(slot, "free")
+        # The batches and attempts learn what the listing proved (a restart left them running).
+        self._rec().close_listed_batches(by_batch, time.time())
         if resend:
             self._set_state(resend, State.READY, error="interrupted before the move; sending again")
             for rel in resend:

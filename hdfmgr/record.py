@@ -72,6 +72,13 @@ class Recorder:
         source, so that a start-up after months of operation read the whole history (0.18 s
         for 2,000 active rows among 1,000,000).
         """
+        yield from self._rows(RESUMED_STATES)
+
+    def quarantined(self) -> Iterator[ActiveRow]:
+        """Quarantined rows: tombstones, so that a restart does not register them again."""
+        yield from self._rows((State.QUARANTINED.value,))
+
+    def _rows(self, states: Sequence[str]) -> Iterator[ActiveRow]:
         columns = (
             FileRecord.id,
             FileRecord.relpath,
@@ -84,7 +91,7 @@ class Recorder:
             FileRecord.next_try,
             FileRecord.last_batch,
         )
-        for state in RESUMED_STATES:
+        for state in states:
             query = (
                 FileRecord.select(*columns)
                 .where((FileRecord.source == self.source) & (FileRecord.state == state))
@@ -103,13 +110,56 @@ class Recorder:
             if row.state == State.READY.value:
                 yield row
 
-    def close_interrupted_batches(self, wall: float) -> int:
-        """Batches a killed run left 'running' (their files are reconciled separately)."""
-        return (
-            TransferBatch.update(status="interrupted", finished_at=wall)
-            .where((TransferBatch.source == self.source) & (TransferBatch.status == "running"))
-            .execute()
-        )
+    def close_interrupted_batches(self, wall: float, keep: Iterable[int] = ()) -> int:
+        """Batches a killed run left 'running', and their attempts: interrupted.
+
+        Not those in ``keep``: their commit may have run, and a listing of their staging
+        directory will tell (:meth:`close_listed_batches`).
+        """
+        keep = list(keep)
+        running = (TransferBatch.source == self.source) & (TransferBatch.status == "running")
+        if keep:
+            running &= TransferBatch.id.not_in(keep)
+        with self._transaction():
+            ids = [row_id for (row_id,) in TransferBatch.select(TransferBatch.id).where(running).tuples()]
+            for chunk in _chunks(ids, CHUNK):
+                Attempt.update(outcome="interrupted", error="the daemon stopped during this batch").where(
+                    Attempt.batch.in_(chunk) & (Attempt.outcome == "running")
+                ).execute()
+                TransferBatch.update(status="interrupted", finished_at=wall).where(
+                    TransferBatch.id.in_(chunk)
+                ).execute()
+        return len(ids)
+
+    def close_listed_batches(self, outcomes: dict[int, tuple[list[int], list[int]]], wall: float) -> None:
+        """What a listing of staging proved about batches whose commit reply was lost (or
+        that a restart found committing): per batch, the files moved into the endpoint buffer
+        and the files still to send. A batch a restart left running is closed here."""
+        if not outcomes:
+            return
+        with self._transaction():
+            for batch_id, (moved, resend) in outcomes.items():
+                open_outcomes = Attempt.outcome.in_(["running", "unknown"])
+                for ids, outcome in ((moved, "committed"), (resend, "interrupted")):
+                    if ids:
+                        Attempt.update(outcome=outcome).where(
+                            (Attempt.batch == batch_id) & Attempt.file.in_(ids) & open_outcomes
+                        ).execute()
+                batch = TransferBatch.get_or_none(TransferBatch.id == batch_id)
+                if batch is None:
+                    continue
+                committed = batch.committed + len(moved)
+                if batch.status == "running":
+                    status = "committed" if not resend else ("partial" if committed else "interrupted")
+                    batch.finished_at = wall
+                    # Its files that never reached the commit were sent again from the start.
+                    Attempt.update(outcome="interrupted", error="the daemon stopped during this batch").where(
+                        (Attempt.batch == batch_id) & (Attempt.outcome == "running")
+                    ).execute()
+                else:
+                    status = "partial" if committed and batch.status == "failed" else batch.status
+                batch.status, batch.committed = status, committed
+                batch.save()
 
     def checksums(self, ids: Sequence[int]) -> dict[int, str]:
         """Stored BLAKE2b of the given rows (a file version is hashed once, then read back)."""

@@ -70,8 +70,32 @@ def summary(
             }
             for name in sources()
         ]
+    info["oldest"] = oldest(source, now=now)
     info["recent_failures"] = recent_failures(source, limit=failures)
     return info
+
+
+#: States whose oldest file ``status`` shows (held is history, not a state anything sits in).
+AGED_STATES = (*WAITING, State.COMMITTED.value, State.QUARANTINED.value)
+
+
+def oldest(source: str | None, *, now: float) -> dict[str, float]:
+    """Age in seconds of the oldest file (by detection) in each state that has any: one seek
+    of the (source, state, detected_at) index per state and source."""
+    ages: dict[str, float] = {}
+    for name in [source] if source is not None else sources():
+        for state in AGED_STATES:
+            row = (
+                FileRecord.select(FileRecord.detected_at)
+                .where((FileRecord.source == name) & (FileRecord.state == state))
+                .order_by(FileRecord.detected_at)
+                .limit(1)
+                .tuples()
+                .first()
+            )
+            if row is not None:
+                ages[state] = max(ages.get(state, 0.0), round(now - row[0], 1))
+    return ages
 
 
 def _scoped(query: pw.ModelSelect, source: str | None, model: type[pw.Model] = FileRecord) -> pw.ModelSelect:
@@ -238,6 +262,11 @@ def render(info: dict[str, Any]) -> str:
         per_s = f"{t['files_per_s']:.2f} files/s, {t['mb_per_s']:.2f} MB/s"
         rates.append(f"{window} {t['files']} files ({per_s})")
     lines.append("rate:     " + "; ".join(rates))
+    if info.get("oldest"):
+        ages = [f"{state} {states[state]} (oldest {_age(age)})" for state, age in info["oldest"].items()]
+        lines.append("oldest:   " + "  ".join(ages))
+    if "daemon" in info:
+        lines.extend(_daemon(info["daemon"], info["generated_at"]))
     if "breaker" in info:
         lines.append("endpoint: " + _breaker(info["breaker"]))
     for src in info.get("sources", []):
@@ -256,6 +285,42 @@ def render(info: dict[str, Any]) -> str:
                 f"[{f['error_class']}{code}]: {f['stderr']}"
             )
     return "\n".join(lines)
+
+
+def _daemon(daemon: dict[str, Any] | None, now: float) -> list[str]:
+    """The running daemon as it publishes itself (hdfmgr/lock.py), and its slots."""
+    if daemon is None:
+        return ["daemon:   not running (no hdfmgr holds this buffer's lock)"]
+    line = f"daemon:   running, pid {daemon['pid']}"
+    if "started_at" in daemon:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(daemon["started_at"]))
+        line += f" since {since} ({_age(now - daemon['started_at'])}), version {daemon.get('version', '?')}"
+    if daemon.get("breaker") not in (None, "closed"):
+        line += f"; circuit breaker {daemon['breaker']}"
+    if "updated_at" in daemon:
+        line += f"; state published {_age(max(0.0, now - daemon['updated_at']))} ago"
+    lines = [line]
+    slots = daemon.get("slots", [])
+    if slots:
+        count: dict[str, int] = {}
+        for slot in slots:
+            count[slot["state"]] = count.get(slot["state"], 0) + 1
+        lines.append("slots:    " + ", ".join(f"{n} {state}" for state, n in sorted(count.items())))
+    for slot in slots:
+        if slot["state"] == "free":
+            continue
+        text = f"  slot {slot['slot']}: {slot['state']}"
+        if slot.get("batch") is not None:
+            mb = slot.get("bytes", 0) / 1e6
+            text += f" batch {slot['batch']} ({slot['files']} file(s), {mb:.1f} MB)"
+        if slot.get("since") is not None:
+            text += f" for {_age(max(0.0, now - slot['since']))}"
+        if slot.get("due") is not None and now > slot["due"]:
+            text += f", STUCK: past its deadline by {_age(now - slot['due'])}"
+        if slot.get("reason"):
+            text += f": {slot['reason']}"
+        lines.append(text)
+    return lines
 
 
 def _backlog(b: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from . import sdnotify
-from .db import DatabaseFailure
+from .db import DatabaseFailure, DatabaseUnresponsive
 from .pipeline import Outcome, Pipeline
 
 log = logging.getLogger("hdfmgr")
@@ -57,10 +57,11 @@ def watch(
                 # A new episode: none yet, or the last restart had written before failing again.
                 failing_since = time.monotonic()
                 pause = initial
+                how = "did not answer in time" if isinstance(exc, DatabaseUnresponsive) else "failed"
                 log.error(
-                    "database %s failed: %s; delivery paused (files in flight resume from the "
-                    "records), retrying",
+                    "database %s %s: %s; delivery paused (files in flight resume from the records), retrying",
                     location,
+                    how,
                     exc,
                 )
             else:

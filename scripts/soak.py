@@ -16,8 +16,9 @@ received).
 
 A consumer ingests and removes each file the instant it appears, as the endpoint manager does,
 checking every byte. Faults, at random moments: kill -9 of the daemon's whole session (then a
-restart), outages of random length, dropped replies or connections, and a staged copy that
-arrives corrupt.
+restart), outages of random length, dropped replies or connections, a staged copy that
+arrives corrupt, and (local endpoint) a flaky link: for a while, 2 of every 3 transfer calls
+fail as a dropped connection does (exit 255), the link's fault and never the files'.
 """
 
 from __future__ import annotations
@@ -82,11 +83,18 @@ class LocalEndpoint:
         self.down = root / "endpoint-down"
         self.drop = root / "drop-next-commit-reply"
         self.corrupt = root / "corrupt-next-copy"
+        self.flaky_flag = root / "link-flaky"
+        self.calls = root / "flaky-calls"
+        self.calls.write_text("0")
         wrapper = root / "endpoint-cmd"
         wrapper.write_text(
             "#!/bin/sh\n"
             f"if [ -e {self.down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
             "exit 255; fi\n"
+            # A flaky link: 2 of every 3 transfer calls fail (counted under a lock).
+            f'if [ "$1" != --remote ] && [ -e {self.flaky_flag} ]; then exec 9>>{self.calls}.lock; flock 9\n'
+            f"  n=$(($(cat {self.calls}) + 1)); echo $n > {self.calls}; flock -u 9; exec 9>&-\n"
+            '  if [ $((n % 3)) -ne 0 ]; then echo "connection reset by peer" >&2; exit 255; fi; fi\n'
             # An outage that begins while a remote command runs drops its reply: the script did
             # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
             f'if [ "$1" = --remote ] && [ -e {self.drop} ] && echo "$2" | grep -q "comm -z"; then\n'
@@ -117,6 +125,17 @@ class LocalEndpoint:
 
     def go_down(self) -> None:
         self.down.touch()
+
+    def flaky(self, on: bool) -> bool:
+        """A link that drops 2 of every 3 transfer calls while ``on``."""
+        if on:
+            self.flaky_flag.touch()
+        else:
+            self.flaky_flag.unlink(missing_ok=True)
+        return True
+
+    def flaky_calls(self) -> int:
+        return int(self.calls.read_text() or 0)
 
     def come_back(self) -> None:
         self.down.unlink()
@@ -163,6 +182,12 @@ class SshEndpoint:
 
     def go_down(self) -> None:
         self.server.stop()  # the shared master's connection goes with it
+
+    def flaky(self, on: bool) -> bool:
+        return False  # not played over a real sshd
+
+    def flaky_calls(self) -> int:
+        return 0
 
     def come_back(self) -> None:
         self.server = restart_sshd(self.server)
@@ -224,10 +249,25 @@ def soak(
     flow.start()
     try:
         deadline = time.monotonic() + args.minutes * 60
-        kills = outages = drops = corruptions = 0
-        outage_seconds = 0.0
+        kills = outages = drops = corruptions = flaky_phases = 0
+        outage_seconds = flaky_seconds = 0.0
         events: list[str] = []
         fault_rng = random.Random(args.seed + 1)
+
+        def flaky_phase(length: float) -> None:
+            nonlocal flaky_phases, flaky_seconds
+            flaky_phases += 1
+            flaky_seconds += length
+            before = endpoint.flaky_calls()
+            events.append(f"{time.strftime('%H:%M:%S')} flaky link {length:.0f} s")
+            stop.wait(length)
+            endpoint.flaky(False)
+            events[-1] += f" ({endpoint.flaky_calls() - before} transfer calls, 2 in 3 failed)"
+
+        # Every soak of the local endpoint starts with a flaky link (a quarter of the run, at
+        # most a minute): the flow must go on, batches whole, nothing pinned on a file.
+        if endpoint.flaky(True):
+            flaky_phase(min(60.0, args.minutes * 15))
         while time.monotonic() < deadline:
             stop.wait(fault_rng.uniform(5, 25))
             if time.monotonic() >= deadline:
@@ -239,6 +279,8 @@ def soak(
             elif roll < 0.25 and (corrupted := endpoint.corrupt_copy()) is not None:
                 corruptions += 1
                 events.append(f"{time.strftime('%H:%M:%S')} {corrupted}")
+            elif roll < 0.4 and endpoint.flaky(True):
+                flaky_phase(fault_rng.uniform(10, 40))
             elif roll < 0.6:
                 daemon.kill()
                 kills += 1
@@ -279,7 +321,9 @@ def soak(
     staged_left = [p for p in left if p not in rejected_left and p not in fences_left]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))
-    lost = site.query("select count(distinct batch_id) from attempts where outcome = 'unknown'")[0][0]
+    lost = site.query("select count(distinct batch_id) from attempts where error like 'commit reply lost%'")[
+        0
+    ][0]
     result = {
         "endpoint": "ssh" if args.ssh else "local",
         "minutes": args.minutes,
@@ -288,6 +332,12 @@ def soak(
         "kills": kills,
         "outages": outages,
         "outage_seconds": round(outage_seconds, 1),
+        "flaky_link_phases": flaky_phases,
+        "flaky_link_seconds": round(flaky_seconds, 1),
+        "flaky_transfer_calls": endpoint.flaky_calls(),
+        "files_pinned_on_their_own": site.query(
+            "select count(*) from files where last_error like '%on its own%'"
+        )[0][0],
         "delivered_unique": len(counts),
         "duplicates": len(duplicates),
         "missing": len(missing),
@@ -309,7 +359,8 @@ def soak(
         "workdir": str(root),
     }
     ok = (
-        not duplicates
+        not result["files_pinned_on_their_own"]
+        and not duplicates
         and not missing
         and not consumer.bad
         and result["held_byte_identical"]

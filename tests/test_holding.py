@@ -203,18 +203,29 @@ def test_prune_does_not_follow_directory_links(tmp_path: Path) -> None:
 
 
 def test_prune_nested_empty_directories(tmp_path: Path) -> None:
-    """A leaf goes first; its parent, just emptied, is young again and waits for a later pass."""
-    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
-    for p in [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"]:
+    """A whole emptied dated tree goes in one pass: removing a child refreshes its parent's
+    mtime, but hdfmgr's own removal does not make the parent young."""
+    (tmp_path / "night" / "raw" / "exposure").mkdir(parents=True)
+    (tmp_path / "night" / "raw" / "other").mkdir()
+    for p in [
+        tmp_path / "night" / "raw" / "exposure",
+        tmp_path / "night" / "raw" / "other",
+        tmp_path / "night" / "raw",
+        tmp_path / "night",
+    ]:
         age(p, 3600)
-    assert prune_empty_dirs(str(tmp_path), older_than=600, now=time.time()) == 1
-    assert not (tmp_path / "a" / "b" / "c").exists()
-    assert (tmp_path / "a" / "b").is_dir()
-    # a pass long after removes the rest (each parent is old by then), never the root
-    later = time.time() + 3600
-    assert prune_empty_dirs(str(tmp_path), older_than=600, now=later) == 2
-    assert prune_empty_dirs(str(tmp_path), older_than=600, now=later) == 0
+    assert prune_empty_dirs(str(tmp_path), older_than=600, now=time.time()) == 4
     assert list(tmp_path.iterdir()) == []
+    assert prune_empty_dirs(str(tmp_path), older_than=600, now=time.time()) == 0
+
+
+def test_prune_spares_a_parent_young_in_its_own_right(tmp_path: Path) -> None:
+    """An old empty child goes; a parent that is itself recent (a writer just used it) stays."""
+    (tmp_path / "night" / "old").mkdir(parents=True)
+    age(tmp_path / "night" / "old", 3600)
+    age(tmp_path / "night", 10)
+    assert prune_empty_dirs(str(tmp_path), older_than=600, now=time.time()) == 1
+    assert (tmp_path / "night").is_dir()
 
 
 def test_prune_mixed(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import psycopg2
@@ -122,5 +123,48 @@ def test_a_dropped_connection_pauses_then_delivery_resumes(tmp_path: Path, postg
         assert "writes succeed again" in output and "Traceback" not in output
         committed = pg_rows(url, "select count(*) from attempts where outcome = 'committed'")
         assert committed == [(2,)]
+    finally:
+        postgres.drop_database(name)
+
+
+def test_a_statement_blocked_by_another_session_times_out_and_the_daemon_reconnects(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """PostgreSQL stops answering the daemon (here: a lock another session holds): the
+    statement times out (database.timeout), the supervisor reconnects, SIGTERM is not stuck."""
+    name = postgres.create_database("blocked")
+    url = postgres.url(name)
+    try:
+        site = Site(tmp_path / "site", engine=url)
+        site.configure(name="east", database={"timeout": 2})
+        assert site.hdfmgr("initdb", str(site.config_path)).returncode == 0
+        daemon = site.start()
+        blocker = psycopg2.connect(url)
+        try:
+            site.write("one.fits", b"1")
+            wait_for(lambda: pg_states(url, "east").get("one.fits") == "held", 20, "first delivery")
+            with blocker.cursor() as cur:
+                cur.execute("LOCK TABLE files IN ACCESS EXCLUSIVE MODE")
+            site.write("two.fits", b"2")
+            wait_for(lambda: "delivery paused" in daemon.output(), 20, "the blocked statement to time out")
+            assert "statement timeout" in daemon.output()
+            blocker.rollback()
+            wait_for(lambda: pg_states(url, "east").get("two.fits") == "held", 30, "delivery after")
+            with blocker.cursor() as cur:
+                cur.execute("LOCK TABLE files IN ACCESS EXCLUSIVE MODE")
+            site.write("three.fits", b"3")
+            wait_for(lambda: daemon.output().count("statement timeout") >= 2, 20, "blocked again")
+            t0 = time.monotonic()
+            daemon.stop(timeout=20)
+            assert time.monotonic() - t0 < 10
+        finally:
+            blocker.close()
+            if daemon.proc.poll() is None:
+                daemon.kill()
+        output = daemon.output()
+        # Two episodes, each one line; the class of failure is named.
+        assert output.count("did not answer in time: canceling statement due to statement timeout") == 2
+        assert output.count("delivery paused") == 2, output
+        assert "writes succeed again" in output and "Traceback" not in output
     finally:
         postgres.drop_database(name)

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hdfmgr.retry import BreakerState, CircuitBreaker, backoff
+from hdfmgr.retry import (
+    BreakerState,
+    CircuitBreaker,
+    LinkHealth,
+    RetryGroup,
+    after_failure,
+    backoff,
+    failures_to_isolate,
+    pinned,
+)
 
 INITIAL = 5.0
 MAXIMUM = 600.0
@@ -173,3 +182,81 @@ def test_backoff_restarts_after_recovery() -> None:
     b.record_success()
     b.record_transport_failure(1000.0, jitter=1.0)
     assert b.probe_at == pytest.approx(1000.0 + INITIAL)
+
+
+# ---------------------------------------------------------------------- groups and the link
+
+
+def flaky(health: LinkHealth, pattern: str, times: int = 1) -> None:
+    for _ in range(times):
+        for c in pattern:
+            health.record(c == "+")
+
+
+def test_a_healthy_link_isolates_after_two_failures() -> None:
+    assert failures_to_isolate(0.0) == 2
+    health = LinkHealth()
+    flaky(health, "+", 50)
+    assert failures_to_isolate(health.failure_rate()) == 2
+
+
+def test_a_link_failing_two_calls_in_three_needs_a_dozen() -> None:
+    health = LinkHealth()
+    flaky(health, "--+", 17)
+    assert 10 <= failures_to_isolate(health.failure_rate()) <= 14
+
+
+def test_a_flaky_link_retries_a_group_whole() -> None:
+    """Failures in a row that the link explains never split a group."""
+    health = LinkHealth()
+    flaky(health, "--+", 10)
+    group = RetryGroup([f"f{i}" for i in range(10)], successes_at_start=health.successes)
+    for _ in range(5):
+        health.record(False, first_try=False)
+        (group,) = after_failure(group, health)
+        flaky(health, "+")  # other batches get through meanwhile
+    assert len(group.rels) == 10 and not pinned(group, health)
+
+
+def test_no_split_while_nothing_else_gets_through() -> None:
+    """A dead link after a healthy hour: every try fails, nothing is the files' fault."""
+    health = LinkHealth()
+    flaky(health, "+", 50)
+    group = RetryGroup(["a", "b", "c", "d"], successes_at_start=health.successes)
+    for _ in range(20):
+        health.record(False, first_try=False)
+        (group,) = after_failure(group, health)
+    assert group.rels == ["a", "b", "c", "d"]
+
+
+def test_bisection_pins_the_one_bad_file() -> None:
+    """Repeated failures of the same files while others succeed: split, split again, pinned."""
+    health = LinkHealth()
+    flaky(health, "+", 20)
+    bad = "f5"
+    groups = [RetryGroup([f"f{i}" for i in range(16)], successes_at_start=health.successes)]
+    tries = 0
+    found = None
+    while groups and tries < 100:
+        group = groups.pop(0)
+        tries += 1
+        if bad not in group.rels:
+            health.record(True, first_try=False)  # a clean half gets through
+            continue
+        health.record(False, first_try=False)
+        if pinned(group, health):
+            found = group.rels[0]
+            break
+        groups.extend(after_failure(group, health))
+        flaky(health, "+")  # new files keep arriving and getting through
+    assert found == bad
+    assert tries < 16  # bisection, not one try per file
+
+
+def test_the_link_backoff_grows_with_failures_in_a_row_and_resets() -> None:
+    health = LinkHealth()
+    assert health.delay(initial=1.0, maximum=100.0, jitter=0.999) == pytest.approx(1.0, abs=0.01)
+    flaky(health, "---")
+    assert health.delay(initial=1.0, maximum=100.0, jitter=0.999) == pytest.approx(4.0, abs=0.01)
+    health.record(True)
+    assert health.failures_in_a_row == 0

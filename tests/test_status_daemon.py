@@ -1,0 +1,123 @@
+"""``hdfmgr status`` tells whether a daemon runs and what its slots do; a closed pipe is quiet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.site import Site, slow_mv, wait_for
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(tmp_path / "site")
+
+
+def test_status_shows_the_daemon_and_a_slot_stuck_in_committing(site: Site, tmp_path: Path) -> None:
+    started = tmp_path / "mv-started"
+    shims = slow_mv(tmp_path / "shims", 20, started)
+    site.configure(num_threads=1, timeout=60)
+    assert site.hdfmgr("initdb", str(site.config_path)).returncode == 0
+    before = site.hdfmgr("status", str(site.config_path))
+    assert "daemon:   not running" in before.stdout, before.stdout
+    daemon = site.start(env={"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        site.write("slow.fits", b"s")
+        wait_for(started.exists, 20, "the commit's mv to start")
+        wait_for(lambda: site.states().get("slow.fits") == "committing", 10, "committing recorded")
+
+        def status() -> str | None:
+            result = site.hdfmgr("status", str(site.config_path))
+            assert result.returncode == 0, result.stderr
+            return result.stdout if "committing batch" in result.stdout else None
+
+        text = wait_for(status, 10, "the slot")
+        assert f"daemon:   running, pid {daemon.proc.pid}" in text, text
+        assert "version" in text
+        assert "slot 0: committing batch 1 (1 file" in text, text
+        assert "committing 1 (oldest" in text, text
+        info = json.loads(site.hdfmgr("status", "--json", str(site.config_path)).stdout)
+        assert info["daemon"]["pid"] == daemon.proc.pid
+        assert info["daemon"]["slots"][0]["state"] == "committing"
+        assert info["oldest"]["committing"] >= 0
+    finally:
+        daemon.kill()
+    after = site.hdfmgr("status", str(site.config_path))
+    assert "daemon:   not running" in after.stdout
+
+
+def test_a_closed_pipe_ends_the_output_quietly(site: Site) -> None:
+    """``hdfmgr files ... | head -1``: no traceback, no 'Exception ignored', status 0."""
+    site.write_many({f"f{i:05d}.fits": b"x" for i in range(3000)})
+    assert site.hdfmgr("rescan", str(site.config_path), timeout=120).returncode == 0
+    result = subprocess.run(
+        f"{sys.executable} -m hdfmgr files --limit 3000 {site.config_path} | head -1;"
+        " exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=site.root,
+    )
+    assert result.stderr == ""
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) == 1
+
+
+def test_render_marks_slots_past_their_deadline_and_says_why_one_is_suspended() -> None:
+    now = 1_800_000_000.0
+    info = {
+        "source": "cam1",
+        "generated_at": now,
+        "states": {"ready": 0, "committing": 3},
+        "backlog": {"files": 0, "bytes": 0, "oldest": None, "oldest_age_seconds": None},
+        "last_commit": None,
+        "throughput": {},
+        "oldest": {"committing": 900.0},
+        "recent_failures": [],
+        "daemon": {
+            "pid": 42,
+            "version": "1.0.0",
+            "started_at": now - 7200,
+            "updated_at": now - 1,
+            "breaker": "open",
+            "slots": [
+                {
+                    "slot": 0,
+                    "state": "committing",
+                    "batch": 7,
+                    "files": 3,
+                    "bytes": 3e6,
+                    "since": now - 900,
+                    "due": now - 300,
+                },
+                {
+                    "slot": 1,
+                    "state": "suspended",
+                    "batch": 8,
+                    "files": 2,
+                    "since": now - 60,
+                    "reason": "commit reply lost (exit status 255); out of use until a listing",
+                },
+                {"slot": 2, "state": "free"},
+            ],
+        },
+    }
+    from hdfmgr import status
+
+    text = status.render(info)
+    assert "daemon:   running, pid 42 since" in text and "version 1.0.0" in text
+    assert "circuit breaker open" in text
+    assert "slots:    1 committing, 1 free, 1 suspended" in text
+    assert (
+        "slot 0: committing batch 7 (3 file(s), 3.0 MB) for 15 min, STUCK: past its deadline by 5 min" in text
+    )
+    assert "slot 1: suspended batch 8 (2 file(s), 0.0 MB) for 60 s: commit reply lost" in text
+    assert "slot 2" not in text
+    assert "oldest:   committing 3 (oldest 15 min)" in text

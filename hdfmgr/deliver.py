@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .checksum import blake2b_file
 from .detect import snapshot
-from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .endpoint import COMMIT_STATUS, Endpoint, ErrorClass, StagedFile, classify
 from .holding import HoldError
 from .runner import CommandResult
 from .settle import Snapshot
@@ -30,6 +30,13 @@ COMMITTED = "committed"
 FAILED = "failed"
 UNVERIFIED = "unverified"
 CHANGED = "changed"
+#: Verified, not renamed: an earlier version of it waits in the endpoint buffer.
+WAITING = "waiting"
+
+WAITING_REASON = (
+    "its final name exists in the endpoint buffer (an earlier version not ingested yet); "
+    "never overwritten: sent again, with backoff, once it is gone"
+)
 
 
 @dataclass
@@ -90,6 +97,10 @@ Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
 Holder = Callable[[str], str]
 
 CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
+
+GONE_REASON = "verified, then gone from staging before the move; sending again"
+NOT_MOVED_REASON = "verified but not moved: mkdir or mv failed in the endpoint buffer"
+UNSURE_REASON = "mv failed and the file left staging: outcome unknown; sending again"
 
 #: Files at least this large are hashed outside the turn (see :class:`_Turns`).
 LONG_CALL_BYTES = 1024 * 1024
@@ -209,22 +220,58 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         else:
             report.fail(result, "verify and commit")
         return
-    committed = listing.committed
     mode = endpoint.config.verify
-    for f in to_commit:
-        if f.basename in committed:
-            report.outcomes[f.rel] = (COMMITTED, None)
-        elif f.basename in listing.verified:
-            report.outcomes[f.rel] = (FAILED, "verified but not moved into the endpoint buffer")
-        elif result.ok or listing.verified or listing.remaining:
-            report.outcomes[f.rel] = (UNVERIFIED, f"staged copy failed {mode} verification")
-    if listing.remaining:
+    if listing.aborted is not None:
+        # It stopped before renaming anything: nothing moved, known for certain.
+        status, reason = listing.aborted
+        report.error_class = ErrorClass.ENDPOINT
+        report.error = f"verify and commit: {reason} ({COMMIT_STATUS.get(status, 'exit status')} {status})"
         report.slot_clean = False
-    if not result.ok:
+        for f in to_commit:
+            report.outcomes[f.rel] = (FAILED, report.error)
+        return
+    # Evidence per file: only a reported rename is a delivery.
+    unknown = listing.unreported
+    for f in to_commit:
+        name = f.basename
+        if name in listing.moved:
+            report.outcomes[f.rel] = (COMMITTED, None)
+        elif name not in listing.verified:
+            report.outcomes[f.rel] = (UNVERIFIED, f"staged copy failed {mode} verification")
+        elif name in listing.exists:
+            report.outcomes[f.rel] = (WAITING, WAITING_REASON)
+        elif name in listing.gone:
+            report.outcomes[f.rel] = (
+                FAILED,
+                "verified, then gone from staging before the move; sending again",
+            )
+        elif name in listing.failed:
+            report.outcomes[f.rel] = (
+                FAILED,
+                "verified but not moved: mkdir or mv failed in the endpoint buffer",
+            )
+        elif name in listing.unsure:
+            # mv failed for its group and it left staging, yet is not in the endpoint buffer:
+            # vanished or ingested at once. Sending again risks a duplicate, never a loss.
+            report.outcomes[f.rel] = (
+                FAILED,
+                "mv failed and the file left staging: outcome unknown; sending again",
+            )
+        elif name in unknown:
+            report.unknown.append(f.rel)
+    if len(listing.moved) < len(to_commit):
+        report.slot_clean = False
+    if report.unknown:
+        report.error_class, report.error = ErrorClass.REMOTE, "verify and commit: the move step broke off"
+    elif not result.ok:
         report.fail(result, "verify and commit")
     elif any(outcome == UNVERIFIED for outcome, _ in report.outcomes.values()):
         report.error_class = ErrorClass.VERIFICATION
         report.error = f"staged copy failed {mode} verification"
+    elif any(outcome == WAITING for outcome, _ in report.outcomes.values()):
+        report.error_class, report.error = ErrorClass.EXISTS, WAITING_REASON
+    elif any(outcome == FAILED for outcome, _ in report.outcomes.values()):
+        report.error_class, report.error = ErrorClass.REMOTE, "verify and commit: some files were not moved"
 
 
 def _transfer(job: BatchJob, endpoint: Endpoint, report: BatchReport) -> bool:

@@ -33,7 +33,7 @@ from . import sdnotify
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
-from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, BatchJob, BatchReport, deliver
+from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, WAITING, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
 from .endpoint import Endpoint, ErrorClass, StagedFile
 from .holding import HoldError, find_held, hold, prune_empty_dirs
@@ -769,6 +769,8 @@ class Pipeline:
             else:
                 if outcome == UNVERIFIED:
                     error_class = ErrorClass.VERIFICATION
+                elif outcome == WAITING:
+                    error_class = ErrorClass.EXISTS  # never quarantined: it waits for the consumer
                 delay = backoff(
                     known.attempts,
                     initial=self.cfg.retry_initial,
@@ -991,7 +993,7 @@ class Pipeline:
         self.listing = True
         dirs = sorted(self.unrecovered)
         # Every batch whose outcome this listing decides is fenced off: should its commit
-        # script start only now, it must move nothing (endpoint.COMMIT_SCRIPT).
+        # script start only now, it must move nothing (hdfmgr/remote/commit.sh).
         fences = {d: max(batch for _, batch in self.unrecovered[d]) for d in dirs}
 
         def listing(started: Callable[[int], None]) -> tuple[Any, ...]:

@@ -1,0 +1,241 @@
+"""The commit program under hostile conditions, against a LOCAL endpoint.
+
+Each test injects one failure the endpoint can throw at the commit (a full staging
+filesystem, a missing or failing ``b2sum``, a file that vanishes before the rename, a final
+name that already exists, a low argument limit, a ``flock`` that fails) and asserts what
+lands in the endpoint buffer and what the daemon is told. Tools are faked by putting a
+directory first on the remote PATH (the remote template is ``env PATH=... sh -c``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hdfmgr.deliver import COMMITTED, BatchJob, BatchReport, deliver
+from hdfmgr.detect import snapshot
+from hdfmgr.endpoint import StagedFile
+from tests.test_endpoint_script import Site, stage
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def fake_tools(root: Path, tools: dict[str, str], *, hide: tuple[str, ...] = ()) -> Path:
+    """A directory of tools: the system's (minus ``hide``), some replaced by sh scripts."""
+    bin_dir = root / "fakebin"
+    bin_dir.mkdir()
+    if hide:
+        for d in reversed(SYSTEM_PATH.split(":")):
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                if name not in hide and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(d, name))
+    for name, body in tools.items():
+        path = bin_dir / name
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    return bin_dir
+
+
+def faked_site(root: Path, bin_dir: Path, *, verify: str = "size") -> Site:
+    path = str(bin_dir) if (bin_dir / "sh").exists() else f"{bin_dir}:{SYSTEM_PATH}"
+    return Site(root, verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
+
+
+def job_for(site: Site, slot: str, files: list[StagedFile], batch: int = 1) -> BatchJob:
+    snaps = {f.rel: snapshot(f.path) for f in files}
+    return BatchJob(batch, 0, slot, files, snaps, prepare=False, clean=False)  # type: ignore[arg-type]
+
+
+def run_batch(site: Site, slot: str, files: list[StagedFile]) -> BatchReport:
+    """The worker's steps after the transfer (the copies are staged by hand): verify, commit."""
+    endpoint = site.endpoint
+    endpoint.transfer_argvs = lambda files, slot_dir: []  # type: ignore[method-assign]
+    return deliver(job_for(site, slot, files), endpoint, lambda *a: True)
+
+
+def endpoint_files(site: Site) -> dict[str, bytes]:
+    out = {}
+    for p in site.ep_buffer.rglob("*"):
+        if p.is_file():
+            out[str(p.relative_to(site.ep_buffer))] = p.read_bytes()
+    return out
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: the endpoint's staging and buffer, easy to fill."""
+    mnt = tmp_path / "ep"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# --------------------------------------------------------------------------- hole 1
+
+
+def test_hole1_full_staging_and_a_silently_truncated_copy_moves_nothing(
+    tmp_path: Path, small_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging full (no list can be written) and a 100-byte fragment of a 1000-byte file."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(small_fs)
+    slot = site.slot()
+    good = site.local("d/good.fits", b"g" * 500)
+    cut = site.local("d/cut.fits", b"c" * 1000)
+    stage(slot, good.basename, b"g" * 500)
+    stage(slot, cut.basename, b"c" * 100)  # the transfer tool truncated it and said nothing
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    report = run_batch(site, slot, [good, cut])
+    assert "d/cut.fits" not in endpoint_files(site), "an unverified fragment was moved"
+    assert report.outcomes.get("d/cut.fits", ("",))[0] != COMMITTED
+    # Nothing can be listed, so nothing is moved at all, and the daemon is told so.
+    assert endpoint_files(site) == {}
+    assert report.unknown == []
+    assert report.error_class == "endpoint"
+
+
+@pytest.mark.parametrize(
+    "b2sum",
+    [
+        None,  # missing
+        'echo "b2sum: $3: Input/output error" >&2; exit 1',  # EIO
+        "echo \"b2sum: invalid option -- 'z'\" >&2; exit 1",  # without -z (coreutils < 8.26)
+        "exit 0",  # prints nothing at all
+    ],
+    ids=["missing", "eio", "no-z", "silent"],
+)
+def test_hole1_checksum_mode_without_a_working_b2sum_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b2sum: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if b2sum is None:
+        bin_dir = fake_tools(tmp_path, {}, hide=("b2sum",))
+    else:
+        bin_dir = fake_tools(tmp_path, {"b2sum": b2sum})
+    site = faked_site(tmp_path / "site", bin_dir, verify="checksum")
+    slot = site.slot()
+    good = site.local("a.fits", b"good data")
+    bad = site.local("b.fits", b"BAD-data!")
+    stage(slot, good.basename, b"good data")
+    stage(slot, bad.basename, b"bad data!")  # same size, other content
+    report = run_batch(site, slot, [good, bad])
+    assert endpoint_files(site) == {}, "unverified copies were moved"
+    assert report.unknown == []
+    assert report.error_class == "endpoint"
+    assert "b2sum" in (report.error or "")
+
+
+# --------------------------------------------------------------------------- hole 2
+
+
+def test_hole2_a_file_vanished_before_the_rename_is_not_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something deletes one staged copy right before ``mv`` runs: it must be sent again."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = "/usr/bin/mv" if os.path.exists("/usr/bin/mv") else "/bin/mv"
+    bin_dir = fake_tools(tmp_path, {"mv": f'rm -f ./b.fits; exec {real_mv} "$@"'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode() * 10) for n in ("a.fits", "b.fits", "c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode() * 10)
+    report = run_batch(site, slot, files)
+    assert "d/b.fits" not in endpoint_files(site)
+    assert report.outcomes.get("d/b.fits", ("",))[0] != COMMITTED, "a vanished file was recorded delivered"
+    assert "d/b.fits" not in report.unknown  # known not delivered: sent again, not listed
+    # The others were renamed and say so.
+    assert endpoint_files(site) == {"d/a.fits": b"a.fits" * 10, "d/c.fits": b"c.fits" * 10}
+    assert report.committed() == ["d/a.fits", "d/c.fits"]
+
+
+# --------------------------------------------------------------------------- hole 3
+
+
+def test_hole3_an_earlier_version_in_the_endpoint_buffer_is_never_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path)
+    (site.ep_buffer / "d").mkdir()
+    (site.ep_buffer / "d" / "a.fits").write_bytes(b"version 1")  # not ingested yet
+    slot = site.slot()
+    v2 = site.local("d/a.fits", b"version 2!")
+    other = site.local("d/b.fits", b"other")
+    stage(slot, v2.basename, b"version 2!")
+    stage(slot, other.basename, b"other")
+    report = run_batch(site, slot, [v2, other])
+    assert endpoint_files(site) == {"d/a.fits": b"version 1", "d/b.fits": b"other"}
+    assert report.committed() == ["d/b.fits"]
+    outcome, reason = report.outcomes["d/a.fits"]
+    assert outcome != COMMITTED
+    assert "exists" in (reason or "")
+    assert "d/a.fits" not in report.unknown
+
+
+# --------------------------------------------------------------------------- hole 7
+
+
+def test_hole7_a_commit_larger_than_the_endpoints_argument_limit_runs_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's ARG_MAX is 128 KiB (a 256 KiB stack); the batch's names take ~300 KB."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path, remote='prlimit --stack=262144 sh -c "{command}"')
+    slot = site.slot()
+    files = []
+    for i in range(1200):
+        name = f"d/{i:05d}-" + "x" * 240 + ".fits"
+        f = site.local(name, b"%d" % i)
+        stage(slot, f.basename, b"%d" % i)
+        files.append(f)
+    report = run_batch(site, slot, files)
+    assert report.unknown == [], report.error
+    assert len(report.committed()) == 1200
+    assert len(endpoint_files(site)) == 1200
+
+
+# --------------------------------------------------------------------------- hole 8
+
+
+def test_hole8_a_flock_that_fails_on_staging_is_a_clear_error_not_a_lost_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bin_dir = fake_tools(
+        tmp_path, {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'}
+    )
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    f = site.local("a.fits", b"data")
+    stage(slot, f.basename, b"data")
+    report = run_batch(site, slot, [f])
+    assert endpoint_files(site) == {}
+    assert report.unknown == [], "a failing flock was read as a lost reply"
+    assert report.error_class == "endpoint"
+    assert "flock" in (report.error or "")
+
+
+def test_digest_helper_matches_b2sum() -> None:
+    # The fake-tool tests rely on the real b2sum elsewhere; make sure it is the same digest.
+    out = subprocess.run(["b2sum"], input=b"abc", capture_output=True, check=True).stdout
+    assert out.split()[0].decode() == hashlib.blake2b(b"abc").hexdigest()

@@ -196,6 +196,7 @@ def _database_module(config: config_mod.Config) -> ModuleType:
 
 def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .db import DatabaseFailure, database_location
+    from .endpoint import EndpointUnfit
     from .lock import LockBusy
     from .pipeline import Outcome, Pipeline
     from .supervise import watch
@@ -245,6 +246,9 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
             )
             return EX_TEMPFAIL
         return _delegate_rescan(config, busy.pid, wait)
+    except EndpointUnfit as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except DatabaseFailure as exc:
         print(
             f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",

@@ -35,7 +35,7 @@ from .config import Config
 from .db import State
 from .deliver import CHANGED, CHANGED_AFTER, UNVERIFIED, WAITING, BatchJob, BatchReport, deliver
 from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
-from .endpoint import Endpoint, ErrorClass, StagedFile
+from .endpoint import Endpoint, EndpointUnfit, ErrorClass, StagedFile
 from .holding import HoldError, find_held, hold, prune_empty_dirs
 from .lock import InstanceLock, lock_path
 from .record import Failure, Recorder
@@ -206,6 +206,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
+            self._check_endpoint()
             self.db = dbm.connect(self.cfg)
             dbm.create_schema(self.db)
             self.recorder = Recorder(self.db, self.cfg.name)
@@ -238,6 +239,33 @@ class Pipeline:
             raise dbm.DatabaseFailure(dbm.describe_error(exc)) from exc
         finally:
             self._shutdown()
+
+    def _check_endpoint(self) -> None:
+        """Ask the endpoint, in one command, whether it can run the commit this configuration
+        needs; refuse to start (:class:`EndpointUnfit`) when it says it cannot.
+
+        An endpoint that cannot be asked (unreachable, a login that fails) is no reason to
+        stop: the daemon waits for it as for any outage, and the commit program itself moves
+        nothing it cannot verify and lock.
+        """
+        result, found = self.endpoint.requirements()
+        if found is None:
+            log.warning(
+                "could not check what the endpoint provides (%s); checking it at each commit",
+                result.describe(),
+            )
+            return
+        problems = found.problems(self.cfg.verify)
+        if problems:
+            raise EndpointUnfit(
+                f"endpoint cannot run the commit (verify: {self.cfg.verify}): "
+                + "; ".join(problems)
+                + " (see 'hdfmgr doctor')"
+            )
+        if found.arg_max:
+            # The endpoint's argument limit, as well as this host's: commands built from a
+            # batch (xargs on the endpoint included) then never have to be split.
+            self.budget = min(self.budget, found.arg_max - 4096 - len(self.endpoint.slot_dir(0)))
 
     def _shutdown(self) -> None:
         self.closing = True

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,3 +241,145 @@ def test_digest_helper_matches_b2sum() -> None:
     # The fake-tool tests rely on the real b2sum elsewhere; make sure it is the same digest.
     out = subprocess.run(["b2sum"], input=b"abc", capture_output=True, check=True).stdout
     assert out.split()[0].decode() == hashlib.blake2b(b"abc").hexdigest()
+
+
+# --------------------------------------------------------------------------- the start-up check
+
+
+def write_config(root: Path, *, verify: str, remote: str) -> Path:
+    for d in ("buffer", "holding", "ep/buffer", "ep/staging"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(
+        "handoff: {buffer: buffer, holding: holding}\n"
+        "endpoint:\n"
+        f"  buffer: {root}/ep/buffer\n"
+        f"  staging: {root}/ep/staging\n"
+        "  commands:\n"
+        "    transfer: cp {batch} {dest}\n"
+        f"    remote: '{remote}'\n"
+        "database: {engine: 'sqlite:///handoff.db'}\n"
+        f"general: {{name: t1, verify: {verify}, timeout: 30, retry_initial: 1}}\n"
+    )
+    (root / "buffer" / "a.fits").write_bytes(b"data")
+    return path
+
+
+@pytest.mark.parametrize(
+    "verify, hide, tools, culprit",
+    [
+        ("checksum", ("b2sum",), {}, "b2sum"),
+        ("checksum", (), {"b2sum": "echo \"b2sum: invalid option -- 'z'\" >&2; exit 1"}, "b2sum -z"),
+        (
+            "size",
+            (),
+            {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'},
+            "flock",
+        ),
+    ],
+    ids=["b2sum-missing", "b2sum-without-z", "flock-failing"],
+)
+def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    verify: str,
+    hide: tuple[str, ...],
+    tools: dict[str, str],
+    culprit: str,
+) -> None:
+    """Hole 1 and 8 at start: one line, sysexits 69, nothing sent (the file stays put)."""
+    from hdfmgr import cli
+
+    monkeypatch.chdir(tmp_path)
+    bin_dir = fake_tools(tmp_path, tools, hide=hide)
+    path = str(bin_dir) if hide else f"{bin_dir}:{SYSTEM_PATH}"
+    config = write_config(tmp_path / "site", verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
+    assert cli.main(["rescan", str(config)]) == cli.EX_UNAVAILABLE == 69
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and culprit in err[0] and "Traceback" not in err[0], err
+    assert (tmp_path / "site" / "buffer" / "a.fits").exists()
+    assert list((tmp_path / "site" / "ep" / "buffer").iterdir()) == []
+
+
+def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``doctor`` runs the start-up probe too: a flock failing on staging is one FAIL line."""
+    from hdfmgr import doctor
+
+    monkeypatch.chdir(tmp_path)
+    failing = {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'}
+    bin_dir = fake_tools(tmp_path, failing)
+    remote = f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"'
+    config = write_config(tmp_path / "site", verify="checksum", remote=remote)
+    lines: list[str] = []
+    assert doctor.main(str(config), out=lines.append) == doctor.EX_FAIL
+    bad = [line for line in lines if line.startswith("FAIL endpoint can run the commit")]
+    assert len(bad) == 1 and "flock" in bad[0] and "Function not implemented" in bad[0], lines
+    good = write_config(tmp_path / "good", verify="checksum", remote='sh -c "{command}"')
+    lines = []
+    doctor.main(str(good), out=lines.append)
+    ok = [line for line in lines if line.startswith("OK   endpoint can run the commit")]
+    assert len(ok) == 1 and "b2sum -z works" in ok[0] and "ARG_MAX" in ok[0], lines
+
+
+# --------------------------------------------------------------------------- through the daemon
+
+
+def test_hole3_daemon_waits_for_a_paused_consumer_then_delivers_the_new_version(tmp_path: Path) -> None:
+    """The endpoint manager is paused: version 1 of a.fits waits in the endpoint buffer when
+    version 2 is written. Version 2 never replaces it; once the consumer takes version 1,
+    version 2 is delivered (once), and the database said why it waited."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    site.configure(retry_initial=0.2, retry_max=0.5)
+    final = site.ep_buffer / "d" / "a.fits"
+    final.parent.mkdir()
+    final.write_bytes(b"version 1")  # delivered earlier, not ingested yet (consumer paused)
+    daemon = site.start()
+    try:
+        site.write("d/a.fits", b"version 2!")
+        wait_for(
+            lambda: any(
+                "endpoint buffer" in (e or "") for (e,) in site.query("select last_error from files")
+            ),
+            20,
+            "the reason it waits, recorded",
+        )
+        time.sleep(0.5)  # a few retries with the consumer still paused
+        assert final.read_bytes() == b"version 1", "the earlier version was overwritten"
+        classes = {c for (c,) in site.query("select error_class from files")}
+        assert classes == {"exists"}
+        final.unlink()  # the consumer resumes and ingests version 1
+        wait_for(lambda: final.exists() and final.read_bytes() == b"version 2!", 20, "version 2 delivered")
+        wait_for(lambda: site.states().get("d/a.fits") == "held", 10, "held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_hole2_daemon_sends_again_a_file_that_vanished_from_staging(tmp_path: Path) -> None:
+    """Something deletes a staged copy right before the rename (a tmp cleaner, an operator):
+    the file is sent again and arrives, and is never recorded delivered without arriving."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    real_mv = shutil.which("mv")
+    once = tmp_path / "vanished-once"
+    vanish = f"if [ -f ./gone.fits ] && [ ! -e {once} ]; then : > {once}; rm -f ./gone.fits; fi"
+    bin_dir = fake_tools(tmp_path, {"mv": f'{vanish}; exec {real_mv} "$@"'})
+    site.configure(
+        remote=f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"', retry_initial=0.2, retry_max=0.5
+    )
+    files = {"n/gone.fits": b"gone" * 10, "n/kept.fits": b"kept" * 10}
+    daemon = site.start()
+    try:
+        site.write_many(files)
+        wait_for(lambda: once.exists(), 20, "the staged copy to vanish")
+        wait_for(lambda: site.delivered() == files, 20, "both delivered")
+        wait_for(lambda: set(site.states().values()) == {"held"}, 10, "both held")
+        attempts = dict(site.query("select relpath, attempts from files"))
+        assert attempts[b"n/gone.fits"] == 2 and attempts[b"n/kept.fits"] == 1
+    finally:
+        assert daemon.stop() == 0, daemon.output()

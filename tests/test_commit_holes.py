@@ -113,6 +113,7 @@ def test_hole1_full_staging_and_a_silently_truncated_copy_moves_nothing(
     assert endpoint_files(site) == {}
     assert report.unknown == []
     assert report.error_class == "endpoint"
+    assert [p.name for p in site.staging.iterdir() if ".tmp." in p.name] == []  # lists removed
 
 
 @pytest.mark.parametrize(
@@ -383,3 +384,24 @@ def test_hole2_daemon_sends_again_a_file_that_vanished_from_staging(tmp_path: Pa
         assert attempts[b"n/gone.fits"] == 2 and attempts[b"n/kept.fits"] == 1
     finally:
         assert daemon.stop() == 0, daemon.output()
+
+
+def test_hole7_batches_respect_the_endpoints_argument_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's ARG_MAX caps the batch budget when it is lower than this host's."""
+    from hdfmgr.endpoint import Requirements
+    from hdfmgr.pipeline import Pipeline
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "site", verify="size", remote='sh -c "{command}"')
+    from hdfmgr.config import load
+
+    pipeline = Pipeline(load(config), once=True, install_signals=False)
+    local = pipeline.budget
+    monkeypatch.setattr(
+        pipeline.endpoint, "requirements", lambda: (None, Requirements(arg_max=65536, flock="ok"))
+    )
+    pipeline._check_endpoint()
+    assert pipeline.budget < 65536 < local
+    pipeline.executor.shutdown()

@@ -49,8 +49,10 @@ export LC_ALL=C
 printf '\000%s\000' "$B"
 printf 'V%s\000' "$VERSION"
 
+t=
 stop() {
-    # stop STATUS REASON: report that nothing was moved, and end.
+    # stop STATUS REASON: report that nothing was moved, remove the lists, and end.
+    [ -z "$t" ] || rm -f -- "$t".* 2>/dev/null || :
     printf 'X%s %s\000' "$1" "$2"
     printf '%s\000' "$E"
     echo "hdfmgr commit: $2" >&2
@@ -190,8 +192,6 @@ done
 '
 r=0
 xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
-rm -f -- "$t.in" "$t.want" "$t.rest" "$t.plan" "$t.end" "$t.last" "$t.found" "$t.raw" \
-    "$t.have" "$t.ok" "$t.okn.raw" "$t.okn" "$t.bad" "$t.wn.raw" "$t.wn" "$t.bn.raw" "$t.bn" \
-    "$t.stray" "$t.reject" "$t.plans" "$t.mv.raw" "$t.mv" "$t.lock" "$t.n1" "$t.n2" || :
+rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

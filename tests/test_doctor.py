@@ -75,7 +75,7 @@ def test_a_refused_key_fails_the_first_check(site: Site, sshd: SshServer) -> Non
     assert "-> the endpoint refused the login: install the public key" in first
     assert str(stranger) in first  # the command to try by hand
     # The remote checks say why they did not run; the local ones still ran.
-    assert sum("not checked: the remote command does not work" in line for line in lines) == 5
+    assert sum("not checked: the remote command does not work" in line for line in lines) == 6
     assert any(line.startswith("OK   holding ") for line in lines)
 
 

@@ -91,3 +91,32 @@ def test_the_commit_program_under_each_shell(
         }
     assert os.listdir(slot) == []
     no_pwned(tmp_path)
+
+
+@pytest.mark.parametrize("verify", ["size", "checksum"])
+def test_a_csh_login_shell_parses_only_the_bootstrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: str
+) -> None:
+    """The remote login shell is tcsh: it parses the one-line command (``ssh host "{command}"``
+    hands it over as one string); the program and the hostile names never reach it."""
+    tcsh = shutil.which("tcsh")
+    if tcsh is None:
+        pytest.skip("tcsh is not installed (apt-get install tcsh)")
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path / "site", verify=verify, remote=f'{tcsh} -f -c "{{command}}"')
+    slot = site.slot()
+    files = []
+    for i, name in enumerate(HOSTILE):
+        data = f"{i}!".encode() + os.fsencode(name)
+        f = site.local(f"night!/{name}", data)
+        stage(slot, f.basename, data)
+        files.append(f)
+    result, report = site.endpoint.commit(slot, None, files, batch=3)
+    assert result.ok, result.stderr
+    assert report is not None and report.committed == set(HOSTILE)
+    assert listing(site.ep_buffer / "night!") == {
+        os.fsencode(n): f"{i}!".encode() + os.fsencode(n) for i, n in enumerate(HOSTILE)
+    }
+    found, requirements = site.endpoint.requirements()
+    assert requirements is not None and requirements.problems(verify) == [], found.stderr
+    no_pwned(tmp_path)

@@ -241,22 +241,14 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         elif name in listing.exists:
             report.outcomes[f.rel] = (WAITING, WAITING_REASON)
         elif name in listing.gone:
-            report.outcomes[f.rel] = (
-                FAILED,
-                "verified, then gone from staging before the move; sending again",
-            )
+            report.outcomes[f.rel] = (FAILED, GONE_REASON)
         elif name in listing.failed:
-            report.outcomes[f.rel] = (
-                FAILED,
-                "verified but not moved: mkdir or mv failed in the endpoint buffer",
-            )
+            report.outcomes[f.rel] = (FAILED, NOT_MOVED_REASON)
         elif name in listing.unsure:
-            # mv failed for its group and it left staging, yet is not in the endpoint buffer:
-            # vanished or ingested at once. Sending again risks a duplicate, never a loss.
-            report.outcomes[f.rel] = (
-                FAILED,
-                "mv failed and the file left staging: outcome unknown; sending again",
-            )
+            # mv failed for its group and it left staging, yet its final name is absent:
+            # vanished, or renamed and ingested at once. Sending again risks a duplicate,
+            # never a loss.
+            report.outcomes[f.rel] = (FAILED, UNSURE_REASON)
         elif name in unknown:
             report.unknown.append(f.rel)
     if len(listing.moved) < len(to_commit):

@@ -195,6 +195,27 @@ def test_hole3_an_earlier_version_in_the_endpoint_buffer_is_never_overwritten(
     assert "d/a.fits" not in report.unknown
 
 
+def test_hole3_a_final_name_that_appears_just_before_the_rename_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the builtin check cannot close: the final name appears between the check and
+    ``mv``. ``mv -n`` leaves the staged copy (coreutils 9.1 says nothing and exits 0): the
+    program sees it still staged and reports E, not M."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = shutil.which("mv")
+    racer = 'if [ "$1" = -n ]; then printf early > "$3/a.fits"; fi'
+    bin_dir = fake_tools(tmp_path, {"mv": f'{racer}; exec {real_mv} "$@"'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode())
+    report = run_batch(site, slot, files)
+    assert endpoint_files(site) == {"d/a.fits": b"early", "d/b.fits": b"b.fits"}
+    assert report.committed() == ["d/b.fits"]
+    assert report.outcomes["d/a.fits"][0] == "waiting"
+
+
 # --------------------------------------------------------------------------- hole 7
 
 

@@ -225,7 +225,8 @@ def _steps(job: BatchJob, endpoint: Endpoint, checkpoint: Checkpoint, report: Ba
         # It stopped before renaming anything: nothing moved, known for certain.
         status, reason = listing.aborted
         report.error_class = ErrorClass.ENDPOINT
-        report.error = f"verify and commit: {reason} ({COMMIT_STATUS.get(status, 'exit status')} {status})"
+        why = reason or COMMIT_STATUS.get(status, "stopped")
+        report.error = f"verify and commit: {why} (exit status {status}; nothing moved)"
         report.slot_clean = False
         for f in to_commit:
             report.outcomes[f.rel] = (FAILED, report.error)

@@ -426,3 +426,34 @@ def test_hole7_batches_respect_the_endpoints_argument_limit(
     pipeline._check_endpoint()
     assert pipeline.budget < 65536 < local
     pipeline.executor.shutdown()
+
+
+def test_hole8_a_commit_that_cannot_lock_backs_off_and_is_never_a_lost_reply(tmp_path: Path) -> None:
+    """flock works for the start-up probe but fails in every commit (a staging filesystem
+    that changed under a running daemon): each attempt is an ``endpoint`` error with backoff,
+    nothing is moved, and nothing is ever taken for a lost reply."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    real = shutil.which("flock")
+    probe_only = f'case "$1" in -n) exec {real} "$@" ;; esac'
+    failing = f'{probe_only}; echo "flock: failed to lock: Function not implemented" >&2; exit 1'
+    bin_dir = fake_tools(tmp_path, {"flock": failing})
+    site.configure(
+        remote=f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"', retry_initial=0.5, retry_max=2
+    )
+    daemon = site.start()
+    try:
+        site.write("a.fits", b"data")
+        wait_for(lambda: site.query("select attempts from files") == [(3,)], 30, "three attempts")
+        started = time.monotonic()
+        wait_for(lambda: site.query("select attempts from files") == [(4,)], 30, "a fourth attempt")
+        assert time.monotonic() - started > 1.0  # backing off (0.5 s, 1 s, 2 s, ... with jitter)
+        rows = site.query("select error_class, last_error from files")
+        assert rows[0][0] == "endpoint" and "flock fails on staging" in rows[0][1], rows
+        assert "nothing moved" in rows[0][1]
+        assert list(site.ep_buffer.iterdir()) == []
+    finally:
+        assert daemon.stop() == 0
+    assert "reply was lost" not in daemon.output()

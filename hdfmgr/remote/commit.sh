@@ -49,10 +49,11 @@ export LC_ALL=C
 printf '\000%s\000' "$B"
 printf 'V%s\000' "$VERSION"
 
-t=
+locked=
 stop() {
-    # stop STATUS REASON: report that nothing was moved, remove the lists, and end.
-    [ -z "$t" ] || rm -f -- "$t".* 2>/dev/null || :
+    # stop STATUS REASON: report that nothing was moved, remove this commit's lists (only
+    # once it holds the lock: before, they may be an earlier commit's), and end.
+    [ -z "$locked" ] || rm -f -- "$t".* 2>/dev/null || :
     printf 'X%s %s\000' "$1" "$2"
     printf '%s\000' "$E"
     echo "hdfmgr commit: $2" >&2
@@ -72,12 +73,16 @@ cd -- "$s" 2>/dev/null || stop 97 "no slot directory $s"
 # The slot lock (see hdfmgr/endpoint.py): the open slot directory on descriptor 9, inherited
 # by every process this program starts, so it lasts exactly as long as the commit.
 command -v flock >/dev/null 2>&1 || stop 92 "flock not found: the slot cannot be locked"
+# (The lock belongs to the open file description, which the command substitution's
+# process shares: it stays held after that process ends.)
 exec 9<.
-flock -w "$w" -E 93 9 2>"$t.lock" || {
+if err=$(flock -w "$w" -E 93 9 2>&1); then
+    locked=1
+else
     r=$?
     [ "$r" -ne 93 ] || stop 93 "a listing or an earlier commit still holds the slot after $w s"
-    stop 92 "flock fails on staging: $(head -c 200 "$t.lock" 2>/dev/null || :)"
-}
+    stop 92 "flock fails on staging: $err"
+fi
 
 # The fence: a listing has decided this batch's outcome without it.
 if [ -n "$batch" ] && [ -f "$s.fence" ]; then

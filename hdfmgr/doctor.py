@@ -31,7 +31,7 @@ EX_FAIL = 1
 #: ``stat`` for this check). ``b2sum`` is added in checksum mode. Without a working ``flock``
 #: the commit moves nothing and ``run`` refuses to start (see endpoint.py).
 REMOTE_TOOLS = (
-    "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "join", "cmp", "cat", "tr",
+    "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "join", "cmp", "cat", "tr", "grep",
     "mkdir", "rm", "flock", "getconf",
 )  # fmt: skip
 

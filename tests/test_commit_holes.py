@@ -174,6 +174,29 @@ def test_hole2_a_file_vanished_before_the_rename_is_not_delivered(
 # --------------------------------------------------------------------------- hole 3
 
 
+def test_hole2_mv_failing_only_because_the_consumer_was_fast_is_still_a_delivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GNU mv given several names stats each final name after renaming it; when the endpoint
+    manager has taken the file already, mv says "cannot stat '<final path>'" and fails. Those
+    files were renamed: reported M (sending them again would deliver them twice)."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = shutil.which("mv")
+    consumer = (
+        f'{real_mv} "$@" || exit; [ "$1" = -n ] || exit 0; rm -f "$3/a.fits"; '
+        "echo \"mv: cannot stat '$3/a.fits': No such file or directory\" >&2; exit 1"
+    )
+    bin_dir = fake_tools(tmp_path, {"mv": consumer})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits", "c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode())
+    report = run_batch(site, slot, files)
+    assert report.committed() == ["d/a.fits", "d/b.fits", "d/c.fits"], report.outcomes
+    assert endpoint_files(site) == {"d/b.fits": b"b.fits", "d/c.fits": b"c.fits"}  # a: ingested
+
+
 def test_hole3_an_earlier_version_in_the_endpoint_buffer_is_never_overwritten(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -153,14 +153,25 @@ xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 # builtins (still staged, final name free), runs one `mv -n` (never overwrite) on the names
 # that passed, and reports each name. M needs that mv to have succeeded and the name to have
 # left staging (`mv -n` leaves a name whose final name appeared meanwhile where it was).
-# When mv failed, a name that left staging and whose final name now exists (it did not
-# before) was renamed too; one whose final name is absent is unknown (U).
+# GNU mv (9.1) given several names stats each final name right after renaming it, and fails
+# when the endpoint manager has already taken the file away: so a failed mv whose every
+# complaint is such a stat of a final path (absolute, so its quoted form starts with '/;
+# names are relative and every complaint about a source names it) has renamed all the names
+# that left staging. Otherwise a name that left staging is M only if its final name exists
+# now (it did not before), and U (unknown, sent again) if not.
 MOVER='
 set -u
 j=0 g=0 d= l=
 group() {
     if [ -n "$l" ]; then
-        if eval "mv -n -t \"\$d\" -- $l"; then eval "ok$g=1"; else eval "ok$g=0"; fi
+        if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
+            eval "ok$g=1"
+        elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat '"'"'/" "$T.err"; then
+            eval "ok$g=1"
+        else
+            eval "ok$g=0"
+        fi
+        cat "$T.err" >&2 || :
     fi
 }
 for r do
@@ -196,7 +207,7 @@ for r do
 done
 '
 r=0
-xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
+T=$t xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
 rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

@@ -174,8 +174,9 @@ def test_hole2_a_file_vanished_before_the_rename_is_not_delivered(
 # --------------------------------------------------------------------------- hole 3
 
 
+@pytest.mark.parametrize("quote", ["'", '\\"'], ids=["single", "double"])
 def test_hole2_mv_failing_only_because_the_consumer_was_fast_is_still_a_delivery(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quote: str
 ) -> None:
     """GNU mv given several names stats each final name after renaming it; when the endpoint
     manager has taken the file already, mv says "cannot stat '<final path>'" and fails. Those
@@ -184,7 +185,7 @@ def test_hole2_mv_failing_only_because_the_consumer_was_fast_is_still_a_delivery
     real_mv = shutil.which("mv")
     consumer = (
         f'{real_mv} "$@" || exit; [ "$1" = -n ] || exit 0; rm -f "$3/a.fits"; '
-        "echo \"mv: cannot stat '$3/a.fits': No such file or directory\" >&2; exit 1"
+        f'echo "mv: cannot stat {quote}$3/a.fits{quote}: No such file or directory" >&2; exit 1'
     )
     bin_dir = fake_tools(tmp_path, {"mv": consumer})
     site = faked_site(tmp_path / "site", bin_dir)

@@ -155,7 +155,7 @@ xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 # left staging (`mv -n` leaves a name whose final name appeared meanwhile where it was).
 # GNU mv (9.1) given several names stats each final name right after renaming it, and fails
 # when the endpoint manager has already taken the file away: so a failed mv whose every
-# complaint is such a stat of a final path (absolute, so its quoted form starts with '/;
+# complaint is such a stat of a final path (absolute: quoted, it starts with '/ or "/;
 # names are relative and every complaint about a source names it) has renamed all the names
 # that left staging. Otherwise a name that left staging is M only if its final name exists
 # now (it did not before), and U (unknown, sent again) if not.
@@ -166,7 +166,7 @@ group() {
     if [ -n "$l" ]; then
         if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
             eval "ok$g=1"
-        elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat '"'"'/" "$T.err"; then
+        elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
             eval "ok$g=1"
         else
             eval "ok$g=0"

@@ -255,6 +255,7 @@ def _database_module(config: config_mod.Config) -> ModuleType:
 
 def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     from .db import DatabaseFailure, database_location
+    from .endpoint import EndpointUnfit
     from .lock import LockBusy, LockUnavailable
     from .pipeline import Outcome, Pipeline
     from .schema import Found, SchemaError
@@ -311,6 +312,9 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
     except LockUnavailable as exc:
         print(f"hdfmgr: {exc}", file=sys.stderr)
         return EX_CANTCREAT
+    except EndpointUnfit as exc:
+        print(f"hdfmgr: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except DatabaseFailure as exc:
         print(
             f"hdfmgr: database {location} failed: {exc}; stopped (the next run resumes every file)",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import pin
 from .checksum import blake2b_file
 from .detect import snapshot
-from .endpoint import Endpoint, ErrorClass, StagedFile, classify
+from .endpoint import COMMIT_STATUS, Endpoint, ErrorClass, StagedFile, classify
 from .holding import HoldError, HoldResult, Outcome
 from .runner import CommandResult
 from .settle import Snapshot
@@ -35,6 +35,13 @@ CHANGED = "changed"
 #: The local file cannot be read (its mode, an I/O error): the file's own fault, quarantined
 #: at once, and left out of the transfer so that it never fails the others.
 UNREADABLE = "unreadable"
+#: Verified, not renamed: an earlier version of it waits in the endpoint buffer.
+WAITING = "waiting"
+
+WAITING_REASON = (
+    "its final name exists in the endpoint buffer (an earlier version not ingested yet); "
+    "never overwritten: sent again, with backoff, once it is gone"
+)
 
 
 @dataclass
@@ -102,6 +109,10 @@ Checkpoint = Callable[[BatchJob, list[StagedFile], dict[str, str]], bool]
 Holder = Callable[[str, Snapshot], HoldResult]
 
 CHANGED_AFTER = "changed or vanished in the buffer after delivery; not moved to holding"
+
+GONE_REASON = "verified, then gone from staging before the move; sending again"
+NOT_MOVED_REASON = "verified but not moved: mkdir or mv failed in the endpoint buffer"
+UNSURE_REASON = "mv failed and the file left staging: outcome unknown; sending again"
 
 #: Files at least this large are hashed outside the turn (see :class:`_Turns`).
 LONG_CALL_BYTES = 1024 * 1024
@@ -265,22 +276,51 @@ def _steps(
         else:
             report.fail(result, "verify and commit")
         return
-    committed = listing.committed
     mode = endpoint.config.verify
-    for f in to_commit:
-        if f.basename in committed:
-            report.outcomes[f.rel] = (COMMITTED, None)
-        elif f.basename in listing.verified:
-            report.outcomes[f.rel] = (FAILED, "verified but not moved into the endpoint buffer")
-        elif result.ok or listing.verified or listing.remaining:
-            report.outcomes[f.rel] = (UNVERIFIED, f"staged copy failed {mode} verification")
-    if listing.remaining:
+    if listing.aborted is not None:
+        # It stopped before renaming anything: nothing moved, known for certain.
+        status, reason = listing.aborted
+        report.error_class = ErrorClass.ENDPOINT
+        why = reason or COMMIT_STATUS.get(status, "stopped")
+        report.error = f"verify and commit: {why} (exit status {status}; nothing moved)"
         report.slot_clean = False
-    if not result.ok:
+        for f in to_commit:
+            report.outcomes[f.rel] = (FAILED, report.error)
+        return
+    # Evidence per file: only a reported rename is a delivery.
+    unknown = listing.unreported
+    for f in to_commit:
+        name = f.basename
+        if name in listing.moved:
+            report.outcomes[f.rel] = (COMMITTED, None)
+        elif name not in listing.verified:
+            report.outcomes[f.rel] = (UNVERIFIED, f"staged copy failed {mode} verification")
+        elif name in listing.exists:
+            report.outcomes[f.rel] = (WAITING, WAITING_REASON)
+        elif name in listing.gone:
+            report.outcomes[f.rel] = (FAILED, GONE_REASON)
+        elif name in listing.failed:
+            report.outcomes[f.rel] = (FAILED, NOT_MOVED_REASON)
+        elif name in listing.unsure:
+            # mv failed for its group and it left staging, yet its final name is absent:
+            # vanished, or renamed and ingested at once. Sending again risks a duplicate,
+            # never a loss.
+            report.outcomes[f.rel] = (FAILED, UNSURE_REASON)
+        elif name in unknown:
+            report.unknown.append(f.rel)
+    if len(listing.moved) < len(to_commit):
+        report.slot_clean = False
+    if report.unknown:
+        report.error_class, report.error = ErrorClass.REMOTE, "verify and commit: the move step broke off"
+    elif not result.ok:
         report.fail(result, "verify and commit")
     elif any(outcome == UNVERIFIED for outcome, _ in report.outcomes.values()):
         report.error_class = ErrorClass.VERIFICATION
         report.error = f"staged copy failed {mode} verification"
+    elif any(outcome == WAITING for outcome, _ in report.outcomes.values()):
+        report.error_class, report.error = ErrorClass.EXISTS, WAITING_REASON
+    elif any(outcome == FAILED for outcome, _ in report.outcomes.values()):
+        report.error_class, report.error = ErrorClass.REMOTE, "verify and commit: some files were not moved"
 
 
 def _readable(files: list[StagedFile], report: BatchReport) -> list[StagedFile]:

@@ -27,10 +27,13 @@ from .templates import Slot
 EX_OK = 0
 EX_FAIL = 1
 
-#: External programs the commit, list and sweep scripts run on the endpoint (plus ``stat`` for
-#: this check). ``b2sum`` is added in checksum mode. Without ``flock`` the scripts still work,
-#: unlocked: a listing could then read a commit that is still running (see endpoint.py).
-REMOTE_TOOLS = ("mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm", "flock")
+#: External programs the commit program, the list and sweep scripts run on the endpoint (plus
+#: ``stat`` for this check). ``b2sum`` is added in checksum mode. Without a working ``flock``
+#: the commit moves nothing and ``run`` refuses to start (see endpoint.py).
+REMOTE_TOOLS = (
+    "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "join", "cmp", "cat", "tr", "grep",
+    "mkdir", "rm", "flock", "getconf",
+)  # fmt: skip
 
 #: Prints the tools (arguments) the remote shell cannot find, one per line.
 TOOLS_SCRIPT = 'for t; do command -v "$t" >/dev/null 2>&1 || printf \'%s\\n\' "$t"; done; exit 0'
@@ -100,12 +103,14 @@ def run_checks(config: config_mod.Config) -> Iterator[Check]:
         yield from _remote_dirs(config, endpoint, timeout)
         yield _remote_tools(config, endpoint, timeout)
         yield _gnu_options(config, endpoint, timeout)
+        yield _commit_probe(config, endpoint)
     else:
         for what in (
             "endpoint staging and buffer directories exist",
             "staging and endpoint buffer are on one filesystem",
             "remote tools found",
             "remote tools accept the GNU options hdfmgr uses",
+            _PROBE_WHAT,
         ):
             yield Check(what, False, "not checked: the remote command does not work", "fix that first")
     yield _local_dir("handoff buffer", config.buffer, write=False, key="handoff.buffer")
@@ -238,6 +243,31 @@ def _gnu_options(config: config_mod.Config, endpoint: Endpoint, timeout: float) 
         "install GNU coreutils and findutils on the endpoint host (BSD and busybox versions lack "
         "these options)",
     )
+
+
+_PROBE_WHAT = "endpoint can run the commit (the start-up probe run and rescan ask)"
+
+
+def _commit_probe(config: config_mod.Config, endpoint: Endpoint) -> Check:
+    """The very probe ``run`` and ``rescan`` refuse to start on: a real ``flock`` on staging,
+    ``b2sum -z`` computing the expected BLAKE2b (checksum mode), the argument limit."""
+    result, found = endpoint.requirements()
+    if found is None:
+        return Check(_PROBE_WHAT, False, _why(result), "check that sh works on the endpoint host")
+    problems = [p for p in found.problems(config.verify) if not p.startswith("not found")]
+    what = _PROBE_WHAT + (
+        f": flock works on staging{', b2sum -z works' if config.verify == 'checksum' else ''}, "
+        f"ARG_MAX {found.arg_max or 'unknown'}"
+    )
+    if problems:
+        return Check(
+            what,
+            False,
+            "; ".join(problems),
+            "install util-linux flock and GNU coreutils >= 8.26 on the endpoint host; on Lustre "
+            "mount staging with -o flock (or localflock when one host runs the commits)",
+        )
+    return Check(what, True)
 
 
 def _listing_check(what: str, result: CommandResult, problem: str, fix: str) -> Check:

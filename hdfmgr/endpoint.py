@@ -6,12 +6,29 @@ endpoint's staging area, ``hdfmgr.<name>.<generation>.<slot>``. Its name contain
 state a batch needs only two commands: the transfer and one remote command that verifies every
 staged file and moves the good ones into the endpoint buffer.
 
-Commit script. The remote command is a constant POSIX sh script run as ``sh -c SCRIPT``; the
-only arguments on its command line are the slot directory, the verification mode, two numbers
-and a second constant script. The data (the expected ``size/name`` or ``b2sum`` records and
-the final directories) travels NUL-separated on stdin and reaches that second script through
-``xargs -0`` as arguments, so no filename is ever parsed by a remote shell. The script prints
-the names it verified, a ``/`` record, and the names still in staging.
+Programs on the endpoint. The commit (verify, move, report) and the start-up probe are
+readable multi-line POSIX sh programs, files in ``hdfmgr/remote/`` (package data), versioned.
+They are never put on a command line: the remote command is the constant one-line
+:data:`BOOTSTRAP`, whose only arguments are the program's length, its name and a few words
+without data (the slot directory, the verification mode, numbers), each quoted; the program
+and then its data follow on stdin, NUL-separated, so no filename is ever parsed by a remote
+shell, and a csh-family login shell parses nothing but the bootstrap. The commit's reply says
+per file what it verified and what it renamed; "delivered" is read only from a rename it
+reports (see hdfmgr/remote/commit.sh for the records and exit statuses).
+
+The slot lock. A commit whose ssh client died (killed, timed out, connection dropped) can go on
+running on the endpoint for a while, moving files. A listing of the slot meanwhile would see a
+file not yet moved and have it sent again: a second delivery. So the commit program holds
+``flock`` on its slot directory (util-linux; the lock is the open directory's, inherited by
+every process of the program, so it lasts exactly as long as the program), and LIST_SCRIPT
+takes the same lock, waiting at most WAIT seconds, before it lists a slot. The start-up probe
+checks that ``flock`` works on staging (it does not on Lustre mounted without ``flock``): the
+daemon refuses to start otherwise, and a commit that cannot lock moves nothing.
+
+The fence. The lock cannot make a listing wait for a commit that has not started yet (its
+client died while the remote shell was still starting). So a listing, holding the lock, also
+writes the highest batch number it is asked about into ``SLOT.fence``, and a commit whose batch
+number is not above it does nothing (exit 95): its outcome has been decided without it.
 
 Framed replies. Every reply that is parsed starts with a begin record and ends with an end
 record (both contain '/', which no name does). Whatever a chatty login shell prints before or
@@ -21,11 +38,14 @@ recognised as such: its outcome is unknown, never read as "nothing was moved".
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import posixpath
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import runner
 from .config import Config
@@ -35,107 +55,52 @@ from .templates import quote_remote
 #: The records that frame a parsed reply (see the module's docstring). No name contains '/'.
 BEGIN = "/hdfmgr-begin/"
 END = "/hdfmgr-end/"
-#: Beside each slot directory, the staged copies that failed verification (see MOVE_SCRIPT).
+#: Beside each slot directory, the staged copies that failed verification (see commit.sh).
 REJECTED = ".rejected"
-#: Beside each slot directory, the highest batch number a listing decided (see COMMIT_SCRIPT).
+#: Beside each slot directory, the highest batch number a listing decided (the fence).
 FENCE = ".fence"
 
-#: Both scripts are one line (a tcsh login shell cannot take a newline inside quotes) and
-#: have no '!' (history expansion).
-#:
-#: COMMIT_SCRIPT, run as ``sh -c COMMIT_SCRIPT hdfmgr SLOT MODE NREC SIZE MOVE_SCRIPT NARG
-#: WAIT BATCH``, hands the NUL-separated stdin to MOVE_SCRIPT as arguments through ONE
-#: ``xargs -0 -x`` (``-x``: all of them or nothing, never a second, partial invocation).
-#: Arguments are never parsed by a shell, so the names need no quoting, and the moves need one
-#: ``mv`` per final directory, not a pipeline of filters per directory: a batch costs about a
-#: dozen processes on the endpoint whatever its size.
-#:
-#: The slot lock. A commit whose ssh client died (killed, timed out, connection dropped) can
-#: go on running on the endpoint for a while, moving files. A listing of the slot meanwhile
-#: would see a file not yet moved and have it sent again: a second delivery. So the commit
-#: runs under ``flock`` on its slot directory (util-linux; the lock is the open directory's,
-#: inherited by every process of the script, so it lasts exactly as long as the script), and
-#: LIST_SCRIPT takes the same lock, waiting at most WAIT seconds, before it lists a slot.
-#: Without ``flock`` on the endpoint both run unlocked (``hdfmgr doctor`` reports it).
-#:
-#: The fence. The lock cannot make a listing wait for a commit that has not started yet (its
-#: client died while the remote shell was still starting). So a listing, holding the lock,
-#: also writes the highest batch number it is asked about into ``SLOT.fence``, and a commit
-#: whose batch number is not above it does nothing (exit 95, which xargs reports as 123): its
-#: outcome has been decided without it.
-COMMIT_SCRIPT = (
-    'cd "$1" || exit 97; L=; if command -v flock >/dev/null 2>&1; then L="flock -w $7 ."; fi; '
-    'exec $L xargs -0 -x -s "$4" sh -c "$5" hdfmgr "$1" "$2" "$3" "$6" "$8"'
+#: The programs hdfmgr runs on the endpoint, as files beside this module (package data).
+PROGRAM_DIR = Path(__file__).with_name("remote")
+
+#: The constant command line that starts every program: the only text the remote login shell
+#: ever parses, one line without '!' (csh-family login shells take it too). Run as ``sh -c
+#: BOOTSTRAP hdfmgr LENGTH NAME ARGS...``, it reads exactly LENGTH bytes of stdin (``head -c``
+#: reads no further, even from a pipe), refuses a program that arrived shorter (exit 90), and
+#: runs it as ``sh -c PROGRAM NAME ARGS...``; the program's own data follows it on the same
+#: stdin. Not ``sh -s``: dash reads a script from a pipe in blocks, so a command in it that
+#: reads stdin would miss the data the shell already took (tests/test_commit_program.py shows
+#: it). A long-lived remote shell per slot could be fed the same length-prefixed programs.
+BOOTSTRAP = (
+    'p=$(head -c "$1") || exit 90; [ "${#p}" -eq "$1" ] || '
+    '{ echo "hdfmgr: program cut short" >&2; exit 90; }; shift; exec sh -c "$p" "$@"'
 )
 
-#: Arguments: the slot directory, the mode, the number of records, the number of arguments
-#: that follow the batch number, the batch number (empty: no fence check), then the records,
-#: the plan and a last argument, the slot directory with a '/' appended. Records (NREC of
-#: them, sorted bytewise as ``LC_ALL=C sort -z`` sorts): what the listing of a good staged
-#: copy shows, ``<size>/<name>`` or ``<b2sum>  <name>``. The plan:
-#: each final directory with a '/' appended (a name never contains '/'), then the names that
-#: go there.
-#:
-#: Input cut short. When the connection drops (or the daemon dies) while stdin is on its way,
-#: xargs sees end-of-file early and runs the script on what came: a cut record would make its
-#: file a stray (deleted, then taken for delivered by the listing that follows), a cut name a
-#: prefix of another file's name. So the script first checks that it got every argument and
-#: that the last one is whole, and does nothing otherwise (exit 96). A cut stream can pass
-#: neither check: it has fewer arguments, or the same number with a shorter last one.
-#:
-#: Staged files that match no record are deleted when no record names them (strays), and set
-#: aside in ``SLOT.rejected`` when one does (a partial or corrupt copy of a file of the batch;
-#: emptied first, since an earlier batch of the slot has its outcome by now): a listing after a
-#: lost reply reads "gone from the slot" as "moved into the endpoint buffer", and counts what
-#: it finds set aside as still to send. One ``mkdir -p`` creates the missing directories and
-#: each directory gets one ``mv`` of its planned names that are still there (the last argument
-#: reads as the slot directory itself: nothing to create, nothing to move). ``eval`` only ever
-#: sees argument numbers. Output, between the BEGIN and END records: the verified names, a
-#: ``/`` record, the names still in staging (END only once all of it is written); the exit
-#: status is not 0 when a mkdir or mv failed.
-MOVE_SCRIPT = "; ".join(
-    [
-        r's=$1; m=$2; c=$3; a=$4; i=$5; shift 5; eval "z=\${$#}"',
-        'if [ "$#" -eq "$a" ] && [ "$z" = "$s/" ]; then :; else'
-        ' echo "hdfmgr: commit input cut short: $# of $a arguments" >&2; exit 96; fi',
-        f'if [ -n "$i" ] && [ -f "$s{FENCE}" ] && read f < "$s{FENCE}" && [ "$f" -ge "$i" ]; then'
-        ' echo "hdfmgr: batch $i: too late, its slot was listed for batch $f" >&2; exit 95; fi',
-        f"w=$s.want; h=$s.have; k=$s.ok; b=$s.bad; u=$s.wn; v=$s.bn; q=$s{REJECTED}; B={BEGIN}; E={END}",
-        'rm -rf -- "$q"',
-        'printf \'%s\\000\' "$@" > "$b"; LC_ALL=C head -z -n "$c" "$b" > "$w"; shift "$c"',
-        "if [ \"$m\" = checksum ]; then find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000'"
-        ' | xargs -0r b2sum -z -- | LC_ALL=C sort -z > "$h"'
-        "; else find . -mindepth 1 -maxdepth 1 -type f -printf '%s/%f\\000' | LC_ALL=C sort -z > \"$h\"; fi",
-        'names() { if [ "$m" = checksum ]; then LC_ALL=C cut -z -b 131- "$1"; '
-        'else LC_ALL=C cut -z -d/ -f 2- "$1"; fi; }',
-        'LC_ALL=C comm -z -23 "$h" "$w" > "$b"',
-        'if [ -s "$b" ]; then names "$w" | LC_ALL=C sort -z > "$u"; names "$b" | LC_ALL=C sort -z > "$v"',
-        'LC_ALL=C comm -z -23 "$v" "$u" | xargs -0r rm -f --; LC_ALL=C comm -z -12 "$v" "$u" > "$b"',
-        'if [ -s "$b" ] && mkdir -- "$q"; then xargs -0r mv -f -t "$q" -- < "$b"; fi; fi',
-        'LC_ALL=C comm -z -12 "$w" "$h" > "$k"',
-        "r=0; j=0; n=",
-        "for x do j=$((j+1)); case $x in */) "
-        r'if [ -d "$x" ]; then :; else n="$n \"\${$j}\""; fi ;; esac; done',
-        r'if [ -n "$n" ]; then eval "mkdir -p --$n" || r=98; fi',
-        "j=0; t=; l=",
-        "for x do j=$((j+1)); case $x in */) "
-        r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi; '
-        r't=$x; l=; if [ -d "$t" ]; then :; else t=; fi ;; '
-        r'*) if [ -n "$t" ] && [ -f "./$x" ]; then l="$l \"\${$j}\""; fi ;; esac; done',
-        r'if [ -n "$l" ]; then eval "mv -f -t \"\$t\" --$l" || r=1; fi',
-        "printf '\\000%s\\000' \"$B\"; names \"$k\" && printf '/\\000' &&"
-        " find . -mindepth 1 -maxdepth 1 -type f -printf '%f\\000' && printf '%s\\000' \"$E\"",
-        'rm -f -- "$w" "$h" "$k" "$b" "$u" "$v"',
-        "exit $r",
-    ]
-)
+#: What the probe hashes with the endpoint's ``b2sum`` (passed on its stdin).
+PROBE_DATA = b"hdfmgr probe\n"
+
+#: The commit program's version; its reply must name it (see hdfmgr/remote/commit.sh).
+COMMIT_VERSION = "2"
+#: The start-up probe's version (see hdfmgr/remote/probe.sh).
+PROBE_VERSION = "1"
+
+
+@functools.cache
+def program(name: str) -> str:
+    """The text of a program in :data:`PROGRAM_DIR`, without trailing newlines (the
+    bootstrap's command substitution would drop them, and the length must match)."""
+    text = (PROGRAM_DIR / name).read_text(encoding="ascii").rstrip("\n")
+    if "\0" in text:
+        raise ValueError(f"{name}: a program cannot contain NUL")
+    return text
+
 
 PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
 
 #: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT BATCH SLOT BATCH...``: lists the files left in
-#: the given slot directories and set aside beside them (see MOVE_SCRIPT); a directory that
+#: the given slot directories and set aside beside them (see commit.sh); a directory that
 #: exists prints "dir/". Each slot is listed once no commit holds its lock, after its fence has
-#: been raised to BATCH (unless empty) under that lock (see COMMIT_SCRIPT). The daemon starts
+#: been raised to BATCH (unless empty) under that lock (the module's docstring). The daemon starts
 #: no commit in a slot it is listing, so no commit of BATCH or before moves a file after that.
 LIST_SCRIPT = (
     "W=$1; shift; L=; if command -v flock >/dev/null 2>&1; then L=1; fi; "
@@ -168,6 +133,8 @@ class ErrorClass:
     TIMEOUT = "timeout"  # killed at general.timeout
     VERIFICATION = "verification"  # staged copy differs from the local file
     LOCAL = "local"  # the local file changed, vanished or could not be read
+    ENDPOINT = "endpoint"  # the endpoint cannot run the commit (a tool, the lock, a full disk)
+    EXISTS = "exists"  # an earlier version still waits in the endpoint buffer: never overwritten
 
 
 def classify(result: CommandResult) -> str:
@@ -192,14 +159,51 @@ class StagedFile:
         return os.path.basename(self.rel)
 
 
+#: Commit exit statuses (hdfmgr/remote/commit.sh) and what each means, for the error line.
+COMMIT_STATUS = {
+    90: "the commit program arrived cut short",
+    91: "the commit program was started wrongly",
+    92: "the slot's lock cannot be taken on staging (flock missing or failing)",
+    93: "the slot is still locked by an earlier commit or a listing",
+    94: "staging cannot be written (full, read-only or an I/O error)",
+    95: "fenced off: a listing already decided this batch",
+    96: "the commit input arrived cut short",
+    97: "the slot directory is missing",
+    98: "a verification tool failed on the endpoint",
+    99: "the move step broke off",
+}
+
+
 @dataclass
 class CommitReport:
+    """What the commit program says it did, per file (see hdfmgr/remote/commit.sh).
+
+    Only ``moved`` is evidence of a delivery. ``aborted`` (status, reason): the program
+    stopped before renaming anything. A verified name in none of the per-file sets is
+    unknown (the move step broke off)."""
+
+    version: str = ""
     verified: set[str] = field(default_factory=set)
-    remaining: set[str] = field(default_factory=set)
+    moved: set[str] = field(default_factory=set)
+    exists: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    unsure: set[str] = field(default_factory=set)
+    aborted: tuple[int, str] | None = None
 
     @property
     def committed(self) -> set[str]:
-        return self.verified - self.remaining
+        return self.moved
+
+    @property
+    def remaining(self) -> set[str]:
+        """Verified names the program left in staging (not renamed)."""
+        return self.exists | self.failed
+
+    @property
+    def unreported(self) -> set[str]:
+        """Verified names the reply gives no outcome for: any of them may have been moved."""
+        return self.verified - self.moved - self.exists - self.gone - self.failed - self.unsure
 
 
 def framed_records(stdout: bytes) -> list[bytes] | None:
@@ -214,17 +218,30 @@ def framed_records(stdout: bytes) -> list[bytes] | None:
 
 
 def parse_commit_output(stdout: bytes) -> CommitReport | None:
-    """Read the script's framed ``names / names`` listing; None when the reply is incomplete."""
+    """Read the program's framed reply; None when it is incomplete or not this version's."""
     records = framed_records(stdout)
-    if records is None:
+    if not records or records[0] != b"V" + COMMIT_VERSION.encode():
         return None
-    report = CommitReport()
-    target = report.verified
-    for record in records:
-        if record == b"/":
-            target = report.remaining
-        elif record:
-            target.add(os.fsdecode(record))
+    report = CommitReport(version=COMMIT_VERSION)
+    sets = {
+        ord("K"): report.verified,
+        ord("M"): report.moved,
+        ord("E"): report.exists,
+        ord("G"): report.gone,
+        ord("F"): report.failed,
+        ord("U"): report.unsure,
+    }
+    for record in records[1:]:
+        if not record:
+            continue
+        kind, text = record[0], record[1:]
+        if kind == ord("X"):
+            status, _, reason = os.fsdecode(text).partition(" ")
+            report.aborted = (int(status) if status.isdigit() else -1, reason)
+        elif kind in sets:
+            sets[kind].add(os.fsdecode(text))
+        else:
+            return None
     return report
 
 
@@ -238,21 +255,23 @@ def commit_groups(
     return list(groups.items())
 
 
-def commit_payload(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str) -> tuple[bytes, int]:
-    """The stdin of the commit script and how many records it starts with.
+def commit_payload(
+    groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str, slot_dir: str
+) -> tuple[bytes, int, int]:
+    """The commit program's data, and how many expected and plan records it holds.
 
-    First one record per file, what the script's listing of staging shows for a good copy
+    First one record per file, what the program's listing of staging shows for a good copy
     (``<size>/<name>`` or ``<b2sum>  <name>``), all sorted bytewise as ``LC_ALL=C sort -z``
     sorts, so that ``comm`` takes them as they are (basenames are distinct in a batch). Then
-    the plan: each final directory with a '/' appended, followed by its names.
+    the plan, ``<name>/<final directory>`` per file, and last the slot directory with a '/'
+    appended: the program checks that it came whole.
     """
     records = []
     plan = []
     for final, files in groups:
-        plan.append(os.fsencode(final) + b"/")
         for f in files:
             name = os.fsencode(f.basename)
-            plan.append(name)
+            plan.append(name + b"/" + os.fsencode(final))
             if mode == "checksum":
                 if f.checksum is None:
                     raise ValueError(f"no checksum for {f.rel!r}")
@@ -260,13 +279,52 @@ def commit_payload(groups: Sequence[tuple[str, Sequence[StagedFile]]], mode: str
             else:
                 records.append(str(f.size).encode("ascii") + b"/" + name)
     records.sort()
-    return b"\0".join([*records, *plan]) + b"\0", len(records)
+    data = b"\0".join([*records, *plan, os.fsencode(slot_dir) + b"/"]) + b"\0"
+    return data, len(records), len(plan)
 
 
-def commit_stdin(slot_dir: str, payload: bytes) -> tuple[bytes, int]:
-    """The payload, then the last argument MOVE_SCRIPT checks; and how many arguments in all."""
-    data = payload + os.fsencode(slot_dir) + b"/\0"
-    return data, data.count(b"\0")
+@dataclass(frozen=True)
+class Requirements:
+    """What the start-up probe found on the endpoint (hdfmgr/remote/probe.sh)."""
+
+    arg_max: int | None = None
+    missing: tuple[str, ...] = ()
+    b2sum: str = "not checked"
+    flock: str = "not checked"
+
+    def problems(self, mode: str) -> list[str]:
+        """What keeps the endpoint from running the commit in ``mode``; empty when nothing."""
+        out = []
+        if self.missing:
+            out.append("not found on the remote PATH: " + " ".join(self.missing))
+        if mode == "checksum" and self.b2sum != "ok" and "b2sum" not in self.missing:
+            out.append(f"b2sum -z does not work ({self.b2sum})")
+        if self.flock != "ok" and "flock" not in self.missing:
+            out.append(f"flock does not work on staging ({self.flock})")
+        return out
+
+
+def parse_probe_output(stdout: bytes) -> Requirements | None:
+    """Read the probe's framed ``key=value`` records; None when the reply is incomplete."""
+    records = framed_records(stdout)
+    if not records or records[0] != b"version=" + PROBE_VERSION.encode():
+        return None
+    arg_max: int | None = None
+    missing: list[str] = []
+    values = {"b2sum": "not checked", "flock": "not checked"}
+    for record in records[1:]:
+        key, _, value = os.fsdecode(record).partition("=")
+        if key == "arg_max":
+            arg_max = int(value) if value.isdigit() else None
+        elif key == "missing":
+            missing.append(value)
+        elif key in values:
+            values[key] = value
+    return Requirements(arg_max, tuple(missing), values["b2sum"], values["flock"])
+
+
+class EndpointUnfit(RuntimeError):
+    """The endpoint lacks what the configured verification needs; ``str()`` is one line."""
 
 
 class Endpoint:
@@ -315,6 +373,41 @@ class Endpoint:
             on_start=on_start,
         )
 
+    def run_program(
+        self,
+        name: str,
+        *args: str,
+        data: bytes = b"",
+        timeout: float | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> CommandResult:
+        """Run a program of :data:`PROGRAM_DIR` through the constant bootstrap command line:
+        the program, then ``data``, on stdin."""
+        text = program(name)
+        return self.remote(
+            BOOTSTRAP,
+            str(len(text)),
+            f"hdfmgr-{name.removesuffix('.sh')}",
+            *args,
+            stdin=text.encode("ascii") + data,
+            timeout=timeout,
+            on_start=on_start,
+        )
+
+    def requirements(self) -> tuple[CommandResult, Requirements | None]:
+        """Ask the endpoint, in one command, what the commit needs: the tools, ``b2sum -z``
+        (checksum mode), a real ``flock`` on staging, its argument limit."""
+        digest = hashlib.blake2b(PROBE_DATA).hexdigest()
+        result = self.run_program(
+            "probe.sh",
+            self.config.staging,
+            self.config.verify,
+            digest,
+            data=PROBE_DATA,
+            timeout=min(self.config.timeout, 60.0),
+        )
+        return result, parse_probe_output(result.stdout)
+
     def probe(self) -> CommandResult:
         """The cheapest proof that the endpoint answers: the remote command running ``true``."""
         return self._run(self.config.remote.render(command="true"), timeout=min(self.config.timeout, 60.0))
@@ -350,21 +443,16 @@ class Endpoint:
         script does nothing once a listing of the slot has fenced that batch off.
         """
         groups = [(final_dir, list(files))] if final_dir is not None else commit_groups(files, self.final_dir)
-        payload, count = commit_payload(groups, self.config.verify)
-        stdin, arguments = commit_stdin(slot_dir, payload)
-        # xargs's -s: the whole command line it builds, arguments and NULs, with room to spare.
-        size = len(stdin) + len(MOVE_SCRIPT) + len(slot_dir) + 4096
-        result = self.remote(
-            COMMIT_SCRIPT,
+        data, records, plans = commit_payload(groups, self.config.verify, slot_dir)
+        result = self.run_program(
+            "commit.sh",
             slot_dir,
             self.config.verify,
-            str(count),
-            str(size),
-            MOVE_SCRIPT,
-            str(arguments),
             self.lock_wait,
             "" if batch is None else str(batch),
-            stdin=stdin,
+            str(records),
+            str(plans),
+            data=data,
             on_start=on_start,
             # A checksum verification reads every staged byte.
             timeout=self.config.deadline(sum(f.size for f in files))

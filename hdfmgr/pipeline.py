@@ -34,9 +34,9 @@ from . import db as dbm
 from .batching import Candidate, ReadyQueue, arg_budget
 from .config import Config
 from .db import State
-from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, BatchJob, BatchReport, deliver
+from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, WAITING, BatchJob, BatchReport, deliver
 from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
-from .endpoint import Endpoint, ErrorClass, StagedFile
+from .endpoint import Endpoint, EndpointUnfit, ErrorClass, StagedFile
 from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
 from .holding import Outcome as HoldOutcome
 from .lock import InstanceLock, lock_path, publish, state_path
@@ -238,6 +238,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
+            self._check_endpoint()
             self.db = dbm.connect(self.cfg, daemon=True)
             dbm.create_schema(self.db)
             self.recorder = Recorder(self.db, self.cfg.name)
@@ -273,6 +274,33 @@ class Pipeline:
             raise dbm.failure(exc) from exc
         finally:
             self._shutdown()
+
+    def _check_endpoint(self) -> None:
+        """Ask the endpoint, in one command, whether it can run the commit this configuration
+        needs; refuse to start (:class:`EndpointUnfit`) when it says it cannot.
+
+        An endpoint that cannot be asked (unreachable, a login that fails) is no reason to
+        stop: the daemon waits for it as for any outage, and the commit program itself moves
+        nothing it cannot verify and lock.
+        """
+        result, found = self.endpoint.requirements()
+        if found is None:
+            log.warning(
+                "could not check what the endpoint provides (%s); checking it at each commit",
+                result.describe(),
+            )
+            return
+        problems = found.problems(self.cfg.verify)
+        if problems:
+            raise EndpointUnfit(
+                f"endpoint cannot run the commit (verify: {self.cfg.verify}): "
+                + "; ".join(problems)
+                + " (see 'hdfmgr doctor')"
+            )
+        if found.arg_max:
+            # The endpoint's argument limit, as well as this host's: commands built from a
+            # batch (xargs on the endpoint included) then never have to be split.
+            self.budget = min(self.budget, found.arg_max - 4096 - len(self.endpoint.slot_dir(0)))
 
     def _shutdown(self) -> None:
         self.closing = True
@@ -938,8 +966,10 @@ class Pipeline:
                 continue
             if outcome == CHANGED:
                 error_class, delay = ErrorClass.LOCAL, 0.0
-            elif outcome == UNVERIFIED:
-                error_class = ErrorClass.VERIFICATION
+            elif outcome in (UNVERIFIED, WAITING):
+                # The file's own outcome: its own backoff. An existing final name is never
+                # quarantined: the file waits for the consumer to take the earlier version.
+                error_class = ErrorClass.VERIFICATION if outcome == UNVERIFIED else ErrorClass.EXISTS
                 delay = backoff(
                     known.attempts,
                     initial=self.cfg.retry_initial,
@@ -1290,7 +1320,7 @@ class Pipeline:
         self.listing = True
         dirs = sorted(self.unrecovered)
         # Every batch whose outcome this listing decides is fenced off: should its commit
-        # script start only now, it must move nothing (endpoint.COMMIT_SCRIPT).
+        # script start only now, it must move nothing (hdfmgr/remote/commit.sh).
         fences = {d: max(batch for _, batch in self.unrecovered[d]) for d in dirs}
 
         def listing(started: Callable[[int], None]) -> tuple[Any, ...]:

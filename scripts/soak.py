@@ -97,7 +97,7 @@ class LocalEndpoint:
             '  if [ $((n % 3)) -ne 0 ]; then echo "connection reset by peer" >&2; exit 255; fi; fi\n'
             # An outage that begins while a remote command runs drops its reply: the script did
             # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).
-            f'if [ "$1" = --remote ] && [ -e {self.drop} ] && echo "$2" | grep -q "comm -z"; then\n'
+            f'if [ "$1" = --remote ] && [ -e {self.drop} ] && echo "$2" | grep -q "hdfmgr-commit"; then\n'
             f'  rm -f {self.drop}; sh -c "$2" >/dev/null; echo "ssh: connection reset" >&2; exit 255; fi\n'
             'if [ "$1" = --remote ]; then out=$(mktemp); sh -c "$2" > "$out"; rc=$?\n'
             f"  if [ -e {self.down} ]; then rm -f \"$out\"; echo 'ssh: connection reset' >&2; exit 255; fi\n"

@@ -49,7 +49,8 @@ def test_good_configuration_passes_every_check(site: Site) -> None:
     assert f"OK   {SAME_FS}" in lines
     assert any(line.startswith("OK   remote tools found:") and "b2sum" in line for line in lines)
     assert any("transfer command copies a test file into staging" in line for line in lines)
-    assert len(lines) == 10
+    assert any(line.startswith("OK   endpoint can run the commit") for line in lines)
+    assert len(lines) == 11
     assert site.staging.is_dir() and site.ep_buffer.is_dir()
     # The test transfer left nothing behind, and nothing ever reached the endpoint buffer.
     assert list(site.staging.iterdir()) == []
@@ -74,7 +75,7 @@ def test_a_refused_key_fails_the_first_check(site: Site, sshd: SshServer) -> Non
     assert "-> the endpoint refused the login: install the public key" in first
     assert str(stranger) in first  # the command to try by hand
     # The remote checks say why they did not run; the local ones still ran.
-    assert sum("not checked: the remote command does not work" in line for line in lines) == 5
+    assert sum("not checked: the remote command does not work" in line for line in lines) == 6
     assert any(line.startswith("OK   holding ") for line in lines)
 
 
@@ -116,7 +117,7 @@ def test_missing_remote_b2sum_fails_in_checksum_mode(site: Site, sshd: SshServer
     bindir = site.root / "remote-bin"
     bindir.mkdir()
     for tool in ("sh", "true", "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "cat", "tr",
-                 "mkdir", "rm", "stat", "wc", "scp", "flock"):  # fmt: skip
+                 "mkdir", "rm", "stat", "wc", "scp", "flock", "join", "cmp", "getconf", "grep"):  # fmt: skip
         found = shutil.which(tool)
         assert found is not None, tool
         (bindir / tool).symlink_to(found)

@@ -21,10 +21,9 @@ import pytest
 from hdfmgr.config import Config, from_mapping
 from hdfmgr.endpoint import (
     BEGIN,
-    COMMIT_SCRIPT,
+    BOOTSTRAP,
     END,
     LIST_SCRIPT,
-    MOVE_SCRIPT,
     PREPARE_SCRIPT,
     SWEEP_SCRIPT,
     CommitReport,
@@ -34,8 +33,8 @@ from hdfmgr.endpoint import (
     classify,
     commit_groups,
     commit_payload,
-    commit_stdin,
     parse_commit_output,
+    program,
 )
 from hdfmgr.runner import CommandResult, run
 from tests.site import slow_mv
@@ -483,15 +482,17 @@ def test_a_listing_gives_up_on_a_slot_locked_for_too_long(
     assert waited > 1.9
 
 
-def test_without_flock_the_scripts_still_commit_and_list(
+def test_without_flock_a_commit_moves_nothing_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An endpoint without util-linux's flock: commits and listings run unlocked, as before
-    the lock existed (``hdfmgr doctor`` names the missing tool)."""
+    """An endpoint without util-linux's flock: a commit cannot lock its slot, so it moves
+    nothing and says why (status 92), never read as a lost reply; ``run`` refuses such an
+    endpoint at start (the probe). Listings still run, unlocked."""
     monkeypatch.chdir(tmp_path)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("sh", "mv", "find", "sort", "comm", "cut", "xargs", "head", "mkdir", "rm", "printf"):
+    tools = ("sh", "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "mkdir", "rm", "printf")
+    for tool in (*tools, "cat", "cmp", "join", "tr"):
         found = shutil.which(tool)
         assert found is not None, tool
         (bindir / tool).symlink_to(found)
@@ -500,13 +501,12 @@ def test_without_flock_the_scripts_still_commit_and_list(
     result, present = site.endpoint.list_slots([slot], fences={slot: 3})
     assert result.ok, result.stderr
     assert present == {slot: {"a.fits", "b.fits"}}
-    result, report = site.endpoint.commit(slot, None, files, batch=3)
-    assert not result.ok and report is None and b"too late" in result.stderr  # unlocked too
     result, report = site.endpoint.commit(slot, None, files, batch=4)
-    assert result.ok, result.stderr
-    assert report is not None and report.committed == {"a.fits", "b.fits"}
-    assert listing(site.ep_buffer / "d") == {b"a.fits": b"d/a.fits", b"b.fits": b"d/b.fits"}
-    assert site.endpoint.list_slots([slot])[1] == {slot: set()}
+    assert result.returncode == 92, result.stderr
+    assert report is not None and report.aborted is not None and report.aborted[0] == 92
+    assert report.committed == set()
+    assert listing(site.ep_buffer) == {}
+    assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
 
 
 def test_a_listing_fences_off_the_batches_it_decides(site: Site) -> None:
@@ -520,7 +520,8 @@ def test_a_listing_fences_off_the_batches_it_decides(site: Site) -> None:
     assert Path(slot + ".fence").read_text() == "7\n"
     for late in (6, 7):
         result, report = site.endpoint.commit(slot, None, files, batch=late)
-        assert not result.ok and report is None  # 95 from the script, 123 through xargs
+        assert result.returncode == 95 and report is not None and report.aborted is not None
+        assert report.aborted[0] == 95 and report.committed == set()
         assert f"batch {late}: too late, its slot was listed for batch 7".encode() in result.stderr
         assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
         assert listing(site.ep_buffer) == {}
@@ -579,37 +580,50 @@ def framed(body: bytes) -> bytes:
 
 
 def test_parse_commit_output() -> None:
-    report = parse_commit_output(framed(b"a\0b c\0/\0stray\0"))
+    report = parse_commit_output(framed(b"V2\0Ka\0Kb c\0Kd\0Ma\0Mb c\0Ed\0"))
     assert report is not None
-    assert report.verified == {"a", "b c"}
-    assert report.remaining == {"stray"}
+    assert report.verified == {"a", "b c", "d"}
     assert report.committed == {"a", "b c"}
+    assert report.exists == {"d"}
+    assert report.remaining == {"d"}
+    assert report.unreported == set()
 
 
-def test_parse_commit_output_verified_but_not_moved() -> None:
-    """A verified name still in staging (mv failed) is not committed."""
-    report = parse_commit_output(framed(b"a\0b\0/\0b\0"))
+def test_parse_commit_output_only_a_reported_rename_is_a_delivery() -> None:
+    """Verified names without an M record are not committed: E, G, F, U, or no record."""
+    body = b"V2\0Ka\0Kb\0Kc\0Kd\0Ke\0Ma\0Eb\0Gc\0Fd\0"
+    report = parse_commit_output(framed(body))
     assert report is not None and report.committed == {"a"}
+    assert (report.exists, report.gone, report.failed) == ({"b"}, {"c"}, {"d"})
+    assert report.unreported == {"e"}  # the move step broke off before it: unknown
+
+
+def test_parse_commit_output_abort() -> None:
+    report = parse_commit_output(framed(b"V2\0X98 b2sum failed (missing)\0"))
+    assert report is not None and report.aborted == (98, "b2sum failed (missing)")
+    assert report.committed == set()
 
 
 def test_parse_commit_output_edge_cases() -> None:
-    assert parse_commit_output(framed(b"")) == CommitReport()
-    report = parse_commit_output(framed(b"/\0"))
-    assert report is not None and report.committed == set()
-    report = parse_commit_output(framed(b"new\nline\0\xff\xfe\0/\0"))
+    assert parse_commit_output(framed(b"V2\0")) == CommitReport(version="2")
+    report = parse_commit_output(framed(b"V2\0Knew\nline\0K\xff\xfe\0"))
     assert report is not None and report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
+    # Another version's reply, or a record this version does not write, is not understood.
+    assert parse_commit_output(framed(b"V1\0Ma\0")) is None
+    assert parse_commit_output(framed(b"V2\0Qa\0")) is None
+    assert parse_commit_output(framed(b"")) is None
 
 
 def test_parse_commit_output_skips_what_a_login_shell_prints() -> None:
     """Text from the remote shell's startup (or logout) files around the reply is not a name."""
-    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"a\0b\0/\0") + b"bye\n"
+    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"V2\0Ka\0Ma\0") + b"bye\n"
     report = parse_commit_output(chatty)
-    assert report is not None and report.committed == {"a", "b"}
+    assert report is not None and report.committed == {"a"}
 
 
 def test_parse_commit_output_cut_short_is_unknown() -> None:
     """A reply without its end (a dropped connection, a timeout) says nothing was moved or not."""
-    whole = framed(b"a\0b\0/\0stray\0")
+    whole = framed(b"V2\0Ka\0Kb\0Ma\0Mb\0")
     for cut in range(len(whole) - 1):
         assert parse_commit_output(whole[:cut]) is None, whole[:cut]
     assert parse_commit_output(b"") is None
@@ -618,37 +632,40 @@ def test_parse_commit_output_cut_short_is_unknown() -> None:
 
 def test_commit_payload_size_mode() -> None:
     files = [StagedFile("d/a", "/b/d/a", 10), StagedFile("d/new\nline", "/b/d/new\nline", 0)]
-    data, count = commit_payload([("/ep/buffer/d", files)], "size")
-    # The records sorted bytewise (as LC_ALL=C sort -z), then the directory and its names.
-    assert count == 2
-    assert data == b"0/new\nline\x0010/a\x00/ep/buffer/d/\x00a\x00new\nline\x00"
+    data, records, plans = commit_payload([("/ep/buffer/d", files)], "size", "/st/slot")
+    # The records sorted bytewise (as LC_ALL=C sort -z), then name/final dir, then the slot.
+    assert (records, plans) == (2, 2)
+    assert data == (
+        b"0/new\nline\x0010/a\x00" + b"a//ep/buffer/d\x00new\nline//ep/buffer/d\x00" + b"/st/slot/\x00"
+    )
 
 
 def test_commit_payload_several_directories() -> None:
     one = [StagedFile("x/b", "/b/x/b", 2), StagedFile("x/a", "/b/x/a", 1)]
     two = [StagedFile("y/c", "/b/y/c", 3)]
-    data, count = commit_payload([("/ep/x", one), ("/ep/y", two)], "size")
-    assert count == 3
-    assert data == b"1/a\0" + b"2/b\0" + b"3/c\0" + b"/ep/x/\0b\0a\0" + b"/ep/y/\0c\0"
+    data, records, plans = commit_payload([("/ep/x", one), ("/ep/y", two)], "size", "/s")
+    assert (records, plans) == (3, 3)
+    assert data == b"1/a\0" + b"2/b\0" + b"3/c\0" + b"b//ep/x\0a//ep/x\0c//ep/y\0" + b"/s/\0"
 
 
 def test_commit_payload_checksum_mode() -> None:
     digest = hashlib.blake2b(b"x").hexdigest()
     name = os.fsdecode(b"d/\xff")
-    data, count = commit_payload([("/f", [StagedFile(name, "/b/" + name, 1, digest)])], "checksum")
-    assert count == 1
-    assert data == digest.encode() + b"  \xff\0" + b"/f/\0\xff\0"
-    assert len(digest) == 128  # the script cuts names at byte 131
+    data, records, _ = commit_payload([("/f", [StagedFile(name, "/b/" + name, 1, digest)])], "checksum", "/s")
+    assert records == 1
+    assert data == digest.encode() + b"  \xff\0" + b"\xff//f\0" + b"/s/\0"
+    assert len(digest) == 128  # the program cuts names at byte 131
 
 
 def test_commit_payload_checksum_required() -> None:
     with pytest.raises(ValueError, match="no checksum"):
-        commit_payload([("/f", [StagedFile("a", "/b/a", 1)])], "checksum")
+        commit_payload([("/f", [StagedFile("a", "/b/a", 1)])], "checksum", "/s")
 
 
 def test_commit_payload_non_utf8_final_dir() -> None:
     final = os.fsdecode(b"/ep/\xff")
-    assert commit_payload([(final, [])], "size") == (b"/ep/\xff/\0", 0)
+    f = StagedFile("a", "/b/a", 1)
+    assert commit_payload([(final, [f])], "size", "/s") == (b"1/a\0a//ep/\xff\0/s/\0", 1, 1)
 
 
 def test_commit_names_like_the_scripts_own_words(site: Site) -> None:
@@ -685,7 +702,8 @@ def test_commit_many_directories_and_files(site: Site) -> None:
 
 
 def test_commit_unwritable_final_directory(site: Site) -> None:
-    """A directory that cannot be created fails the command; the other directory still moves."""
+    """A directory that cannot be created: its file is reported not moved (F); the other
+    directory still moves."""
     slot = site.slot()
     (site.ep_buffer / "blocked").write_bytes(b"a file where a directory should be")
     bad = StagedFile("blocked/a", "/unused/blocked/a", 1)
@@ -693,9 +711,9 @@ def test_commit_unwritable_final_directory(site: Site) -> None:
     stage(slot, "a", b"1")
     stage(slot, "b", b"2")
     result, report = site.endpoint.commit(slot, None, [bad, good])
-    assert not result.ok
+    assert result.ok, result.stderr
     assert report.committed == {"b"}
-    assert report.remaining == {"a"}
+    assert report.failed == {"a"} and report.remaining == {"a"}
     assert (site.ep_buffer / "ok" / "b").read_bytes() == b"2"
 
 
@@ -773,9 +791,14 @@ def test_a_commit_whose_input_is_cut_never_moves_a_file_astray(
     root = tmp_path / "site"  # one path for every cut, so that the stream is the same bytes
     probe = Site(root, verify=verify)
     files = [probe.local(rel, rel.encode() * 7) for rel in rels]
-    payload, _ = commit_payload(commit_groups(files, probe.endpoint.final_dir), verify)
-    full, _ = commit_stdin(probe.endpoint.slot_dir(0), payload)
-    for cut in range(len(full)):
+    payload, _, _ = commit_payload(
+        commit_groups(files, probe.endpoint.final_dir), verify, probe.endpoint.slot_dir(0)
+    )
+    text = program("commit.sh").encode()
+    full = text + payload
+    # The program itself is checked whole by the bootstrap (its length): a sample of cuts in
+    # it; every cut in the data.
+    for cut in [*range(0, len(text), 509), *range(len(text), len(full))]:
         shutil.rmtree(root)
         site = Site(root, verify=verify)
         staged = [site.local(rel, rel.encode() * 7) for rel in rels]
@@ -798,5 +821,5 @@ def test_a_commit_whose_input_is_cut_never_moves_a_file_astray(
 def test_the_remote_scripts_survive_a_csh_login_shell() -> None:
     """One line, no '!': a tcsh login shell (an endpoint account's may be one) expands '!'
     even inside single quotes and cannot take a newline inside them."""
-    for script in (COMMIT_SCRIPT, MOVE_SCRIPT, LIST_SCRIPT, SWEEP_SCRIPT, PREPARE_SCRIPT):
+    for script in (BOOTSTRAP, LIST_SCRIPT, SWEEP_SCRIPT, PREPARE_SCRIPT):
         assert "!" not in script and "\n" not in script

@@ -25,7 +25,7 @@ def parked_remote(tmp_path: Path, when: str) -> tuple[str, Path, Path]:
     parked = tmp_path / "parked"
     script = tmp_path / "remote"
     run = 'sh -c "$1"; rc=$?'
-    park = f'if [ -e {flag} ] && echo "$1" | grep -q "comm -z"; then touch {parked}; sleep 60; fi'
+    park = f'if [ -e {flag} ] && echo "$1" | grep -q "hdfmgr-commit"; then touch {parked}; sleep 60; fi'
     body = f"{park}\n{run}\nexit $rc\n" if when == "before" else f"{run}\n{park}\nexit $rc\n"
     script.write_text("#!/bin/sh\n" + body)
     script.chmod(0o755)
@@ -166,7 +166,7 @@ def replying_remote(tmp_path: Path, mode: str) -> tuple[str, Path]:
     if mode == "chatty":
         body = f'echo "Welcome to the facility"; {run}; rc=$?; echo "logout"; exit $rc\n'
     else:
-        commit = 'echo "$1" | grep -q "comm -z"'
+        commit = 'echo "$1" | grep -q "hdfmgr-commit"'
         body = f"if [ -e {flag} ] && {commit}; then rm -f {flag}; {fault[mode]}; fi\nexec {run}\n"
     script.write_text("#!/bin/sh\n" + body)
     script.chmod(0o755)
@@ -265,7 +265,7 @@ def test_a_hung_listing_after_a_lost_reply_does_not_hold_up_the_daemon(tmp_path:
     script = tmp_path / "remote"
     script.write_text(
         "#!/bin/sh\n"
-        f'if [ -e {lost} ] && echo "$1" | grep -q "comm -z"; then rm -f {lost}; sh -c "$1" >/dev/null; '
+        f'if [ -e {lost} ] && echo "$1" | grep -q "hdfmgr-commit"; then rm -f {lost}; sh -c "$1" >/dev/null; '
         "exit 255; fi\n"
         f'if [ -e {hang} ] && echo "$1" | grep -q "%h/%f"; then touch {hanging}; sleep 60; fi\n'
         'exec sh -c "$1"\n'
@@ -312,7 +312,7 @@ def run_with_a_cut_off_commit(
     script.write_text(
         "#!/bin/sh\n"
         # One commit is cut off: of two slots committing at once, the one that renames the flag.
-        f'if echo "$1" | grep -q "comm -z" && mv {flag} {flag}.taken 2>/dev/null; then cat > {saved}\n'
+        f'if echo "$1" | grep -q "hdfmgr-commit" && mv {flag} {flag}.taken 2>/dev/null; then cat > {saved}\n'
         f"  {detached.format(saved=saved)} &\n"
         '  echo "Connection to endpoint closed by remote host." >&2; exit 255; fi\n'
         'exec sh -c "$1"\n'

@@ -89,8 +89,12 @@ def assert_delivered(site: Site, files: dict[str, bytes], sshd: SshServer) -> No
         assert state == "held", rel
         assert checksum == hashlib.blake2b(files[rel]).hexdigest(), rel
         assert size == len(files[rel])
-    # Staging keeps only the (empty) slot directories: every staged file was moved.
-    assert not [p for p in site.staging.rglob("*") if not p.is_dir()]
+    # Staging keeps only the (empty) slot directories: every staged file was moved, or set
+    # aside by verification (``<slot>.rejected``, emptied by that slot's next commit: the retry
+    # may have gone through another slot).
+    assert not [
+        p for p in site.staging.rglob("*") if not p.is_dir() and not p.parent.name.endswith(".rejected")
+    ]
     assert_nothing_ran(site.root, sshd.workdir)
 
 

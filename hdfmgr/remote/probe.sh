@@ -1,0 +1,52 @@
+# hdfmgr start-up probe: can this endpoint run the commit program the configuration needs?
+#
+# POSIX sh, started like every hdfmgr program by the constant bootstrap (hdfmgr/endpoint.py)
+# as `sh -c PROGRAM hdfmgr-probe STAGING MODE DIGEST`; stdin after the program holds a few
+# bytes whose BLAKE2b is DIGEST. `hdfmgr run`, `rescan` and `doctor` all ask this one command.
+# Reply on stdout, NUL-separated `key=value` records between /hdfmgr-begin/ and /hdfmgr-end/:
+#   version=1         this probe's version (first record)
+#   arg_max=N         the endpoint's argument limit (getconf ARG_MAX; empty if unknown)
+#   missing=TOOL      one per tool the commit needs that is not on the remote PATH
+#   b2sum=ok|...      checksum mode: `b2sum -z` exists and computes the expected digest
+#   flock=ok|...      a real lock on the staging directory succeeds (fails on Lustre
+#                     mounted without flock, for example)
+# It changes nothing but creating STAGING when it is missing (as a start-up would anyway).
+set -u
+export LC_ALL=C
+printf '\000%s\000' /hdfmgr-begin/
+printf 'version=1\000'
+s=$1 m=$2 h=$3
+
+a=$(getconf ARG_MAX 2>/dev/null) || a=
+printf 'arg_max=%s\000' "$a"
+
+for tool in sh mv find sort comm cut xargs head tail join cmp cat tr grep mkdir rm flock getconf; do
+    command -v "$tool" >/dev/null 2>&1 || printf 'missing=%s\000' "$tool"
+done
+
+if [ "$m" = checksum ]; then
+    if ! command -v b2sum >/dev/null 2>&1; then
+        printf 'missing=b2sum\000'
+        b=missing
+    elif ! b2sum -z /dev/null >/dev/null 2>&1; then
+        b="it does not take -z (GNU coreutils >= 8.26 needed)"
+    elif out=$(b2sum 2>&1); then
+        if [ "${out%% *}" = "$h" ]; then b=ok; else b="wrong digest: $out"; fi
+    else
+        b="it fails: $out"
+    fi
+    printf 'b2sum=%s\000' "$b"
+fi
+
+if ! command -v flock >/dev/null 2>&1; then
+    f=missing
+elif ! mkdir -p -- "$s" 2>/dev/null; then
+    f="cannot create staging $s"
+elif out=$(flock -n -E 93 "$s" true 2>&1); then
+    f=ok
+else
+    r=$?
+    if [ "$r" -eq 93 ]; then f=ok; else f="flock $s: $out"; fi
+fi
+printf 'flock=%s\000' "$f"
+printf '/hdfmgr-end/\000'

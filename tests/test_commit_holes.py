@@ -1,0 +1,483 @@
+"""The commit program under hostile conditions, against a LOCAL endpoint.
+
+Each test injects one failure the endpoint can throw at the commit (a full staging
+filesystem, a missing or failing ``b2sum``, a file that vanishes before the rename, a final
+name that already exists, a low argument limit, a ``flock`` that fails) and asserts what
+lands in the endpoint buffer and what the daemon is told. Tools are faked by putting a
+directory first on the remote PATH (the remote template is ``env PATH=... sh -c``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hdfmgr.deliver import COMMITTED, BatchJob, BatchReport, deliver
+from hdfmgr.detect import snapshot
+from hdfmgr.endpoint import StagedFile
+from tests.test_endpoint_script import Site, stage
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def fake_tools(root: Path, tools: dict[str, str], *, hide: tuple[str, ...] = ()) -> Path:
+    """A directory of tools: the system's (minus ``hide``), some replaced by sh scripts."""
+    bin_dir = root / "fakebin"
+    bin_dir.mkdir()
+    if hide:
+        for d in reversed(SYSTEM_PATH.split(":")):
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                if name not in hide and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(d, name))
+    for name, body in tools.items():
+        path = bin_dir / name
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    return bin_dir
+
+
+def faked_site(root: Path, bin_dir: Path, *, verify: str = "size") -> Site:
+    path = str(bin_dir) if (bin_dir / "sh").exists() else f"{bin_dir}:{SYSTEM_PATH}"
+    return Site(root, verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
+
+
+def job_for(site: Site, slot: str, files: list[StagedFile], batch: int = 1) -> BatchJob:
+    snaps = {f.rel: snapshot(f.path) for f in files}
+    return BatchJob(batch, 0, slot, files, snaps, prepare=False, clean=False)  # type: ignore[arg-type]
+
+
+def run_batch(site: Site, slot: str, files: list[StagedFile]) -> BatchReport:
+    """The worker's steps after the transfer (the copies are staged by hand): verify, commit."""
+    endpoint = site.endpoint
+    endpoint.transfer_argvs = lambda files, slot_dir: []  # type: ignore[method-assign]
+    return deliver(job_for(site, slot, files), endpoint, lambda *a: True)
+
+
+def endpoint_files(site: Site) -> dict[str, bytes]:
+    out = {}
+    for p in site.ep_buffer.rglob("*"):
+        if p.is_file():
+            out[str(p.relative_to(site.ep_buffer))] = p.read_bytes()
+    return out
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: the endpoint's staging and buffer, easy to fill."""
+    mnt = tmp_path / "ep"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# --------------------------------------------------------------------------- hole 1
+
+
+def test_hole1_full_staging_and_a_silently_truncated_copy_moves_nothing(
+    tmp_path: Path, small_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging full (no list can be written) and a 100-byte fragment of a 1000-byte file."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(small_fs)
+    slot = site.slot()
+    good = site.local("d/good.fits", b"g" * 500)
+    cut = site.local("d/cut.fits", b"c" * 1000)
+    stage(slot, good.basename, b"g" * 500)
+    stage(slot, cut.basename, b"c" * 100)  # the transfer tool truncated it and said nothing
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    report = run_batch(site, slot, [good, cut])
+    assert "d/cut.fits" not in endpoint_files(site), "an unverified fragment was moved"
+    assert report.outcomes.get("d/cut.fits", ("",))[0] != COMMITTED
+    # Nothing can be listed, so nothing is moved at all, and the daemon is told so.
+    assert endpoint_files(site) == {}
+    assert report.unknown == []
+    assert report.error_class == "endpoint"
+    assert [p.name for p in site.staging.iterdir() if ".tmp." in p.name] == []  # lists removed
+
+
+@pytest.mark.parametrize(
+    "b2sum",
+    [
+        None,  # missing
+        'echo "b2sum: $3: Input/output error" >&2; exit 1',  # EIO
+        "echo \"b2sum: invalid option -- 'z'\" >&2; exit 1",  # without -z (coreutils < 8.26)
+        "exit 0",  # prints nothing at all
+    ],
+    ids=["missing", "eio", "no-z", "silent"],
+)
+def test_hole1_checksum_mode_without_a_working_b2sum_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b2sum: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if b2sum is None:
+        bin_dir = fake_tools(tmp_path, {}, hide=("b2sum",))
+    else:
+        bin_dir = fake_tools(tmp_path, {"b2sum": b2sum})
+    site = faked_site(tmp_path / "site", bin_dir, verify="checksum")
+    slot = site.slot()
+    good = site.local("a.fits", b"good data")
+    bad = site.local("b.fits", b"BAD-data!")
+    stage(slot, good.basename, b"good data")
+    stage(slot, bad.basename, b"bad data!")  # same size, other content
+    report = run_batch(site, slot, [good, bad])
+    assert endpoint_files(site) == {}, "unverified copies were moved"
+    assert report.unknown == []
+    assert report.error_class == "endpoint"
+    assert "b2sum" in (report.error or "")
+
+
+# --------------------------------------------------------------------------- hole 2
+
+
+def test_hole2_a_file_vanished_before_the_rename_is_not_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something deletes one staged copy right before ``mv`` runs: it must be sent again."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = "/usr/bin/mv" if os.path.exists("/usr/bin/mv") else "/bin/mv"
+    bin_dir = fake_tools(tmp_path, {"mv": f'rm -f ./b.fits; exec {real_mv} "$@"'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode() * 10) for n in ("a.fits", "b.fits", "c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode() * 10)
+    report = run_batch(site, slot, files)
+    assert "d/b.fits" not in endpoint_files(site)
+    assert report.outcomes.get("d/b.fits", ("",))[0] != COMMITTED, "a vanished file was recorded delivered"
+    assert "d/b.fits" not in report.unknown  # known not delivered: sent again, not listed
+    # The others were renamed and say so.
+    assert endpoint_files(site) == {"d/a.fits": b"a.fits" * 10, "d/c.fits": b"c.fits" * 10}
+    assert report.committed() == ["d/a.fits", "d/c.fits"]
+
+
+# --------------------------------------------------------------------------- hole 3
+
+
+@pytest.mark.parametrize("quote", ["'", '\\"'], ids=["single", "double"])
+def test_hole2_mv_failing_only_because_the_consumer_was_fast_is_still_a_delivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quote: str
+) -> None:
+    """GNU mv given several names stats each final name after renaming it; when the endpoint
+    manager has taken the file already, mv says "cannot stat '<final path>'" and fails. Those
+    files were renamed: reported M (sending them again would deliver them twice)."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = shutil.which("mv")
+    consumer = (
+        f'{real_mv} "$@" || exit; [ "$1" = -n ] || exit 0; rm -f "$3/a.fits"; '
+        f'echo "mv: cannot stat {quote}$3/a.fits{quote}: No such file or directory" >&2; exit 1'
+    )
+    bin_dir = fake_tools(tmp_path, {"mv": consumer})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits", "c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode())
+    report = run_batch(site, slot, files)
+    assert report.committed() == ["d/a.fits", "d/b.fits", "d/c.fits"], report.outcomes
+    assert endpoint_files(site) == {"d/b.fits": b"b.fits", "d/c.fits": b"c.fits"}  # a: ingested
+
+
+def test_hole3_an_earlier_version_in_the_endpoint_buffer_is_never_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path)
+    (site.ep_buffer / "d").mkdir()
+    (site.ep_buffer / "d" / "a.fits").write_bytes(b"version 1")  # not ingested yet
+    slot = site.slot()
+    v2 = site.local("d/a.fits", b"version 2!")
+    other = site.local("d/b.fits", b"other")
+    stage(slot, v2.basename, b"version 2!")
+    stage(slot, other.basename, b"other")
+    report = run_batch(site, slot, [v2, other])
+    assert endpoint_files(site) == {"d/a.fits": b"version 1", "d/b.fits": b"other"}
+    assert report.committed() == ["d/b.fits"]
+    outcome, reason = report.outcomes["d/a.fits"]
+    assert outcome != COMMITTED
+    assert "exists" in (reason or "")
+    assert "d/a.fits" not in report.unknown
+
+
+def test_hole3_a_final_name_that_appears_just_before_the_rename_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the builtin check cannot close: the final name appears between the check and
+    ``mv``. ``mv -n`` leaves the staged copy (coreutils 9.1 says nothing and exits 0): the
+    program sees it still staged and reports E, not M."""
+    monkeypatch.chdir(tmp_path)
+    real_mv = shutil.which("mv")
+    racer = 'if [ "$1" = -n ]; then printf early > "$3/a.fits"; fi'
+    bin_dir = fake_tools(tmp_path, {"mv": f'{racer}; exec {real_mv} "$@"'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode())
+    report = run_batch(site, slot, files)
+    assert endpoint_files(site) == {"d/a.fits": b"early", "d/b.fits": b"b.fits"}
+    assert report.committed() == ["d/b.fits"]
+    assert report.outcomes["d/a.fits"][0] == "waiting"
+
+
+# --------------------------------------------------------------------------- hole 7
+
+
+def test_hole7_a_commit_larger_than_the_endpoints_argument_limit_runs_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's ARG_MAX is 128 KiB (a 256 KiB stack); the batch's names take ~300 KB."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path, remote='prlimit --stack=262144 sh -c "{command}"')
+    slot = site.slot()
+    files = []
+    for i in range(1200):
+        name = f"d/{i:05d}-" + "x" * 240 + ".fits"
+        f = site.local(name, b"%d" % i)
+        stage(slot, f.basename, b"%d" % i)
+        files.append(f)
+    report = run_batch(site, slot, files)
+    assert report.unknown == [], report.error
+    assert len(report.committed()) == 1200
+    assert len(endpoint_files(site)) == 1200
+
+
+# --------------------------------------------------------------------------- hole 8
+
+
+def test_hole8_a_flock_that_fails_on_staging_is_a_clear_error_not_a_lost_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bin_dir = fake_tools(
+        tmp_path, {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'}
+    )
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    f = site.local("a.fits", b"data")
+    stage(slot, f.basename, b"data")
+    report = run_batch(site, slot, [f])
+    assert endpoint_files(site) == {}
+    assert report.unknown == [], "a failing flock was read as a lost reply"
+    assert report.error_class == "endpoint"
+    assert "flock" in (report.error or "")
+
+
+def test_digest_helper_matches_b2sum() -> None:
+    # The fake-tool tests rely on the real b2sum elsewhere; make sure it is the same digest.
+    out = subprocess.run(["b2sum"], input=b"abc", capture_output=True, check=True).stdout
+    assert out.split()[0].decode() == hashlib.blake2b(b"abc").hexdigest()
+
+
+# --------------------------------------------------------------------------- the start-up check
+
+
+def write_config(root: Path, *, verify: str, remote: str) -> Path:
+    for d in ("buffer", "holding", "ep/buffer", "ep/staging"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(
+        "handoff: {buffer: buffer, holding: holding}\n"
+        "endpoint:\n"
+        f"  buffer: {root}/ep/buffer\n"
+        f"  staging: {root}/ep/staging\n"
+        "  commands:\n"
+        "    transfer: cp {batch} {dest}\n"
+        f"    remote: '{remote}'\n"
+        "database: {engine: 'sqlite:///handoff.db'}\n"
+        f"general: {{name: t1, verify: {verify}, timeout: 30, retry_initial: 1}}\n"
+    )
+    (root / "buffer" / "a.fits").write_bytes(b"data")
+    return path
+
+
+@pytest.mark.parametrize(
+    "verify, hide, tools, culprit",
+    [
+        ("checksum", ("b2sum",), {}, "b2sum"),
+        ("checksum", (), {"b2sum": "echo \"b2sum: invalid option -- 'z'\" >&2; exit 1"}, "b2sum -z"),
+        (
+            "size",
+            (),
+            {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'},
+            "flock",
+        ),
+    ],
+    ids=["b2sum-missing", "b2sum-without-z", "flock-failing"],
+)
+def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    verify: str,
+    hide: tuple[str, ...],
+    tools: dict[str, str],
+    culprit: str,
+) -> None:
+    """Hole 1 and 8 at start: one line, sysexits 69, nothing sent (the file stays put)."""
+    from hdfmgr import cli
+
+    monkeypatch.chdir(tmp_path)
+    bin_dir = fake_tools(tmp_path, tools, hide=hide)
+    path = str(bin_dir) if hide else f"{bin_dir}:{SYSTEM_PATH}"
+    config = write_config(tmp_path / "site", verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
+    assert cli.main(["rescan", str(config)]) == cli.EX_UNAVAILABLE == 69
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and culprit in err[0] and "Traceback" not in err[0], err
+    assert (tmp_path / "site" / "buffer" / "a.fits").exists()
+    assert list((tmp_path / "site" / "ep" / "buffer").iterdir()) == []
+
+
+def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``doctor`` runs the start-up probe too: a flock failing on staging is one FAIL line."""
+    from hdfmgr import doctor
+
+    monkeypatch.chdir(tmp_path)
+    failing = {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'}
+    bin_dir = fake_tools(tmp_path, failing)
+    remote = f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"'
+    config = write_config(tmp_path / "site", verify="checksum", remote=remote)
+    lines: list[str] = []
+    assert doctor.main(str(config), out=lines.append) == doctor.EX_FAIL
+    bad = [line for line in lines if line.startswith("FAIL endpoint can run the commit")]
+    assert len(bad) == 1 and "flock" in bad[0] and "Function not implemented" in bad[0], lines
+    good = write_config(tmp_path / "good", verify="checksum", remote='sh -c "{command}"')
+    lines = []
+    doctor.main(str(good), out=lines.append)
+    ok = [line for line in lines if line.startswith("OK   endpoint can run the commit")]
+    assert len(ok) == 1 and "b2sum -z works" in ok[0] and "ARG_MAX" in ok[0], lines
+
+
+# --------------------------------------------------------------------------- through the daemon
+
+
+def test_hole3_daemon_waits_for_a_paused_consumer_then_delivers_the_new_version(tmp_path: Path) -> None:
+    """The endpoint manager is paused: version 1 of a.fits waits in the endpoint buffer when
+    version 2 is written. Version 2 never replaces it; once the consumer takes version 1,
+    version 2 is delivered (once), and the database said why it waited."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    site.configure(retry_initial=0.2, retry_max=0.5)
+    final = site.ep_buffer / "d" / "a.fits"
+    final.parent.mkdir()
+    final.write_bytes(b"version 1")  # delivered earlier, not ingested yet (consumer paused)
+    daemon = site.start()
+    try:
+        site.write("d/a.fits", b"version 2!")
+        wait_for(
+            lambda: any(
+                "endpoint buffer" in (e or "") for (e,) in site.query("select last_error from files")
+            ),
+            20,
+            "the reason it waits, recorded",
+        )
+        time.sleep(0.5)  # a few retries with the consumer still paused
+        assert final.read_bytes() == b"version 1", "the earlier version was overwritten"
+        classes = {c for (c,) in site.query("select error_class from files")}
+        assert classes == {"exists"}
+        final.unlink()  # the consumer resumes and ingests version 1
+        wait_for(lambda: final.exists() and final.read_bytes() == b"version 2!", 20, "version 2 delivered")
+        wait_for(lambda: site.states().get("d/a.fits") == "held", 10, "held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_hole2_daemon_sends_again_a_file_that_vanished_from_staging(tmp_path: Path) -> None:
+    """Something deletes a staged copy right before the rename (a tmp cleaner, an operator):
+    the file is sent again and arrives, and is never recorded delivered without arriving."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    real_mv = shutil.which("mv")
+    once = tmp_path / "vanished-once"
+    vanish = f"if [ -f ./gone.fits ] && [ ! -e {once} ]; then : > {once}; rm -f ./gone.fits; fi"
+    bin_dir = fake_tools(tmp_path, {"mv": f'{vanish}; exec {real_mv} "$@"'})
+    site.configure(
+        remote=f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"', retry_initial=0.2, retry_max=0.5
+    )
+    files = {"n/gone.fits": b"gone" * 10, "n/kept.fits": b"kept" * 10}
+    daemon = site.start()
+    try:
+        site.write_many(files)
+        wait_for(lambda: once.exists(), 20, "the staged copy to vanish")
+        wait_for(lambda: site.delivered() == files, 20, "both delivered")
+        wait_for(lambda: set(site.states().values()) == {"held"}, 10, "both held")
+        attempts = dict(site.query("select relpath, attempts from files"))
+        assert attempts[b"n/gone.fits"] == 2 and attempts[b"n/kept.fits"] == 1
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_hole7_batches_respect_the_endpoints_argument_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's ARG_MAX caps the batch budget when it is lower than this host's."""
+    from hdfmgr.endpoint import Requirements
+    from hdfmgr.pipeline import Pipeline
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "site", verify="size", remote='sh -c "{command}"')
+    from hdfmgr.config import load
+
+    pipeline = Pipeline(load(config), once=True, install_signals=False)
+    local = pipeline.budget
+    monkeypatch.setattr(
+        pipeline.endpoint, "requirements", lambda: (None, Requirements(arg_max=65536, flock="ok"))
+    )
+    pipeline._check_endpoint()
+    assert pipeline.budget < 65536 < local
+    pipeline.executor.shutdown()
+
+
+def test_hole8_a_commit_that_cannot_lock_backs_off_and_is_never_a_lost_reply(tmp_path: Path) -> None:
+    """flock works for the start-up probe but fails in every commit (a staging filesystem
+    that changed under a running daemon): each attempt is an ``endpoint`` error with backoff,
+    nothing is moved, and nothing is ever taken for a lost reply."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path)
+    real = shutil.which("flock")
+    probe_only = f'case "$1" in -n) exec {real} "$@" ;; esac'
+    failing = f'{probe_only}; echo "flock: failed to lock: Function not implemented" >&2; exit 1'
+    bin_dir = fake_tools(tmp_path, {"flock": failing})
+    site.configure(
+        remote=f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"', retry_initial=0.5, retry_max=2
+    )
+    daemon = site.start()
+    try:
+        site.write("a.fits", b"data")
+        wait_for(lambda: site.query("select attempts from files") == [(3,)], 30, "three attempts")
+        started = time.monotonic()
+        wait_for(lambda: site.query("select attempts from files") == [(4,)], 30, "a fourth attempt")
+        assert time.monotonic() - started > 1.0  # backing off (0.5 s, 1 s, 2 s, ... with jitter)
+        rows = site.query("select error_class, last_error from files")
+        assert rows[0][0] == "endpoint" and "flock fails on staging" in rows[0][1], rows
+        assert "nothing moved" in rows[0][1]
+        assert list(site.ep_buffer.iterdir()) == []
+    finally:
+        assert daemon.stop() == 0
+    assert "reply was lost" not in daemon.output()

@@ -353,7 +353,8 @@ def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report
             return False
     argvs = endpoint.transfer_argvs(files, job.staging_dir)
     # One command for the batch, or one per file (a template without {batch}).
-    sizes = [sum(f.size for f in files)] if len(argvs) == 1 else [f.size for f in files]
+    per_file = len(argvs) > 1 and len(argvs) == len(files)
+    sizes = [f.size for f in files] if per_file else [sum(f.size for f in files)] * len(argvs)
     for argv, nbytes in zip(argvs, sizes, strict=True):
         result = endpoint.transfer(argv, nbytes)
         report.transfers.append(result)

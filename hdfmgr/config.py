@@ -62,6 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "name": None,
         "metrics_port": None,
         "metrics_address": "127.0.0.1",
+        "warm_sessions": "auto",
     },
 }
 
@@ -114,6 +115,8 @@ class Config:
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    #: Run hdfmgr's own remote steps through warm sessions (hdfmgr/session.py).
+    warm_sessions: bool = False
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -296,7 +299,20 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         raw=data,
         metrics_port=_optional_port(gen, "metrics_port"),
         metrics_address=_string(gen, "general", "metrics_address"),
+        warm_sessions=_warm_sessions(gen["warm_sessions"], remote),
     )
+
+
+def _warm_sessions(value: object, remote: Template) -> bool:
+    """``auto`` turns warm sessions on where they cannot surprise: a remote template that runs
+    ``ssh`` itself (it passes stdin through and keeps a connection open as any command does).
+    A wrapper script or another tool is left to one command per step unless asked."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"general.warm_sessions: {value!r} is not one of true, false, auto")
+    first = remote.tokens[0]
+    return len(first) == 1 and isinstance(first[0], str) and os.path.basename(first[0]) == "ssh"
 
 
 def _default_name(buffer: Path) -> str:

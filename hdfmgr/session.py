@@ -283,14 +283,18 @@ class Session:
             pass
         self._close_pipes()
 
-    def close(self, grace: float = CLOSE_GRACE) -> None:
-        """End of file to the loop (it exits by itself), then kill what is left."""
+    def end_input(self) -> None:
+        """End of file to the loop: it exits by itself once its step (if any) is over."""
         self.broken = True
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
         except OSError:
             pass
+
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """End of file to the loop, then kill what is left after ``grace`` seconds."""
+        self.end_input()
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -409,14 +413,18 @@ class SessionPool:
                 self.idle.append(session)
                 return
         if session.usable():
-            session.close()
+            # Not on the caller's time: the remote shell's exit takes a round trip.
+            threading.Thread(target=session.close, name="hdfmgr-session-close", daemon=True).start()
         else:
             session.kill()
 
-    def close(self) -> None:
-        """Close every idle session (a session in use closes when its step ends)."""
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close every idle session, all at once (a session in use closes when its step ends)."""
         with self._lock:
             self.closed = True
             idle, self.idle = self.idle, []
         for session in idle:
-            session.close()
+            session.end_input()
+        deadline = time.monotonic() + grace
+        for session in idle:
+            session.close(max(0.0, deadline - time.monotonic()))

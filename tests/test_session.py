@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hdfmgr.config import ConfigError, from_mapping
-from hdfmgr.endpoint import BOOTSTRAP, Endpoint, program
+from hdfmgr.endpoint import BOOTSTRAP, Endpoint, commit_groups, commit_payload, program
 from hdfmgr.session import READY_ERR, READY_OUT, Reply, step_request
 from tests.site import wait_for
 from tests.ssh_templates import REMOTE, params
@@ -159,6 +159,32 @@ def test_a_step_cut_short_never_runs_and_ends_the_loop(shell: str, tmp_path: Pat
     out, _ = proc.communicate(request[:-40], timeout=30)
     assert out.startswith(READY_OUT + b"60\n0\n")
     assert proc.returncode == 0
+
+
+def test_a_commit_whose_data_is_cut_short_moves_nothing(tmp_path: Path) -> None:
+    """The daemon died while writing the commit's data into a long-lived session: the commit
+    program sees an early end of file, finds its last record missing and moves nothing; the
+    loop then ends."""
+    site = Site(tmp_path / "site")
+    slot = site.slot()
+    files = [site.local(f"d/{name}", os.fsencode(name)) for name in HOSTILE[:6]]
+    for f in files:
+        stage(slot, f.basename, os.fsencode(f.basename))
+    data, nrec, nplan = commit_payload(commit_groups(files, site.endpoint.final_dir), "size", slot)
+    args = ["hdfmgr-commit", slot, "size", "5", "1", str(nrec), str(nplan)]
+    request = step_request(TOKEN, program("commit.sh"), args, data)
+    for cut in [*range(len(request) - len(data), len(request), 13), len(request) - 1]:
+        proc = start_loop(SHELLS[0])
+        out, _ = proc.communicate(request[:cut], timeout=30)
+        assert b"X96 commit input cut short" in out, cut
+        assert out.endswith(b"/hdfmgr-step/" + TOKEN.encode() + b"/96/\0"), cut
+        assert proc.returncode == 0, cut
+        assert len(listing(slot)) == len(files), cut
+        assert not (site.ep_buffer / "d").exists(), cut
+    proc = start_loop(SHELLS[0])
+    out, _ = proc.communicate(request, timeout=30)
+    assert out.endswith(b"\0/hdfmgr-step/" + TOKEN.encode() + b"/0/\0")
+    assert listing(slot) == {} and len(listing(site.ep_buffer / "d")) == len(files)
 
 
 # --------------------------------------------------------------------------- through a local shell

@@ -16,6 +16,7 @@ import pytest
 from hdfmgr.config import ConfigError, from_mapping
 from hdfmgr.endpoint import BOOTSTRAP, Endpoint, commit_groups, commit_payload, program
 from hdfmgr.session import READY_ERR, READY_OUT, Reply, step_request
+from tests.delay_relay import DelayRelay, known_hosts_for
 from tests.site import wait_for
 from tests.ssh_templates import REMOTE, params
 from tests.sshd_fixture import SshServer
@@ -319,14 +320,14 @@ def test_a_killed_daemon_leaves_no_remote_shell_running(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- through the real sshd
 
 
-def ssh_site(root: Path, sshd: SshServer, *, timeout: float = 30) -> Site:
+def ssh_site(root: Path, sshd: SshServer, *, timeout: float = 30, warm: bool = True, **extra: object) -> Site:
     site = Site(root, timeout=timeout)
     raw = site.config.raw
     commands = {**raw["endpoint"]["commands"], "remote": REMOTE}
-    endpoint = {**raw["endpoint"], "commands": commands, **params(sshd)}
+    endpoint = {**raw["endpoint"], "commands": commands, **params(sshd, **extra)}
     site.config = from_mapping({**raw, "endpoint": endpoint}, path=root / "config.yaml")
     assert site.config.warm_sessions  # auto: the remote template runs ssh
-    site.endpoint = Endpoint(site.config, generation="g1", warm=True)
+    site.endpoint = Endpoint(site.config, generation="g1", warm=warm)
     return site
 
 
@@ -439,3 +440,24 @@ def test_config_warm_sessions_switch(tmp_path: Path) -> None:
     assert load({"warm_sessions": True}) is True
     with pytest.raises(ConfigError, match=r"general\.warm_sessions"):
         load({"warm_sessions": "yes"})
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_over_a_long_link_a_warm_endpoint_logs_in_once(tmp_path: Path, sshd: SshServer, warm: bool) -> None:
+    """Counted at a relay in front of sshd (20 ms each way): ten commits and listings over one
+    connection with warm sessions, one connection per step without."""
+    with DelayRelay(sshd.port, 0.02) as relay:
+        known = known_hosts_for(sshd.known_hosts, sshd.port, relay.port, tmp_path / "known_hosts")
+        site = ssh_site(tmp_path / "site", sshd, warm=warm, port=relay.port, known_hosts=str(known))
+        ep = site.endpoint
+        try:
+            slot = site.slot()
+            for i in range(10):
+                f = site.local(f"n/f{i}", b"y" * i)
+                stage(slot, f.basename, b"y" * i)
+                result, report = ep.commit(slot, None, [f], batch=1 + i)
+                assert result.ok and report is not None and report.moved == {f.basename}
+            assert ep.list_slots([slot])[1] == {slot: set()}
+            assert relay.connections == (1 if warm else 12)
+        finally:
+            ep.close()

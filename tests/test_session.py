@@ -6,6 +6,7 @@ login, a session killed on the endpoint mid-step, a step timing out, hostile nam
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from hdfmgr.config import ConfigError, from_mapping
 from hdfmgr.endpoint import BOOTSTRAP, Endpoint, commit_groups, commit_payload, program
 from hdfmgr.session import READY_ERR, READY_OUT, Reply, step_request
 from tests.delay_relay import DelayRelay, known_hosts_for
-from tests.site import wait_for
+from tests.site import Consumer, content, wait_for
+from tests.site import Site as DaemonSite
 from tests.ssh_templates import REMOTE, params
 from tests.sshd_fixture import SshServer
 from tests.test_endpoint_script import HOSTILE, Site, listing, no_pwned, stage
@@ -461,3 +463,68 @@ def test_over_a_long_link_a_warm_endpoint_logs_in_once(tmp_path: Path, sshd: Ssh
             assert relay.connections == (1 if warm else 12)
         finally:
             ep.close()
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def ancestors_cmdlines(pid: int) -> list[bytes]:
+    out = []
+    while pid > 1:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            break
+        pid = parent(pid)
+    return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_daemon_whose_session_dies_mid_commit_delivers_each_file_once(
+    tmp_path: Path, sshd: SshServer, when: str
+) -> None:
+    """The endpoint kills the warm session while the commit is in its mv (before or after the
+    rename): the daemon gets no framed reply, keeps the files in doubt, lists the slot through
+    a new session and settles each file exactly once."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    flag, parked = tmp_path / "park", tmp_path / "parked"
+    move = '/bin/mv "$@"; ' if when == "after" else ""
+    (shim / "mv").write_text(
+        "#!/bin/sh\n"
+        f'if [ -e {flag} ]; then {move}echo "$$" > {parked}.tmp; '
+        f"/bin/mv {parked}.tmp {parked}; sleep 60; fi\n"
+        'exec /bin/mv "$@"\n'
+    )
+    (shim / "mv").chmod(0o755)
+    remote = REMOTE.replace('"{command}"', f'"PATH={shim}:$PATH {{command}}"')
+    site = DaemonSite(tmp_path / "site")
+    site.configure(remote=remote, params=params(sshd), num_threads=1)
+    names = [f"d/f{i}.fits" for i in range(5)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    try:
+        flag.touch()
+        daemon = site.start()
+        try:
+            for rel in names:
+                site.write(rel, content(rel))
+            wait_for(parked.exists, 30, "the commit to park in its mv")
+            pid = int(parked.read_text())
+            assert any(b"hdfmgr-session" in c for c in ancestors_cmdlines(pid)), "not in a warm session"
+            flag.unlink()
+            os.killpg(os.getpgid(pid), signal.SIGKILL)  # the endpoint ends the session
+            wait_for(lambda: set(site.held()) == set(names), 60, "everything held")
+            wait_for(lambda: len(set(consumer.arrivals)) == len(names), 10, "consumer")
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+    finally:
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert sorted(consumer.arrivals) == sorted(names), "each file must arrive exactly once"
+    assert not consumer.bad
+    log = daemon.output()
+    assert "reply was lost" in log, log
+    attempts = dict(site.query("select name, attempts from files"))
+    if when == "after":
+        assert set(attempts.values()) == {1}, attempts  # the listing found them delivered

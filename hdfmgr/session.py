@@ -144,7 +144,7 @@ class Session:
         self.argv = tuple(argv)
         self.proc = proc
         self.broken = False  # killed or in doubt: never used again
-        self.last_used = time.monotonic()
+        self.last_used = 0.0  # by the pool's clock
         self.steps = 0
         self._sel = selectors.DefaultSelector()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
@@ -195,7 +195,6 @@ class Session:
         reply = Reply.step(token)
         how = self._exchange(step_request(token, program, args, data), reply, t0 + timeout)
         self.steps += 1
-        self.last_used = time.monotonic()
         if how != "done" or reply.trailing:
             self.kill()
         return self._result(how, reply, started, t0, describe)
@@ -226,7 +225,6 @@ class Session:
                 sel.register(fd, selectors.EVENT_READ)
             if pending:
                 sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-            open_streams = 2
             while not reply.done:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -234,12 +232,14 @@ class Session:
                 for key, _ in sel.select(min(left, 1.0)):
                     fd = key.fd
                     if fd in fds:
-                        chunk = os.read(fd, 65536)
+                        try:
+                            chunk = os.read(fd, 65536)
+                        except BlockingIOError:
+                            continue
                         if chunk:
                             fds[fd](chunk)
                         else:
                             sel.unregister(fd)
-                            open_streams -= 1
                             if not reply.done:
                                 self._reap(deadline)
                                 return "lost"
@@ -408,6 +408,7 @@ class SessionPool:
         return session
 
     def _give_back(self, session: Session) -> None:
+        session.last_used = self.clock()
         with self._lock:
             if session.usable() and not self.closed and len(self.idle) < self.keep:
                 self.idle.append(session)

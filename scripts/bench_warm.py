@@ -3,7 +3,8 @@
 Starts the loopback sshd of the test suite, puts a relay in front of it that delays every byte
 by DELAY seconds each way (tests/delay_relay.py), and times N commits of small batches
 (FILES files of SIZE bytes, staged beforehand as a transfer would) through hdfmgr's Endpoint,
-once with one ssh command per step and once through warm sessions. Each commit's files are
+with one ssh command per step (a new connection each, or sharing one ControlMaster) and
+through warm sessions. Each commit's files are
 checked in the endpoint buffer. Prints per mode the median and total, and the ratio of the
 medians.
 
@@ -28,20 +29,21 @@ if str(ROOT) not in sys.path:
 from hdfmgr.config import from_mapping  # noqa: E402
 from hdfmgr.endpoint import Endpoint, StagedFile  # noqa: E402
 from tests.delay_relay import DelayRelay, known_hosts_for  # noqa: E402
-from tests.ssh_templates import REMOTE, params  # noqa: E402
-from tests.sshd_fixture import start_sshd  # noqa: E402
+from tests.ssh_templates import REMOTE, REMOTE_SHARED, params  # noqa: E402
+from tests.sshd_fixture import SshServer, start_sshd  # noqa: E402
+
+MODES = {
+    "one ssh per step": (REMOTE, False),
+    "shared master": (REMOTE_SHARED, False),
+    "warm session": (REMOTE, True),
+}
 
 
 def run(
-    root: Path,
-    sshd_port: int,
-    relay_port: int,
-    known: Path,
-    key: Path,
-    user: str,
-    args: argparse.Namespace,
-    warm: bool,
+    root: Path, sshd: SshServer, relay_port: int, known: Path, mode: str, args: argparse.Namespace
 ) -> list[float]:
+    """One mode's commits in a fresh site; each commit's time."""
+    template, warm = MODES[mode]
     buffer, holding = root / "buffer", root / "holding"
     ep_buffer, staging = root / "endpoint" / "buffer", root / "endpoint" / "staging"
     for d in (buffer, holding, ep_buffer, staging):
@@ -52,12 +54,8 @@ def run(
             "endpoint": {
                 "buffer": str(ep_buffer),
                 "staging": str(staging),
-                "commands": {"transfer": "cp {batch} {dest}", "remote": REMOTE},
-                "user": user,
-                "host": "127.0.0.1",
-                "port": relay_port,
-                "key": str(key),
-                "known_hosts": str(known),
+                "commands": {"transfer": "cp {batch} {dest}", "remote": template},
+                **params(sshd, port=relay_port, known_hosts=str(known), cpath=str(root / "cm-%C")),
             },
             "database": {"engine": "sqlite:///handoff.db"},
             "general": {"name": "bench", "verify": args.verify, "timeout": 60},
@@ -100,41 +98,32 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--verify", choices=("size", "checksum"), default="size")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every mode (default 3)")
     args = parser.parse_args()
+    medians: dict[str, list[float]] = {mode: [] for mode in MODES}
+    logins: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="hdfmgr-warm-") as tmp:
         work = Path(tmp)
         (work / "sshd").mkdir()
         with start_sshd(work / "sshd") as sshd, DelayRelay(sshd.port, args.delay) as relay:
             known = known_hosts_for(sshd.known_hosts, sshd.port, relay.port, work / "known_hosts")
-            assert params(sshd)["user"] == sshd.user
-            results = {}
-            for warm in (False, True):
-                before = relay.connections
-                times = run(
-                    work / ("warm" if warm else "cold"),
-                    sshd.port,
-                    relay.port,
-                    known,
-                    sshd.key,
-                    sshd.user,
-                    args,
-                    warm,
-                )
-                results[warm] = (times, relay.connections - before)
-    rtt = 2 * args.delay
+            for r in range(args.repeat):
+                for mode in MODES:
+                    before = relay.connections
+                    times = run(work / f"{r}-{mode.replace(' ', '-')}", sshd, relay.port, known, mode, args)
+                    logins[mode] = relay.connections - before
+                    medians[mode].append(statistics.median(times))
+                    print(f"  run {r + 1} {mode:17} median {medians[mode][-1]:.3f} s", flush=True)
     print(
         f"{args.commits} commits of {args.files} x {args.size} B ({args.verify}), "
-        f"round trip {rtt * 1000:.0f} ms"
+        f"round trip {2 * args.delay * 1000:.0f} ms, median of {args.repeat} runs' medians"
     )
-    for warm in (False, True):
-        times, logins = results[warm]
-        name = "warm session" if warm else "one ssh per step"
+    warm = statistics.median(medians["warm session"])
+    for mode in MODES:
+        m = statistics.median(medians[mode])
         print(
-            f"  {name:17} median {statistics.median(times):.3f} s  min {min(times):.3f}  "
-            f"max {max(times):.3f}  total {sum(times):.2f} s  ssh logins {logins}"
+            f"  {mode:17} {m:.3f} s per commit  {m / warm:4.1f}x warm  ssh connections per run {logins[mode]}"
         )
-    ratio = statistics.median(results[False][0]) / statistics.median(results[True][0])
-    print(f"  ratio of medians (one ssh per step / warm): {ratio:.1f}x")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 
 from hdfmgr.config import ConfigError, from_mapping
 from hdfmgr.endpoint import BOOTSTRAP, Endpoint, commit_groups, commit_payload, program
-from hdfmgr.session import READY_ERR, READY_OUT, Reply, step_request
+from hdfmgr.session import PING_AFTER, READY_ERR, READY_OUT, Reply, step_request
 from tests.delay_relay import DelayRelay, known_hosts_for
 from tests.site import Consumer, content, wait_for
 from tests.site import Site as DaemonSite
@@ -272,6 +272,33 @@ def descends(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
+
+
+def test_a_session_idle_too_long_must_answer_an_empty_step_first(tmp_path: Path) -> None:
+    """A connection that died quietly (here: a remote shell that stopped answering) is found
+    by the empty step, within its own timeout, before the real step is sent into it."""
+    site = warm_site(tmp_path / "site", timeout=2)
+    ep, sessions = site.endpoint, site.endpoint.sessions
+    assert sessions is not None
+    now = [1000.0]
+    sessions.clock = lambda: now[0]
+    try:
+        assert ep.probe().ok
+        (session,) = sessions.idle
+        now[0] += 10
+        assert ep.probe().ok and session.steps == 2  # recent: no empty step
+        now[0] += PING_AFTER + 1
+        assert ep.probe().ok and session.steps == 4  # the empty step, then the probe
+        stopped = [pid for pid in session_loops() if descends(pid, session.pid)]
+        assert len(stopped) == 1
+        os.kill(stopped[0], signal.SIGSTOP)
+        now[0] += PING_AFTER + 1
+        slot = ep.slot_dir(0)
+        result = ep.prepare(slot, clean=True)
+        assert result.ok and os.path.isdir(slot)
+        assert not session.usable() and sessions.started == 2
+    finally:
+        ep.close()
 
 
 def session_loops() -> list[int]:

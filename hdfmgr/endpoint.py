@@ -360,18 +360,24 @@ class Endpoint:
         if self.sessions is not None:
             self.sessions.close()
 
-    def _warm(
+    def _warm_or(
         self,
         script: str,
         args: Sequence[str],
         data: bytes,
         timeout: float,
         on_start: Callable[[int], None] | None,
-    ) -> CommandResult | None:
-        """The step through a warm session; None when it must run as one command."""
+        command: Callable[[], CommandResult],
+    ) -> CommandResult:
+        """The step through a warm session when there is one, else ``command()``: the same
+        step as one remote command (``args`` starts with the program's $0)."""
         if self.sessions is None:
-            return None
-        return self.sessions.run(script, args, data, timeout=timeout, on_start=on_start)
+            return command()
+        result, tried = self.sessions.run(script, args, data, timeout=timeout, on_start=on_start)
+        if result is None:
+            result = command()
+            self.sessions.fell_back(tried, result)
+        return result
 
     @property
     def lock_wait(self) -> str:
@@ -397,14 +403,18 @@ class Endpoint:
         timeout: float | None = None,
         on_start: Callable[[int], None] | None = None,
     ) -> CommandResult:
-        warm = self._warm(script, ["hdfmgr", *args], stdin or b"", timeout or self.config.timeout, on_start)
-        if warm is not None:
-            return warm
-        return self._run(
-            self.remote_argv(script, *args),
-            timeout=timeout or self.config.timeout,
-            stdin=stdin,
-            on_start=on_start,
+        return self._warm_or(
+            script,
+            ["hdfmgr", *args],
+            stdin or b"",
+            timeout or self.config.timeout,
+            on_start,
+            lambda: self._run(
+                self.remote_argv(script, *args),
+                timeout=timeout or self.config.timeout,
+                stdin=stdin,
+                on_start=on_start,
+            ),
         )
 
     def run_program(
@@ -419,17 +429,18 @@ class Endpoint:
         the program, then ``data``, on stdin."""
         text = program(name)
         step = f"hdfmgr-{name.removesuffix('.sh')}"
-        warm = self._warm(text, [step, *args], data, timeout or self.config.timeout, on_start)
-        if warm is not None:
-            return warm
-        return self.remote(
-            BOOTSTRAP,
-            str(len(text)),
-            f"hdfmgr-{name.removesuffix('.sh')}",
-            *args,
-            stdin=text.encode("ascii") + data,
-            timeout=timeout,
-            on_start=on_start,
+        return self._warm_or(
+            text,
+            [step, *args],
+            data,
+            timeout or self.config.timeout,
+            on_start,
+            lambda: self._run(
+                self.remote_argv(BOOTSTRAP, str(len(text)), step, *args),
+                timeout=timeout or self.config.timeout,
+                stdin=text.encode("ascii") + data,
+                on_start=on_start,
+            ),
         )
 
     def requirements(self) -> tuple[CommandResult, Requirements | None]:
@@ -448,10 +459,15 @@ class Endpoint:
 
     def probe(self) -> CommandResult:
         """The cheapest proof that the endpoint answers: the remote command running ``true``."""
-        warm = self._warm("true", ["hdfmgr"], b"", min(self.config.timeout, 60.0), None)
-        if warm is not None:
-            return warm
-        return self._run(self.config.remote.render(command="true"), timeout=min(self.config.timeout, 60.0))
+        timeout = min(self.config.timeout, 60.0)
+        return self._warm_or(
+            "true",
+            ["hdfmgr"],
+            b"",
+            timeout,
+            None,
+            lambda: self._run(self.config.remote.render(command="true"), timeout=timeout),
+        )
 
     def prepare(self, slot_dir: str, *, clean: bool) -> CommandResult:
         return self.remote(PREPARE_SCRIPT, slot_dir, "clean" if clean else "keep")

@@ -21,11 +21,11 @@ What stays as with one command per step:
   arrive whole, and data cut short reaches the program as an early end of file (the commit
   program then moves nothing). When the daemon dies, the ssh client's stdin closes, the loop
   reads end of file and the remote shell exits.
-* A session that cannot start because the endpoint cannot be reached gives the step that
-  failure (the circuit breaker counts it as today); one that cannot start for another reason
-  (a template that does not pass stdin, a shell that cannot run the loop) falls back to one
-  command per step. Either way the next start is tried only after a backoff, and steps run as
-  single commands meanwhile.
+* A step whose session cannot start runs as one command, as without warm sessions: when the
+  endpoint cannot be reached, that command fails too (exit 255, counted by the circuit breaker
+  as today); a template that does not pass stdin or a shell that cannot run the loop only
+  loses the speed. The next start is tried after a backoff, steps running as single commands
+  meanwhile; after an outage, as soon as one of them gets through.
 * A session idle for longer than :data:`PING_AFTER` is first asked to run an empty step, so
   that a connection that died quietly (an endpoint restart, a NAT timeout) is found before a
   commit is sent into it, not by the commit's timeout.
@@ -311,6 +311,10 @@ class Session:
         self._sel.close()
 
 
+#: What :meth:`SessionPool._take` returns when a session start failed just now.
+FAILED = object()
+
+
 def transport_failure(result: CommandResult) -> bool:
     """A start that failed because the endpoint could not be reached (or did not answer)."""
     return result.timed_out or result.returncode == LOST
@@ -342,6 +346,7 @@ class SessionPool:
         self.clock = clock
         self.idle: list[Session] = []
         self.failures = 0  # session starts failed in a row
+        self.specific = 0  # ... of them while a plain command reached the endpoint
         self.not_before = 0.0
         self.closed = False
         self.started = 0  # sessions started, for tests and logs
@@ -355,17 +360,33 @@ class SessionPool:
         *,
         timeout: float,
         on_start: Callable[[int], None] | None = None,
-    ) -> CommandResult | None:
+    ) -> tuple[CommandResult | None, bool]:
+        """The step's result through a session, or None: run it as one command, then say how
+        that went with :meth:`fell_back`. The flag: a session start failed just now."""
         session = self._take(min(timeout, START_TIMEOUT))
-        if session is None or isinstance(session, CommandResult):
-            return session
+        if not isinstance(session, Session):
+            return None, session is FAILED
         if on_start is not None:
             on_start(session.pid)
         result = session.step(program, args, data, timeout=timeout, describe=args)
         self._give_back(session)
-        return result
+        return result, False
 
-    def _take(self, start_timeout: float) -> Session | CommandResult | None:
+    def fell_back(self, tried: bool, result: CommandResult) -> None:
+        """A step ran as one command (``tried``: right after a session failed to start).
+
+        A start that fails while a plain command reaches the endpoint is the session's own
+        problem (a template without stdin, a channel limit): its backoff grows. A start that
+        failed in an outage is tried again as soon as a plain command gets through."""
+        reached = not transport_failure(result) and result.returncode != NOT_STARTED
+        with self._lock:
+            if tried:
+                self.specific = self.specific + 1 if reached else 0
+            elif reached and self.failures and not self.specific:
+                self.failures = 0
+                self.not_before = 0.0
+
+    def _take(self, start_timeout: float) -> Session | object | None:
         while True:
             with self._lock:
                 if self.closed:
@@ -399,8 +420,8 @@ class SessionPool:
                     result.describe(),
                     delay,
                 )
-                return result if transport_failure(result) else None
-            self.failures = 0
+                return FAILED
+            self.failures = self.specific = 0
             self.started += 1
             if self.closed:
                 session.close()

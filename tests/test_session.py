@@ -253,10 +253,30 @@ def test_a_session_that_cannot_start_falls_back_to_one_command_per_step(tmp_path
     assert sessions.failures == 1  # within the backoff: not tried again
 
 
-def test_an_unreachable_endpoint_fails_the_step_as_a_transport_failure(tmp_path: Path) -> None:
-    site = warm_site(tmp_path / "site", remote='sh -c "exit 255; {command}"')
-    result = site.endpoint.prepare(site.endpoint.slot_dir(0), clean=True)
-    assert result.returncode == 255 and not os.path.isdir(site.endpoint.slot_dir(0))
+def test_an_outage_fails_steps_as_transport_failures_then_sessions_come_back(tmp_path: Path) -> None:
+    """Unreachable (exit 255 before anything runs): the session cannot start and the step,
+    run as one command, fails as without warm sessions (the breaker counts it). Once a
+    plain command gets through, the next step starts a session at once, not after the
+    backoff."""
+    down = tmp_path / "down"
+    down.touch()
+    site = warm_site(tmp_path / "site", remote=f'sh -c "if [ -e {down} ]; then exit 255; fi; {{command}}"')
+    ep, sessions = site.endpoint, site.endpoint.sessions
+    assert sessions is not None
+    slot = ep.slot_dir(0)
+    try:
+        result = ep.prepare(slot, clean=True)
+        assert result.returncode == 255 and not os.path.isdir(slot)
+        assert sessions.failures == 1 and sessions.not_before > time.monotonic() + 1
+        assert ep.probe().returncode == 255  # within the backoff: one command, failing
+        down.unlink()
+        result = ep.probe()
+        assert result.ok and "warm session" not in " ".join(result.argv)
+        result = ep.prepare(slot, clean=True)
+        assert result.ok and "warm session" in " ".join(result.argv) and os.path.isdir(slot)
+        assert sessions.started == 1
+    finally:
+        ep.close()
 
 
 def parent(pid: int) -> int:

@@ -286,6 +286,14 @@ def parent(pid: int) -> int:
         return 0
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def descends(pid: int, ancestor: int) -> bool:
     while pid > 1:
         pid = parent(pid)
@@ -335,37 +343,6 @@ def session_loops() -> list[int]:
     return pids
 
 
-KILLED_DAEMON = """
-import sys, time
-from hdfmgr.endpoint import Endpoint
-from tests.test_endpoint_script import Site
-from pathlib import Path
-site = Site(Path(sys.argv[1]))
-ep = Endpoint(site.config, generation="g1", warm=True)
-assert ep.prepare(ep.slot_dir(0), clean=True).ok
-print("ready", flush=True)
-time.sleep(600)
-"""
-
-
-def test_a_killed_daemon_leaves_no_remote_shell_running(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_DAEMON, str(tmp_path / "site")],
-        stdout=subprocess.PIPE,
-        cwd=Path(__file__).parent.parent,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        ours = {pid for pid in session_loops() if descends(pid, proc.pid)}
-        assert len(ours) == 1
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-    wait_for(lambda: not ours & set(session_loops()), 10, "the loop to exit on end of file")
-
-
 # --------------------------------------------------------------------------- through the real sshd
 
 
@@ -378,6 +355,51 @@ def ssh_site(root: Path, sshd: SshServer, *, timeout: float = 30, warm: bool = T
     assert site.config.warm_sessions  # auto: the remote template runs ssh
     site.endpoint = Endpoint(site.config, generation="g1", warm=warm)
     return site
+
+
+KILLED_DAEMON = """
+import sys, time
+from hdfmgr.endpoint import Endpoint
+from tests.test_endpoint_script import Site
+from pathlib import Path
+site = Site(Path(sys.argv[1]), remote=sys.argv[2])
+ep = Endpoint(site.config, generation="g1", warm=True)
+assert ep.prepare(ep.slot_dir(0), clean=True).ok
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("over", ["sh", "ssh"])
+def test_a_killed_daemon_leaves_no_remote_shell_running(tmp_path: Path, sshd: SshServer, over: str) -> None:
+    """kill -9 of the process holding the session: the ssh client's stdin closes, the loop
+    reads end of file and exits, and the ssh client with it."""
+    remote = 'sh -c "{command}"'
+    if over == "ssh":
+        remote = REMOTE
+        for key, value in params(sshd).items():
+            remote = remote.replace("{" + key + "}", str(value))
+    before = set(session_loops())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DAEMON, str(tmp_path / "site"), remote],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        ours = set(session_loops()) - before
+        assert len(ours) == 1
+        clients = {
+            pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent(pid) == proc.pid
+        }
+        assert clients
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    wait_for(lambda: not ours & set(session_loops()), 10, "the loop to exit on end of file")
+    wait_for(lambda: not any(running(pid) for pid in clients), 10, "the ssh client to exit")
 
 
 def sshd_connections(sshd: SshServer) -> int:

@@ -196,6 +196,7 @@ class Session:
         how = self._exchange(step_request(token, program, args, data), reply, t0 + timeout)
         self.steps += 1
         if how != "done" or reply.trailing:
+            log.debug("warm session %d: step %s (%s); killed", self.pid, describe[:1], how)
             self.kill()
         return self._result(how, reply, started, t0, describe)
 
@@ -423,6 +424,7 @@ class SessionPool:
                 return FAILED
             self.failures = self.specific = 0
             self.started += 1
+            log.debug("warm session %d started (%.2f s)", session.pid, result.duration)
             if self.closed:
                 session.close()
                 return None

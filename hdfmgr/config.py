@@ -66,6 +66,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "name": None,
         "metrics_port": None,
         "metrics_address": "127.0.0.1",
+        "warm_sessions": "auto",
     },
 }
 
@@ -145,6 +146,9 @@ class Config:
         """Seconds a command that moves or reads ``nbytes`` may take: ``timeout`` is the fixed
         part (connection, start-up), the rest grows with the bytes."""
         return self.timeout + nbytes / (self.min_rate * 1e6)
+
+    #: Run hdfmgr's own remote steps through warm sessions (hdfmgr/session.py).
+    warm_sessions: bool = False
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -336,6 +340,7 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         database_echo=echo,
         original_notes=original_notes(data),
         min_rate=_number(gen, "general", "min_rate", minimum=0.001),
+        warm_sessions=_warm_sessions(gen["warm_sessions"], remote),
     )
 
 
@@ -356,6 +361,18 @@ def original_notes(data: Mapping[str, Any]) -> tuple[str, ...]:
         if key in values and values[key] is None:
             notes.append(f"{dotted}: {meaning}")
     return tuple(notes)
+
+
+def _warm_sessions(value: object, remote: Template) -> bool:
+    """``auto`` turns warm sessions on where they cannot surprise: a remote template that runs
+    ``ssh`` itself (it passes stdin through and keeps a connection open as any command does).
+    A wrapper script or another tool is left to one command per step unless asked."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"general.warm_sessions: {value!r} is not one of true, false, auto")
+    first = remote.tokens[0]
+    return len(first) == 1 and isinstance(first[0], str) and os.path.basename(first[0]) == "ssh"
 
 
 def _default_name(buffer: Path) -> str:

@@ -50,6 +50,7 @@ from pathlib import Path
 from . import runner
 from .config import Config
 from .runner import CommandResult
+from .session import SessionPool
 from .templates import quote_remote
 
 #: The records that frame a parsed reply (see the module's docstring). No name contains '/'.
@@ -70,7 +71,7 @@ PROGRAM_DIR = Path(__file__).with_name("remote")
 #: runs it as ``sh -c PROGRAM NAME ARGS...``; the program's own data follows it on the same
 #: stdin. Not ``sh -s``: dash reads a script from a pipe in blocks, so a command in it that
 #: reads stdin would miss the data the shell already took (tests/test_commit_program.py shows
-#: it). A long-lived remote shell per slot could be fed the same length-prefixed programs.
+#: it). A warm session (hdfmgr/session.py) is fed the same length-prefixed programs.
 BOOTSTRAP = (
     'p=$(head -c "$1") || exit 90; [ "${#p}" -eq "$1" ] || '
     '{ echo "hdfmgr: program cut short" >&2; exit 90; }; shift; exec sh -c "$p" "$@"'
@@ -336,11 +337,47 @@ class Endpoint:
         *,
         generation: str | None = None,
         run: Callable[..., CommandResult] = runner.run,
+        warm: bool = False,
     ) -> None:
         self.config = config
         self.prefix = f"hdfmgr.{config.name}."
         self.generation = generation or secrets.token_hex(4)
         self._run = run
+        #: Warm sessions (hdfmgr/session.py) for the remote steps, when ``warm``.
+        self.sessions: SessionPool | None = None
+        if warm:
+            loop = program("session.sh")
+            self.sessions = SessionPool(
+                self.remote_argv(BOOTSTRAP, str(len(loop)), "hdfmgr-session"),
+                loop,
+                keep=config.num_threads + 1,
+                backoff_initial=config.retry_initial,
+                backoff_max=config.retry_max,
+            )
+
+    def close(self) -> None:
+        """End the warm sessions (their remote shells exit on end of file)."""
+        if self.sessions is not None:
+            self.sessions.close()
+
+    def _warm_or(
+        self,
+        script: str,
+        args: Sequence[str],
+        data: bytes,
+        timeout: float,
+        on_start: Callable[[int], None] | None,
+        command: Callable[[], CommandResult],
+    ) -> CommandResult:
+        """The step through a warm session when there is one, else ``command()``: the same
+        step as one remote command (``args`` starts with the program's $0)."""
+        if self.sessions is None:
+            return command()
+        result, tried = self.sessions.run(script, args, data, timeout=timeout, on_start=on_start)
+        if result is None:
+            result = command()
+            self.sessions.fell_back(tried, result)
+        return result
 
     @property
     def lock_wait(self) -> str:
@@ -366,11 +403,18 @@ class Endpoint:
         timeout: float | None = None,
         on_start: Callable[[int], None] | None = None,
     ) -> CommandResult:
-        return self._run(
-            self.remote_argv(script, *args),
-            timeout=timeout or self.config.timeout,
-            stdin=stdin,
-            on_start=on_start,
+        return self._warm_or(
+            script,
+            ["hdfmgr", *args],
+            stdin or b"",
+            timeout or self.config.timeout,
+            on_start,
+            lambda: self._run(
+                self.remote_argv(script, *args),
+                timeout=timeout or self.config.timeout,
+                stdin=stdin,
+                on_start=on_start,
+            ),
         )
 
     def run_program(
@@ -384,14 +428,19 @@ class Endpoint:
         """Run a program of :data:`PROGRAM_DIR` through the constant bootstrap command line:
         the program, then ``data``, on stdin."""
         text = program(name)
-        return self.remote(
-            BOOTSTRAP,
-            str(len(text)),
-            f"hdfmgr-{name.removesuffix('.sh')}",
-            *args,
-            stdin=text.encode("ascii") + data,
-            timeout=timeout,
-            on_start=on_start,
+        step = f"hdfmgr-{name.removesuffix('.sh')}"
+        return self._warm_or(
+            text,
+            [step, *args],
+            data,
+            timeout or self.config.timeout,
+            on_start,
+            lambda: self._run(
+                self.remote_argv(BOOTSTRAP, str(len(text)), step, *args),
+                timeout=timeout or self.config.timeout,
+                stdin=text.encode("ascii") + data,
+                on_start=on_start,
+            ),
         )
 
     def requirements(self) -> tuple[CommandResult, Requirements | None]:
@@ -410,7 +459,15 @@ class Endpoint:
 
     def probe(self) -> CommandResult:
         """The cheapest proof that the endpoint answers: the remote command running ``true``."""
-        return self._run(self.config.remote.render(command="true"), timeout=min(self.config.timeout, 60.0))
+        timeout = min(self.config.timeout, 60.0)
+        return self._warm_or(
+            "true",
+            ["hdfmgr"],
+            b"",
+            timeout,
+            None,
+            lambda: self._run(self.config.remote.render(command="true"), timeout=timeout),
+        )
 
     def prepare(self, slot_dir: str, *, clean: bool) -> CommandResult:
         return self.remote(PREPARE_SCRIPT, slot_dir, "clean" if clean else "keep")

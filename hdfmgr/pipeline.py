@@ -168,7 +168,7 @@ class Pipeline:
         self.batch_group: dict[int, int] = {}
         self.group_ids = 0
         self.group_turn = True
-        self.endpoint = Endpoint(config)
+        self.endpoint = Endpoint(config, warm=config.warm_sessions)
         self.breaker = CircuitBreaker(
             threshold=config.breaker_threshold, initial=config.retry_initial, maximum=config.retry_max
         )
@@ -315,6 +315,7 @@ class Pipeline:
             stop_observer(self.observer)
             self.observer = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.endpoint.close()  # the warm sessions' remote shells exit on end of file
         if self.db is not None:
             try:
                 self.db.close()

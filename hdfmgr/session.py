@@ -1,0 +1,454 @@
+"""Warm sessions: hdfmgr's own remote steps through long-lived remote shells.
+
+Over a long link a new ssh connection costs about 8 round trips before the first byte (1 s at
+100 ms), and every batch needs at least one remote step (the commit). A warm session is one
+remote shell started once through the configured ``remote`` template, running the loop
+program ``hdfmgr/remote/session.sh`` (started by the same constant bootstrap as every other
+program, so a csh-family login shell still parses nothing else). Each step is then written to
+its stdin, length-prefixed: the program, its shell-quoted arguments and its data; its reply
+comes back on the same channel, ended by a record that carries the exit status and a token
+new for every step (see session.sh for the wire format). A step costs one round trip and no
+login.
+
+What stays as with one command per step:
+
+* Every step has its timeout. On a timeout, an end of the channel before the step's end
+  record, or anything that does not parse, the session's process group is killed and the step
+  ends as a failed command would (124 for a timeout, the ssh client's status or 255 for a
+  lost channel): the caller treats its outcome as unknown exactly as a lost reply today. The
+  next step starts a new session.
+* Input cut short does nothing: the loop never runs a step whose program or arguments did not
+  arrive whole, and data cut short reaches the program as an early end of file (the commit
+  program then moves nothing). When the daemon dies, the ssh client's stdin closes, the loop
+  reads end of file and the remote shell exits.
+* A step whose session cannot start runs as one command, as without warm sessions: when the
+  endpoint cannot be reached, that command fails too (exit 255, counted by the circuit breaker
+  as today); a template that does not pass stdin or a shell that cannot run the loop only
+  loses the speed. The next start is tried after a backoff, steps running as single commands
+  meanwhile; after an outage, as soon as one of them gets through.
+* A session idle for longer than :data:`PING_AFTER` is first asked to run an empty step, so
+  that a connection that died quietly (an endpoint restart, a NAT timeout) is found before a
+  commit is sent into it, not by the commit's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .runner import NOT_STARTED, TIMED_OUT, CommandResult
+from .templates import quote_remote
+
+log = logging.getLogger("hdfmgr")
+
+#: What the loop prints when it is ready for steps, on stdout and on stderr.
+READY_OUT = b"\0/hdfmgr-ready/\0"
+READY_ERR = b"/hdfmgr-ready/\n"
+#: Seconds a session may sit idle before it must prove it still answers.
+PING_AFTER = 30.0
+#: Status given to a step whose session ended before the step's end record (ssh's own
+#: "connection lost"), unless the ssh client exited with a more telling status.
+LOST = 255
+#: Longest a session start may take, whatever the command timeout.
+START_TIMEOUT = 60.0
+#: How long a closed session's remote shell gets to exit on its own before it is killed.
+CLOSE_GRACE = 2.0
+
+
+def step_request(token: str, program: str, args: Sequence[str], data: bytes) -> bytes:
+    """One step as the loop reads it: a header line, the program, its arguments, its data.
+
+    ``args`` starts with the program's ``$0``. The program must be ASCII without a trailing
+    newline (the loop's command substitution would drop it and the length would not match)."""
+    if not re.fullmatch(r"[0-9a-f]{8,64}", token):
+        raise ValueError("a step token is 8 to 64 lowercase hex digits")
+    text = program.encode("ascii")
+    if text.endswith(b"\n") or b"\0" in text:
+        raise ValueError("a step program cannot end with a newline or contain NUL")
+    words = os.fsencode(quote_remote(list(args)))
+    header = f"{token} {len(text)} {len(words)} {len(data)}\n".encode("ascii")
+    return header + text + words + data
+
+
+@dataclass
+class Reply:
+    """Reads one reply from the two streams until each shows its end record.
+
+    Pure: fed bytes, it says when the reply is complete and what belongs to it. Output
+    before the start (a chatty login) is not this class's business: the ready reply swallows
+    it. Bytes after the end record on stdout are a protocol doubt (``trailing``)."""
+
+    out_end: re.Pattern[bytes]
+    err_end: bytes
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    status: int | None = None
+    out_done: bool = False
+    err_done: bool = False
+    trailing: bool = False
+    _out_at: int = 0
+    _err_at: int = 0
+
+    @classmethod
+    def step(cls, token: str) -> Reply:
+        mark = b"/hdfmgr-step/" + token.encode() + b"/"
+        return cls(re.compile(b"\0" + re.escape(mark) + rb"(\d{1,3})/\0"), b"\n" + mark + b"\n")
+
+    @classmethod
+    def ready(cls) -> Reply:
+        return cls(re.compile(re.escape(READY_OUT)), READY_ERR)
+
+    @property
+    def done(self) -> bool:
+        return self.out_done and self.err_done
+
+    def feed_out(self, chunk: bytes) -> None:
+        if self.out_done:
+            self.trailing = self.trailing or bool(chunk)
+            return
+        self.out += chunk
+        match = self.out_end.search(self.out, max(0, self._out_at - 80))
+        self._out_at = len(self.out)
+        if match is None:
+            return
+        self.out_done = True
+        self.status = int(match.group(1)) if match.groups() else 0
+        self.trailing = match.end() < len(self.out)
+        del self.out[match.start() :]
+
+    def feed_err(self, chunk: bytes) -> None:
+        if self.err_done:
+            return  # an ssh client's farewell after the end; not the step's
+        self.err += chunk
+        at = self.err.find(self.err_end, max(0, self._err_at - len(self.err_end)))
+        self._err_at = len(self.err)
+        if at < 0:
+            return
+        self.err_done = True
+        del self.err[at:]
+
+
+class Session:
+    """One running remote shell (the loop) and its ssh client, leader of its process group."""
+
+    def __init__(self, argv: Sequence[str], proc: subprocess.Popen[bytes]) -> None:
+        self.argv = tuple(argv)
+        self.proc = proc
+        self.broken = False  # killed or in doubt: never used again
+        self.last_used = 0.0  # by the pool's clock
+        self.steps = 0
+        self._sel = selectors.DefaultSelector()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            assert pipe is not None
+            os.set_blocking(pipe.fileno(), False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def usable(self) -> bool:
+        return not self.broken and self.proc.poll() is None
+
+    @classmethod
+    def start(cls, argv: Sequence[str], loop: bytes, timeout: float) -> tuple[Session | None, CommandResult]:
+        """Start the loop through ``argv`` (the bootstrap reads ``loop`` from stdin first) and
+        wait for its ready records. On failure the session is None and the result says why."""
+        started = time.time()
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                process_group=0,
+                close_fds=True,
+            )
+        except OSError as exc:
+            message = f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode()
+            return None, CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.monotonic() - t0)
+        session = cls(argv, proc)
+        reply = Reply.ready()
+        how = session._exchange(loop, reply, t0 + timeout)
+        result = session._result(how, reply, started, t0)
+        if how != "done" or reply.trailing:
+            session.kill()
+            return None, result
+        return session, result
+
+    def step(
+        self, program: str, args: Sequence[str], data: bytes, *, timeout: float, describe: Sequence[str] = ()
+    ) -> CommandResult:
+        """Run one step; afterwards the session is either ready for the next or broken."""
+        started = time.time()
+        t0 = time.monotonic()
+        token = secrets.token_hex(16)
+        reply = Reply.step(token)
+        how = self._exchange(step_request(token, program, args, data), reply, t0 + timeout)
+        self.steps += 1
+        if how != "done" or reply.trailing:
+            log.debug("warm session %d: step %s (%s); killed", self.pid, describe[:1], how)
+            self.kill()
+        return self._result(how, reply, started, t0, describe)
+
+    def _result(
+        self, how: str, reply: Reply, started: float, t0: float, describe: Sequence[str] = ()
+    ) -> CommandResult:
+        argv = (*self.argv[:1], f"[warm session {self.pid}]", *describe) if describe else self.argv
+        out, err = bytes(reply.out), bytes(reply.err)
+        if how == "done":
+            return CommandResult(argv, reply.status or 0, out, err, started, time.monotonic() - t0)
+        if how == "timeout":
+            return CommandResult(argv, TIMED_OUT, out, err, started, time.monotonic() - t0, True)
+        code = self.proc.returncode if self.proc.returncode not in (None, 0) else LOST
+        note = b"hdfmgr: the remote session ended before the step's end record\n"
+        return CommandResult(argv, code, out, err + note, started, time.monotonic() - t0)
+
+    def _exchange(self, request: bytes, reply: Reply, deadline: float) -> str:
+        """Write ``request`` and read until ``reply`` is complete: "done", "timeout" or "lost"
+        (the channel ended first, or the process could not be written to)."""
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        sel = self._sel
+        pending = memoryview(request)
+        fds = {proc.stdout.fileno(): reply.feed_out, proc.stderr.fileno(): reply.feed_err}
+        try:
+            for fd in fds:
+                sel.register(fd, selectors.EVENT_READ)
+            if pending:
+                sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+            while not reply.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout"
+                for key, _ in sel.select(min(left, 1.0)):
+                    fd = key.fd
+                    if fd in fds:
+                        try:
+                            chunk = os.read(fd, 65536)
+                        except BlockingIOError:
+                            continue
+                        if chunk:
+                            fds[fd](chunk)
+                        else:
+                            sel.unregister(fd)
+                            if not reply.done:
+                                self._reap(deadline)
+                                return "lost"
+                    else:
+                        try:
+                            written = os.write(fd, pending[:65536])
+                        except BlockingIOError:
+                            continue
+                        except (BrokenPipeError, OSError):
+                            sel.unregister(fd)
+                            pending = memoryview(b"")
+                            continue
+                        pending = pending[written:]
+                        if not pending:
+                            sel.unregister(fd)
+                if reply.done and pending:
+                    # It answered before taking all its input: never expected.
+                    return "lost"
+            return "done"
+        finally:
+            for fd in list(sel.get_map() or {}):
+                sel.unregister(fd)
+
+    def _reap(self, deadline: float) -> None:
+        """The channel ended: give the ssh client a moment to exit with its status."""
+        try:
+            self.proc.wait(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        """Kill the whole process group (the ssh client and anything it started)."""
+        self.broken = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._close_pipes()
+
+    def end_input(self) -> None:
+        """End of file to the loop: it exits by itself once its step (if any) is over."""
+        self.broken = True
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """End of file to the loop, then kill what is left after ``grace`` seconds."""
+        self.end_input()
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+        self._sel.close()
+
+
+#: What :meth:`SessionPool._take` returns when a session start failed just now.
+FAILED = object()
+
+
+def transport_failure(result: CommandResult) -> bool:
+    """A start that failed because the endpoint could not be reached (or did not answer)."""
+    return result.timed_out or result.returncode == LOST
+
+
+class SessionPool:
+    """Warm sessions for one endpoint, shared by the threads that run remote steps.
+
+    A step takes an idle session (or starts one) and gives it back; so there are as many
+    sessions as steps ever ran at once: one per transfer slot, one for a listing or a sweep.
+    At most ``keep`` idle ones are kept. ``run`` returns None when the step should run as one
+    command instead (no session, and none may be started now)."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        loop: str,
+        *,
+        keep: int,
+        backoff_initial: float,
+        backoff_max: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.argv = list(argv)
+        self.loop = loop.encode("ascii")
+        self.keep = keep
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self.idle: list[Session] = []
+        self.failures = 0  # session starts failed in a row
+        self.specific = 0  # ... of them while a plain command reached the endpoint
+        self.not_before = 0.0
+        self.closed = False
+        self.started = 0  # sessions started, for tests and logs
+        self._lock = threading.Lock()
+
+    def run(
+        self,
+        program: str,
+        args: Sequence[str],
+        data: bytes,
+        *,
+        timeout: float,
+        on_start: Callable[[int], None] | None = None,
+    ) -> tuple[CommandResult | None, bool]:
+        """The step's result through a session, or None: run it as one command, then say how
+        that went with :meth:`fell_back`. The flag: a session start failed just now."""
+        session = self._take(min(timeout, START_TIMEOUT))
+        if not isinstance(session, Session):
+            return None, session is FAILED
+        if on_start is not None:
+            on_start(session.pid)
+        result = session.step(program, args, data, timeout=timeout, describe=args)
+        self._give_back(session)
+        return result, False
+
+    def fell_back(self, tried: bool, result: CommandResult) -> None:
+        """A step ran as one command (``tried``: right after a session failed to start).
+
+        A start that fails while a plain command reaches the endpoint is the session's own
+        problem (a template without stdin, a channel limit): its backoff grows. A start that
+        failed in an outage is tried again as soon as a plain command gets through."""
+        reached = not transport_failure(result) and result.returncode != NOT_STARTED
+        with self._lock:
+            if tried:
+                self.specific = self.specific + 1 if reached else 0
+            elif reached and self.failures and not self.specific:
+                self.failures = 0
+                self.not_before = 0.0
+
+    def _take(self, start_timeout: float) -> Session | object | None:
+        while True:
+            with self._lock:
+                if self.closed:
+                    return None
+                session = self.idle.pop() if self.idle else None
+            if session is None:
+                break
+            if not session.usable():
+                session.kill()
+                continue
+            if self.clock() - session.last_used > PING_AFTER:
+                ping = session.step(":", ["hdfmgr-ping"], b"", timeout=min(start_timeout, PING_AFTER))
+                if not ping.ok or not session.usable():
+                    log.info("warm session %d did not answer (%s); a new one", session.pid, ping.describe())
+                    session.kill()
+                    continue
+            return session
+        with self._lock:
+            if self.clock() < self.not_before:
+                return None
+        session, result = Session.start(self.argv, self.loop, start_timeout)
+        with self._lock:
+            if session is None:
+                self.failures += 1
+                delay = min(self.backoff_initial * 2 ** (self.failures - 1), self.backoff_max)
+                self.not_before = self.clock() + delay
+                level = logging.WARNING if self.failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "cannot start a warm session (%s); one command per step for %.0f s",
+                    result.describe(),
+                    delay,
+                )
+                return FAILED
+            self.failures = self.specific = 0
+            self.started += 1
+            log.debug("warm session %d started (%.2f s)", session.pid, result.duration)
+            if self.closed:
+                session.close()
+                return None
+        return session
+
+    def _give_back(self, session: Session) -> None:
+        session.last_used = self.clock()
+        with self._lock:
+            if session.usable() and not self.closed and len(self.idle) < self.keep:
+                self.idle.append(session)
+                return
+        if session.usable():
+            # Not on the caller's time: the remote shell's exit takes a round trip.
+            threading.Thread(target=session.close, name="hdfmgr-session-close", daemon=True).start()
+        else:
+            session.kill()
+
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close every idle session, all at once (a session in use closes when its step ends)."""
+        with self._lock:
+            self.closed = True
+            idle, self.idle = self.idle, []
+        for session in idle:
+            session.end_input()
+        deadline = time.monotonic() + grace
+        for session in idle:
+            session.close(max(0.0, deadline - time.monotonic()))

@@ -54,7 +54,6 @@ class BatchJob:
     files: list[StagedFile]
     snapshots: dict[str, Snapshot]
     prepare: bool
-    clean: bool
     #: The slot's private directory of pins (see :mod:`hdfmgr.pin`); None: send the buffer's
     #: paths as they are.
     pin_dir: str | None = None
@@ -347,7 +346,7 @@ def _readable(files: list[StagedFile], report: BatchReport) -> list[StagedFile]:
 def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport) -> bool:
     """Prepare the slot if needed and run the transfer command(s); False on a failure."""
     if job.prepare:
-        report.prepare = endpoint.prepare(job.staging_dir, clean=job.clean)
+        report.prepare = endpoint.prepare(job.staging_dir)
         if not report.prepare.ok:
             report.fail(report.prepare, "preparing staging")
             return False

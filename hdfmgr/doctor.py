@@ -283,7 +283,7 @@ def _listing_check(what: str, result: CommandResult, problem: str, fix: str) -> 
 def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
     what = "transfer command copies a test file into staging"
     slot = endpoint.slot_dir(0)
-    prepare = endpoint.prepare(slot, clean=True)
+    prepare = endpoint.prepare(slot)
     if not prepare.ok:
         return Check(what, False, f"cannot create {slot}: {_why(prepare)}", "check endpoint.staging")
     with tempfile.TemporaryDirectory(prefix="hdfmgr-doctor-") as tmp:

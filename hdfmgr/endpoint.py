@@ -96,7 +96,12 @@ def program(name: str) -> str:
     return text
 
 
-PREPARE_SCRIPT = 'if [ "$2" = clean ]; then rm -rf -- "$1" || exit 1; fi; mkdir -p -- "$1"'
+#: Creates a slot directory, and never removes anything: a prepare whose command timed out can
+#: still start later, when the slot carries the next batch, and replacing the directory would
+#: take that batch's staged copies (a listing after a lost reply would read their absence as
+#: "moved") and the lock a running commit holds on it. Leftovers of a failed batch are the
+#: next commit's: strays are deleted, bad copies set aside, both under the slot's lock.
+PREPARE_SCRIPT = 'mkdir -p -- "$1"'
 
 #: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT BATCH SLOT BATCH...``: lists the files left in
 #: the given slot directories and set aside beside them (see commit.sh); a directory that
@@ -469,8 +474,8 @@ class Endpoint:
             lambda: self._run(self.config.remote.render(command="true"), timeout=timeout),
         )
 
-    def prepare(self, slot_dir: str, *, clean: bool) -> CommandResult:
-        return self.remote(PREPARE_SCRIPT, slot_dir, "clean" if clean else "keep")
+    def prepare(self, slot_dir: str) -> CommandResult:
+        return self.remote(PREPARE_SCRIPT, slot_dir)
 
     def transfer(self, argv: Sequence[str], nbytes: int = 0) -> CommandResult:
         """One transfer command; its deadline grows with the ``nbytes`` it moves."""

@@ -853,7 +853,6 @@ class Pipeline:
             files=files,
             snapshots=snaps,
             prepare=dirty or not self.slot_ready.get(slot, False),
-            clean=dirty,
             pin_dir=slot_dir(self.pins, slot),
         )
         if group is not None:

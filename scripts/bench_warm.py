@@ -66,7 +66,7 @@ def run(
     times = []
     try:
         slot = endpoint.slot_dir(0)
-        assert endpoint.prepare(slot, clean=True).ok
+        assert endpoint.prepare(slot).ok
         for n in range(args.commits):
             files = []
             for i in range(args.files):

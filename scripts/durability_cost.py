@@ -47,7 +47,7 @@ def run(path: str, synchronous: str, batches: int, files: int) -> float:
         batch = recorder.start_batch("/staging/slot0", ids, 1000 * files, wall)
         recorder.committing(batch, ids, [(i, "0" * 128) for i in ids], wall)
         staged = [StagedFile(rel, "/buffer/" + rel, 1000) for rel, _ in items]
-        job = BatchJob(batch, 0, "/staging/slot0", staged, dict(items), prepare=False, clean=False)
+        job = BatchJob(batch, 0, "/staging/slot0", staged, dict(items), prepare=False)
         recorder.finish_batch(
             BatchReport(job, wall), committed=[], held=ids, failures=[], checksums=[], wall=wall
         )

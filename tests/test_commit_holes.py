@@ -54,7 +54,7 @@ def faked_site(root: Path, bin_dir: Path, *, verify: str = "size") -> Site:
 
 def job_for(site: Site, slot: str, files: list[StagedFile], batch: int = 1) -> BatchJob:
     snaps = {f.rel: snapshot(f.path) for f in files}
-    return BatchJob(batch, 0, slot, files, snaps, prepare=False, clean=False)  # type: ignore[arg-type]
+    return BatchJob(batch, 0, slot, files, snaps, prepare=False)  # type: ignore[arg-type]
 
 
 def run_batch(site: Site, slot: str, files: list[StagedFile]) -> BatchReport:

@@ -21,7 +21,7 @@ def job(batch: int, tmp_path: Path, size: int) -> BatchJob:
     files = [StagedFile(path.name, str(path), size)]
     snap = snapshot(str(path))
     assert snap is not None
-    return BatchJob(batch, batch, f"slot{batch}", files, {path.name: snap}, prepare=False, clean=False)
+    return BatchJob(batch, batch, f"slot{batch}", files, {path.name: snap}, prepare=False)
 
 
 def both_inside_at_once(

@@ -97,7 +97,7 @@ class Site:
 
     def slot(self, n: int = 0) -> str:
         slot = self.endpoint.slot_dir(n)
-        result = self.endpoint.prepare(slot, clean=False)
+        result = self.endpoint.prepare(slot)
         assert result.ok, result.stderr
         return slot
 
@@ -173,20 +173,26 @@ def test_probe(site: Site) -> None:
 
 def test_prepare_creates_the_slot(site: Site) -> None:
     slot = site.endpoint.slot_dir(0)
-    result = site.endpoint.prepare(slot, clean=False)
+    result = site.endpoint.prepare(slot)
     assert result.ok, result.stderr
     assert Path(slot).is_dir()
     # idempotent
-    assert site.endpoint.prepare(slot, clean=False).ok
+    assert site.endpoint.prepare(slot).ok
 
 
-def test_prepare_keep_and_clean(site: Site) -> None:
+def test_a_late_prepare_never_removes_what_a_later_batch_staged(site: Site) -> None:
+    """A prepare whose command timed out can still start on the endpoint, later, while the
+    slot already carries the next batch. If it replaced the slot directory (``rm -rf`` then
+    ``mkdir``), that batch's staged copies would vanish, a listing after a lost commit reply
+    would read their absence as "moved", and the files would be held undelivered; a commit
+    holding the old directory's lock would not even hold up that listing. So prepare only
+    creates: leftovers are the next commit's to delete (strays) or set aside (bad copies)."""
     slot = site.slot()
-    stage(slot, "leftover", b"x")
-    assert site.endpoint.prepare(slot, clean=False).ok
-    assert os.listdir(slot) == ["leftover"]
-    assert site.endpoint.prepare(slot, clean=True).ok
-    assert Path(slot).is_dir() and os.listdir(slot) == []
+    stage(slot, "next-batch.fits", b"x")
+    inode = os.stat(slot).st_ino
+    assert site.endpoint.prepare(slot).ok
+    assert os.listdir(slot) == ["next-batch.fits"]
+    assert os.stat(slot).st_ino == inode
 
 
 def test_prepare_creates_missing_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +200,7 @@ def test_prepare_creates_missing_staging(tmp_path: Path, monkeypatch: pytest.Mon
     site = Site(tmp_path)
     shutil.rmtree(site.staging)
     slot = site.endpoint.slot_dir(0)
-    assert site.endpoint.prepare(slot, clean=True).ok
+    assert site.endpoint.prepare(slot).ok
     assert Path(slot).is_dir()
 
 
@@ -720,7 +726,7 @@ def test_commit_unwritable_final_directory(site: Site) -> None:
 def test_commit_into_several_directories_in_one_command(site: Site) -> None:
     """A batch spanning directories: one flat slot, one remote command, each file home."""
     slot = site.endpoint.slot_dir(0)
-    assert site.endpoint.prepare(slot, clean=False).ok
+    assert site.endpoint.prepare(slot).ok
     files = []
     for rel in ("a/one.fits", "b/c/two.fits", "top.fits", os.fsdecode(b"odd\xff dir/three\nfits")):
         data = rel.encode("utf-8", "surrogateescape") * 3

@@ -202,7 +202,7 @@ def warm_site(root: Path, **kwargs: object) -> Site:
 def commit_hostile(site: Site) -> None:
     ep = site.endpoint
     slot = ep.slot_dir(0)
-    assert ep.prepare(slot, clean=True).ok
+    assert ep.prepare(slot).ok
     files = []
     for i, name in enumerate(HOSTILE):
         data = f"{i}:".encode() + os.fsencode(name)
@@ -245,7 +245,7 @@ def test_a_session_that_cannot_start_falls_back_to_one_command_per_step(tmp_path
     sessions = site.endpoint.sessions
     assert sessions is not None
     slot = site.endpoint.slot_dir(0)
-    result = site.endpoint.prepare(slot, clean=True)
+    result = site.endpoint.prepare(slot)
     assert result.ok and "warm session" not in " ".join(result.argv)
     assert os.path.isdir(slot)
     assert sessions.started == 0 and sessions.failures == 1 and sessions.not_before > time.monotonic()
@@ -265,14 +265,14 @@ def test_an_outage_fails_steps_as_transport_failures_then_sessions_come_back(tmp
     assert sessions is not None
     slot = ep.slot_dir(0)
     try:
-        result = ep.prepare(slot, clean=True)
+        result = ep.prepare(slot)
         assert result.returncode == 255 and not os.path.isdir(slot)
         assert sessions.failures == 1 and sessions.not_before > time.monotonic() + 1
         assert ep.probe().returncode == 255  # within the backoff: one command, failing
         down.unlink()
         result = ep.probe()
         assert result.ok and "warm session" not in " ".join(result.argv)
-        result = ep.prepare(slot, clean=True)
+        result = ep.prepare(slot)
         assert result.ok and "warm session" in " ".join(result.argv) and os.path.isdir(slot)
         assert sessions.started == 1
     finally:
@@ -322,7 +322,7 @@ def test_a_session_idle_too_long_must_answer_an_empty_step_first(tmp_path: Path)
         os.kill(stopped[0], signal.SIGSTOP)
         now[0] += PING_AFTER + 1
         slot = ep.slot_dir(0)
-        result = ep.prepare(slot, clean=True)
+        result = ep.prepare(slot)
         assert result.ok and os.path.isdir(slot)
         assert not session.usable() and sessions.started == 2
     finally:
@@ -364,7 +364,7 @@ from tests.test_endpoint_script import Site
 from pathlib import Path
 site = Site(Path(sys.argv[1]), remote=sys.argv[2])
 ep = Endpoint(site.config, generation="g1", warm=True)
-assert ep.prepare(ep.slot_dir(0), clean=True).ok
+assert ep.prepare(ep.slot_dir(0)).ok
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -490,7 +490,7 @@ def test_a_step_timing_out_kills_its_session(tmp_path: Path, sshd: SshServer) ->
         assert time.monotonic() - t0 < 10
         assert ep.sessions.idle == []
         slot = ep.slot_dir(0)
-        assert ep.prepare(slot, clean=True).ok and os.path.isdir(slot)
+        assert ep.prepare(slot).ok and os.path.isdir(slot)
         assert ep.sessions.started == 2
     finally:
         ep.close()

@@ -211,12 +211,14 @@ def _pin(job: BatchJob, report: BatchReport) -> list[StagedFile]:
         except pin.NotRegistered:
             report.outcomes[f.rel] = (CHANGED, "changed or replaced in the buffer before the transfer")
             continue
-        except PermissionError as exc:
-            # The private copy's open failed: this process cannot read the file at all.
-            report.outcomes[f.rel] = (UNREADABLE, f"cannot read: {exc.strerror}")
+        except pin.Unreadable as exc:
+            report.outcomes[f.rel] = (_read_outcome(exc), f"cannot read: {exc.strerror}")
             continue
         except OSError as exc:
-            report.outcomes[f.rel] = (FAILED, f"cannot pin it for the transfer: {exc.strerror}")
+            report.outcomes[f.rel] = (
+                FAILED,
+                f"cannot pin it for the transfer in {job.pin_dir}: {exc.strerror}",
+            )
             continue
         files.append(StagedFile(f.rel, path, f.size, f.checksum))
     return files
@@ -337,10 +339,16 @@ def _readable(files: list[StagedFile], report: BatchReport) -> list[StagedFile]:
             if exc.errno in (errno.ENOENT, errno.ELOOP):
                 readable.append(f)  # gone or replaced: the transfer's check tells (CHANGED)
                 continue
-            report.outcomes[f.rel] = (UNREADABLE, f"cannot read: {exc.strerror}")
+            report.outcomes[f.rel] = (_read_outcome(exc), f"cannot read: {exc.strerror}")
             continue
         readable.append(f)
     return readable
+
+
+def _read_outcome(exc: OSError) -> str:
+    """A permission refused is the file's own state: quarantined at once. Any other read error
+    (EIO, or ESTALE and timeouts on a network buffer) may pass: retried with backoff."""
+    return UNREADABLE if exc.errno in (errno.EACCES, errno.EPERM) else FAILED
 
 
 def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport) -> bool:
@@ -376,7 +384,7 @@ def _hash(job: BatchJob, report: BatchReport, files: list[StagedFile] | None = N
                 try:
                     digest = blake2b_file(f.path)
                 except OSError as exc:
-                    outcome = CHANGED if exc.errno == errno.ENOENT else UNREADABLE
+                    outcome = CHANGED if exc.errno == errno.ENOENT else _read_outcome(exc)
                     report.outcomes[f.rel] = (outcome, f"cannot read: {exc.strerror}")
                     continue
                 report.checksums[f.rel] = digest

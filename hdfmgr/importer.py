@@ -133,6 +133,10 @@ def file_row(
     )
     if held_state:
         state, note = State.HELD, None
+    elif same and delivered is not None:
+        # The original delivered it and stopped before moving it to holding: the restart
+        # holds it without sending it again.
+        state, note = State.COMMITTED, None
     elif same:
         state, note = State.READY, None
     else:

@@ -28,6 +28,10 @@ from .settle import Snapshot
 PIN_DIR = ".hdfmgr-send"
 
 
+class Unreadable(OSError):
+    """The buffer's file itself cannot be opened for reading (the private copy's fallback)."""
+
+
 class NotRegistered(Exception):
     """The buffer's file is not the registered version any more (or not a regular file)."""
 
@@ -49,7 +53,7 @@ def clear(root: str) -> None:
     """Remove every pin a killed run left (the files themselves are still in the buffer)."""
     try:
         slots = os.listdir(root)
-    except FileNotFoundError:
+    except OSError:  # none, or not ours to read: each pin then fails alone, with its reason
         return
     for name in slots:
         release(os.path.join(root, name))
@@ -126,7 +130,7 @@ def _copy(src: str, dst: str, expected: Snapshot, dev: int) -> None:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOENT):  # a link in its place, or gone
             raise NotRegistered(src) from None
-        raise
+        raise Unreadable(exc.errno, exc.strerror, src) from None
     try:
         st = os.fstat(fd)
         if not _is(st, expected, dev):

@@ -990,8 +990,20 @@ class Pipeline:
                 quarantined.append((f.rel, message))
                 continue
             known.state = FAILED_STATE
-            if outcome == CHANGED:
-                self.tracker.note(f.rel, Evidence.SEEN, now, snapshot(f.path))
+            current = snapshot(f.path) if outcome == CHANGED else None
+            if outcome == CHANGED and (current is None or not known.matches(current)):
+                self.tracker.note(f.rel, Evidence.SEEN, now, current)  # gone, or a new version
+            elif outcome == CHANGED:
+                # Reported changed, yet the buffer holds the registered version (its pin went
+                # away during the transfer, e.g. a purge of holding): settling again would find
+                # nothing new, so it is retried, with backoff.
+                delay = backoff(
+                    known.attempts,
+                    initial=self.cfg.retry_initial,
+                    maximum=self.cfg.retry_max,
+                    jitter=self.rng.random(),
+                )
+                heapq.heappush(self.retry_heap, (now + delay, f.rel))
             else:
                 heapq.heappush(self.retry_heap, (now + delay, f.rel))
         group_id = self.batch_group.pop(job.id, None)

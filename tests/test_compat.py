@@ -508,3 +508,20 @@ def test_dropdb_never_drops_the_originals_tables(tmp_path: Path) -> None:
     assert_one_line(result, cli.EX_CONFIG)
     assert site.query("SELECT COUNT(*) FROM files")[0][0] == 5
     assert os.path.exists(site.db_path)
+
+
+def test_a_file_the_original_delivered_but_did_not_hold_is_held_not_sent_again(tmp_path: Path) -> None:
+    """The original delivered it (its batch succeeded) and stopped before moving it to holding:
+    the file is still in the buffer, unchanged. It is taken over as committed, so the first
+    start holds it without sending it again (before: ready, a second delivery)."""
+    from hdfmgr.importer import file_row
+
+    path = tmp_path / "a.fits"
+    path.write_bytes(b"x" * 10)
+    st = path.stat()
+    created = dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9).isoformat(sep=" ")
+    row = (7, "night1", "a.fits", "0" * 128, 10, created, None, None)
+    taken = file_row(row, source="s", tries=1, last_batch=3, delivered=st.st_mtime + 5, present=st)
+    assert taken["state"] == "committed"
+    undelivered = file_row(row, source="s", tries=1, last_batch=3, delivered=None, present=st)
+    assert undelivered["state"] == "ready"

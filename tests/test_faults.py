@@ -709,3 +709,35 @@ def test_a_header_rewritten_after_the_close_with_the_recommended_settle(site: Si
         assert daemon.stop() == 0
     assert consumer.of("a/h.fits") == [final]
     assert site.query("select size, state from files") == [(len(final), "held")]
+
+
+PURGE_A_PIN = """#!/bin/sh
+# Copies every file, then (once) removes the pin of victim.fits, as a purge of holding would.
+n=$#; eval "dest=\\${{$n}}"; i=0
+for f in "$@"; do
+  i=$((i+1)); [ "$i" -eq "$n" ] && break
+  cp -- "$f" "$dest"/ || exit 1
+  case $f in */victim.fits) if [ -e {arm} ]; then rm -f -- "$f" {arm}; fi ;; esac
+done
+"""
+
+
+def test_a_file_whose_pin_vanished_during_the_transfer_is_retried(site: Site, tmp_path: Path) -> None:
+    """The transfer reports the file changed (its pin is gone), yet the buffer holds the very
+    version that was registered: settling it again finds nothing new, so it must be retried
+    (before, it stayed ``failed`` until the next start)."""
+    arm = tmp_path / "arm"
+    arm.touch()
+    transfer = tmp_path / "transfer.sh"
+    transfer.write_text(PURGE_A_PIN.format(arm=arm))
+    transfer.chmod(0o755)
+    site.configure(transfer=f"{transfer} {{batch}} {{dest}}", retry_initial=0.2, retry_max=1, pause=60)
+    files = {"victim.fits": os.urandom(100), "other.fits": os.urandom(100)}
+    daemon = site.start()
+    try:
+        site.write_many(files)
+        wait_for(lambda: not arm.exists(), 20, "the pin removed")
+        wait_for(lambda: site.delivered() == files, 20, "both delivered")
+        wait_for(lambda: set(site.states().values()) == {"held"}, 20, "both held")
+    finally:
+        assert daemon.stop() == 0

@@ -94,3 +94,31 @@ def test_pins_go_on_the_buffers_filesystem(tmp_path: Path) -> None:
     buffer.mkdir()
     assert pin.pin_root(str(buffer), str(tmp_path)) == os.path.join(tmp_path, pin.PIN_DIR)
     assert pin.pin_root(str(buffer), "/proc") == os.path.join(buffer, pin.PIN_DIR)
+
+
+def test_a_pin_directory_it_cannot_write_is_not_the_files_fault(tmp_path: Path) -> None:
+    """A pin directory left by another account (a rescan run as root) refuses the pin: that is
+    a failure of the pin, retried, never the file's "unreadable" (which quarantines at once)."""
+    from hdfmgr import deliver
+
+    src = tmp_path / "buffer" / "a.fits"
+    src.parent.mkdir()
+    src.write_bytes(b"abc")
+    blocked = tmp_path / "pins"
+    blocked.write_bytes(b"")  # not a directory: the pin cannot be made there
+    files = [deliver.StagedFile("a.fits", str(src), 3)]
+    job = deliver.BatchJob(
+        1, 0, "slot", files, {"a.fits": registered(src)}, prepare=False, pin_dir=str(blocked / "0")
+    )
+    report = deliver.BatchReport(job, 0.0)
+    assert deliver._pin(job, report) == []
+    outcome, reason = report.outcomes["a.fits"]
+    assert outcome == deliver.FAILED and str(blocked) in reason
+
+
+def test_only_a_permission_refused_read_is_the_files_own_fault() -> None:
+    from hdfmgr import deliver
+
+    assert deliver._read_outcome(PermissionError(errno.EACCES, "Permission denied")) == deliver.UNREADABLE
+    for code in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT):
+        assert deliver._read_outcome(OSError(code, os.strerror(code))) == deliver.FAILED

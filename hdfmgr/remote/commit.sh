@@ -75,6 +75,7 @@ cd -- "$s" 2>/dev/null || stop 97 "no slot directory $s"
 command -v flock >/dev/null 2>&1 || stop 92 "flock not found: the slot cannot be locked"
 # (The lock belongs to the open file description, which the command substitution's
 # process shares: it stays held after that process ends.)
+[ -r . ] && [ -x . ] || stop 92 "cannot open the slot directory $s"
 exec 9<.
 if err=$(flock -w "$w" -E 93 9 2>&1); then
     locked=1

@@ -299,11 +299,10 @@ def _run(config: config_mod.Config, *, once: bool, wait: float) -> int:
         else:
             outcome = watch(make, stop, location=location, initial=min(config.retry_initial, 5.0))
     except LockBusy as busy:
-        if not once:
-            print(
-                f"hdfmgr: another hdfmgr (pid {busy.pid}) is already running on {config.buffer}",
-                file=sys.stderr,
-            )
+        if not once or busy.pid is None:
+            # No pid: the holder keeps its lock file elsewhere (another HDFMGR_LOCK_DIR).
+            who = "another hdfmgr" if busy.pid is None else f"another hdfmgr (pid {busy.pid})"
+            print(f"hdfmgr: {who} is already running on {config.buffer}", file=sys.stderr)
             return EX_TEMPFAIL
         return _delegate_rescan(config, busy.pid, wait)
     except SchemaError as exc:

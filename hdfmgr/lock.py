@@ -58,11 +58,19 @@ def state_path(buffer: str | os.PathLike[str]) -> str:
 
 
 class InstanceLock:
-    """``flock`` on the buffer's lock file; the holder's pid is written into it for signalling."""
+    """``flock`` on the buffer's lock file; the holder's pid is written into it for signalling.
 
-    def __init__(self, path: str) -> None:
+    With ``directory`` (the buffer), the directory itself is locked too: every process that
+    opens it locks the same inode, whatever lock directory its environment names (a service
+    given ``HDFMGR_LOCK_DIR`` and an operator's shell without it), so no second pipeline ever
+    runs on a buffer; the lock file only adds the holder's pid and a place for its state.
+    """
+
+    def __init__(self, path: str, directory: str | os.PathLike[str] | None = None) -> None:
         self.path = path
+        self.directory = directory
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self) -> None:
         directory = os.path.dirname(self.path)
@@ -83,14 +91,21 @@ class InstanceLock:
             pid = read_pid(fd)
             os.close(fd)
             raise LockBusy(self.path, pid) from None
+        if self.directory is not None:
+            try:
+                self._dir_fd = _lock_directory(self.directory)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockBusy(self.path, published_pid(self.directory)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._dir_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._fd = self._dir_fd = None
 
     def __enter__(self) -> InstanceLock:
         self.acquire()
@@ -98,6 +113,26 @@ class InstanceLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _lock_directory(directory: str | os.PathLike[str]) -> int:
+    """An exclusive ``flock`` on the directory itself; BlockingIOError when another holds it.
+    A buffer that cannot be opened is left to the pipeline, which reports it by name."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def published_pid(buffer: str | os.PathLike[str]) -> int | None:
+    """The holder's pid from its lock file, when it is in this environment's lock directory."""
+    return holder(buffer)
 
 
 def read_pid(fd: int) -> int | None:

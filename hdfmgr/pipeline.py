@@ -199,7 +199,7 @@ class Pipeline:
         self.next_scan = 0.0
         self.next_prune = 0.0
         self.next_recovery = 0.0
-        self.lock = InstanceLock(lock_path(self.buffer))
+        self.lock = InstanceLock(lock_path(self.buffer), self.buffer)
         #: What ``hdfmgr status`` reads about this daemon and its slots (see hdfmgr/lock.py):
         #: written beside the lock at most once a second when something changed.
         self.state_path = state_path(self.buffer)

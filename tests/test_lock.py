@@ -64,3 +64,18 @@ def test_lock_is_keyed_by_the_real_path_and_released_on_close(tmp_path: Path) ->
         with pytest.raises(LockBusy):
             InstanceLock(lock_path(tmp_path / "alias")).acquire()
     assert holder(buffer) is None
+
+
+def test_a_second_pipeline_with_another_lock_directory_is_refused(site: Site, tmp_path: Path) -> None:
+    """A service given ``HDFMGR_LOCK_DIR`` and an operator's shell without it take lock files
+    in two places: the buffer directory's own lock still keeps the second pipeline out (before,
+    the rescan ran its own pipeline beside the watcher: files sent twice)."""
+    daemon = site.start()
+    try:
+        wait_for(daemon.started, 20, "the watcher")
+        other = tmp_path / "other-lock-dir"
+        second = site.hdfmgr("rescan", str(site.config_path), env={"HDFMGR_LOCK_DIR": str(other)}, timeout=30)
+        assert second.returncode == 75, second.stderr
+        assert "already running" in second.stderr
+    finally:
+        assert daemon.stop() == 0

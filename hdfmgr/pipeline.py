@@ -1380,7 +1380,7 @@ class Pipeline:
             for rel in decided.unknown:
                 log.warning(
                     "%r left staging with no receipt of its move (deleted there by someone else, "
-                    "or its commit broke off): sending it again, it may arrive twice",
+                    "or its commit never ran): sending it again, it may arrive twice",
                     rel,
                 )
             delivered = set(decided.moved)

@@ -30,6 +30,15 @@ client died while the remote shell was still starting). So a listing, holding th
 writes the highest batch number it is asked about into ``SLOT.fence``, and a commit whose batch
 number is not above it does nothing (exit 95): its outcome has been decided without it.
 
+The receipt. When a commit's reply is lost, the listing decides what it did, and "gone from the
+slot directory" is no evidence of a move: a tmp cleaner or an operator may have deleted the
+staged copy. So the commit program, holding the lock, keeps ``SLOT.receipt``: the batch number,
+then per group of names an ``I`` record for each just before its ``mv`` and each name's outcome
+(``M`` renamed, or not) after it. It replaces the receipt before it renames anything, and
+renames nothing it could not record first. The listing returns the receipt with the slot, and
+:func:`recovered` counts a file as moved only on that receipt's evidence for the file's own
+batch; a file neither staged nor proven moved is unknown and sent again.
+
 Framed replies. Every reply that is parsed starts with a begin record and ends with an end
 record (both contain '/', which no name does). Whatever a chatty login shell prints before or
 after is skipped, and a reply cut short (the connection dropped, the command timed out) is
@@ -60,6 +69,10 @@ END = "/hdfmgr-end/"
 REJECTED = ".rejected"
 #: Beside each slot directory, the highest batch number a listing decided (the fence).
 FENCE = ".fence"
+#: Beside each slot directory, what the slot's latest commit renamed (see commit.sh).
+RECEIPT = ".receipt"
+#: Ends a receipt in a listing's reply (see LIST_SCRIPT).
+RECEIPT_END = "/hdfmgr-receipt-end/"
 
 #: The programs hdfmgr runs on the endpoint, as files beside this module (package data).
 PROGRAM_DIR = Path(__file__).with_name("remote")
@@ -98,14 +111,16 @@ def program(name: str) -> str:
 
 #: Creates a slot directory, and never removes anything: a prepare whose command timed out can
 #: still start later, when the slot carries the next batch, and replacing the directory would
-#: take that batch's staged copies (a listing after a lost reply would read their absence as
-#: "moved") and the lock a running commit holds on it. Leftovers of a failed batch are the
+#: take that batch's staged copies (sent again for nothing after a lost reply) and the lock a
+#: running commit holds on it. Leftovers of a failed batch are the
 #: next commit's: strays are deleted, bad copies set aside, both under the slot's lock.
 PREPARE_SCRIPT = 'mkdir -p -- "$1"'
 
 #: Run as ``sh -c LIST_SCRIPT hdfmgr WAIT SLOT BATCH SLOT BATCH...``: lists the files left in
 #: the given slot directories and set aside beside them (see commit.sh); a directory that
-#: exists prints "dir/". Each slot is listed once no commit holds its lock, after its fence has
+#: exists prints "dir/". The slot's receipt follows, as "dir.receipt/", its records as the
+#: commit wrote them, an empty record (which ends a last record cut short) and RECEIPT_END.
+#: Each slot is listed once no commit holds its lock, after its fence has
 #: been raised to BATCH (unless empty) under that lock (the module's docstring). The daemon starts
 #: no commit in a slot it is listing, so no commit of BATCH or before moves a file after that.
 LIST_SCRIPT = (
@@ -121,6 +136,8 @@ LIST_SCRIPT = (
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "
     f'if [ -d "$d{REJECTED}" ]; then '
     f"find \"$d{REJECTED}\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; fi; "
+    f'if [ -f "$d{RECEIPT}" ]; then printf \'%s{RECEIPT}/\\000\' "$d"; cat -- "$d{RECEIPT}" || exit 1; '
+    f"printf '\\000{RECEIPT_END}\\000'; fi; "
     "fi; done; "
     f"printf '{END}\\000'"
 )
@@ -287,6 +304,86 @@ def commit_payload(
     records.sort()
     data = b"\0".join([*records, *plan, os.fsencode(slot_dir) + b"/"]) + b"\0"
     return data, len(records), len(plan)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a slot's receipt says (hdfmgr/remote/commit.sh): the batch of the latest commit of
+    the slot, the names it renamed into the endpoint buffer (``moved``), the names it was about
+    to rename (``intended``, written just before their ``mv``) and the names whose outcome it
+    wrote after that ``mv`` (``settled``, moved or not)."""
+
+    batch: int | None
+    moved: frozenset[str] = frozenset()
+    intended: frozenset[str] = frozenset()
+    settled: frozenset[str] = frozenset()
+
+
+class Listing(dict[str, set[str]]):
+    """The files per slot directory that a listing found (a directory missing from it does not
+    exist), and the receipt it found beside each slot (:class:`Receipt`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.receipts: dict[str, Receipt] = {}
+
+
+@dataclass
+class Recovered:
+    """What a listing proves about files whose commit may have run (:func:`recovered`)."""
+
+    moved: list[str] = field(default_factory=list)
+    resend: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+def parse_receipt(records: Sequence[bytes]) -> Receipt:
+    """A receipt from its records: the batch number, then ``I``, ``M``, ``E``, ``F`` or
+    ``U`` and a name each. Anything else makes the receipt prove nothing."""
+    if not records or not records[0].isdigit():
+        return Receipt(None)
+    moved, intended, settled = set(), set(), set()
+    for record in records[1:]:
+        kind, name = record[:1], os.fsdecode(record[1:])
+        if kind == b"I":
+            intended.add(name)
+        elif kind in (b"M", b"E", b"F", b"U"):
+            settled.add(name)
+            if kind == b"M":
+                moved.add(name)
+        else:
+            return Receipt(None)
+    return Receipt(int(records[0]), frozenset(moved), frozenset(intended), frozenset(settled))
+
+
+def recovered(
+    entries: Sequence[tuple[str, int]], names: set[str] | None, receipt: Receipt | None
+) -> Recovered:
+    """Decide, for the ``(rel, batch)`` entries of one slot whose commit's reply was lost,
+    what the listing of the slot (``names``, None if the slot directory is missing) and its
+    receipt prove.
+
+    Moved only on the evidence of the receipt of the file's own batch: its ``M`` record (the
+    commit renamed it), or its ``I`` record with no outcome after it while the copy is gone
+    from staging (the commit was killed inside that name's ``mv``, which had taken it). A copy
+    still staged (or set aside) was not moved: sent again. A copy gone from staging without
+    such evidence was deleted there by someone else (a tmp cleaner, an operator), or its
+    commit never ran or was fenced off: ``unknown``, sent again, so a duplicate is possible,
+    never a loss.
+    """
+    out = Recovered()
+    for rel, batch in entries:
+        name = os.path.basename(rel)
+        own = receipt if receipt is not None and receipt.batch == batch else Receipt(None)
+        staged = names is not None and name in names
+        killed_in_mv = name in own.intended and name not in own.settled
+        if name in own.moved or (killed_in_mv and names is not None and not staged):
+            out.moved.append(rel)
+            continue
+        out.resend.append(rel)
+        if not staged:
+            out.unknown.append(rel)
+    return out
 
 
 @dataclass(frozen=True)
@@ -529,22 +626,37 @@ class Endpoint:
         on_start: Callable[[int], None] | None = None,
         *,
         fences: Mapping[str, int] | None = None,
-    ) -> tuple[CommandResult, dict[str, set[str]] | None]:
-        """Files left in ``slot_dirs`` (or set aside beside them: not moved either); a directory
-        missing from the answer does not exist. ``fences``: per slot directory, the highest
-        batch whose outcome this listing decides; no commit of it or before moves a file
-        after this listing."""
+    ) -> tuple[CommandResult, Listing | None]:
+        """Files left in ``slot_dirs`` (or set aside beside them: not moved either), and each
+        slot's receipt (``Listing.receipts``); a directory missing from the answer does not
+        exist. ``fences``: per slot directory, the highest batch whose outcome this listing
+        decides; no commit of it or before moves a file (or touches its receipt) after this
+        listing. Absence from a slot is no evidence of a move: see :func:`recovered`."""
         fences = fences or {}
         pairs = [arg for d in slot_dirs for arg in (d, str(fences.get(d, "")))]
         result = self.remote(LIST_SCRIPT, self.lock_wait, *pairs, on_start=on_start)
         records = framed_records(result.stdout) if result.ok else None
         if records is None:
             return result, None
-        present: dict[str, set[str]] = {}
+        present = Listing()
+        receipt_of: str | None = None
+        receipt: list[bytes] = []
         for record in records:
+            if receipt_of is not None:
+                if record != RECEIPT_END.encode():
+                    receipt.append(record)
+                    continue
+                # The last record is the empty one after the file's final NUL, or a record the
+                # commit could not finish writing: neither names a rename.
+                present.receipts[receipt_of] = parse_receipt(receipt[:-1])
+                receipt_of, receipt = None, []
+                continue
             if not record:
                 continue
             text = os.fsdecode(record)
+            if text.endswith(RECEIPT + "/") and text[: -len(RECEIPT) - 1] in slot_dirs:
+                receipt_of = text[: -len(RECEIPT) - 1]
+                continue
             if text.endswith("/"):
                 present.setdefault(text[:-1], set())
             else:
@@ -552,6 +664,8 @@ class Endpoint:
                 if directory.endswith(REJECTED) and directory not in slot_dirs:
                     directory = directory.removesuffix(REJECTED)  # not moved: still to send
                 present.setdefault(directory, set()).add(name)
+        if receipt_of is not None:
+            return result, None  # a receipt without its end: the reply is not whole
         return result, present
 
     def sweep(

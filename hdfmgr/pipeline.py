@@ -36,7 +36,7 @@ from .config import Config
 from .db import State
 from .deliver import CHANGED, CHANGED_AFTER, UNREADABLE, UNVERIFIED, WAITING, BatchJob, BatchReport, deliver
 from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
-from .endpoint import Endpoint, EndpointUnfit, ErrorClass, StagedFile
+from .endpoint import Endpoint, EndpointUnfit, ErrorClass, Listing, StagedFile, recovered
 from .holding import HoldError, HoldResult, clean_copies, hold_delivered, identity, prune_empty_dirs
 from .holding import Outcome as HoldOutcome
 from .lock import InstanceLock, lock_path, publish, state_path
@@ -1281,10 +1281,11 @@ class Pipeline:
     def _recover(self) -> None:
         """Reconcile files that were in flight when the last run ended.
 
-        STAGING: the mv never ran; send again. COMMITTING: the mv may have run. The staged copy
-        tells: still in the slot directory means not moved (send again); gone from an existing
-        slot directory means moved (committed, never send again). If the endpoint cannot be
-        asked, those files wait, untouched, until it can.
+        STAGING: the mv never ran; send again. COMMITTING: the mv may have run. The slot's
+        receipt tells: a name in the receipt of its batch was moved (committed, never send
+        again); anything else is sent again, with a warning when the copy is gone from staging
+        too (see :func:`hdfmgr.endpoint.recovered`). If the endpoint cannot be asked, those
+        files wait, untouched, until it can.
         """
         self._rec().close_interrupted_batches(time.time(), keep=self._committing_batches)
         self._clean_holding_copies()
@@ -1340,7 +1341,7 @@ class Pipeline:
 
         self._in_background("hdfmgr-list", listing)
 
-    def _on_listed(self, dirs: list[str], result: CommandResult, present: dict[str, set[str]] | None) -> None:
+    def _on_listed(self, dirs: list[str], result: CommandResult, present: Listing | None) -> None:
         self.listing = False
         waiting = sum(len(self.unrecovered.get(d, ())) for d in dirs)
         if present is None:
@@ -1372,14 +1373,20 @@ class Pipeline:
         by_batch: dict[int, tuple[list[int], list[int]]] = {}
         for staging_dir in dirs:
             names = present.get(staging_dir)
-            for rel, batch in self.unrecovered.pop(staging_dir, []):
+            entries = self.unrecovered.pop(staging_dir, [])
+            decided = recovered(entries, names, present.receipts.get(staging_dir))
+            moved += decided.moved
+            resend += decided.resend
+            for rel in decided.unknown:
+                log.warning(
+                    "%r left staging with no receipt of its move (deleted there by someone else, "
+                    "or its commit never ran): sending it again, it may arrive twice",
+                    rel,
+                )
+            delivered = set(decided.moved)
+            for rel, batch in entries:
                 outcome = by_batch.setdefault(batch, ([], []))
-                if names is not None and os.path.basename(rel) not in names:
-                    moved.append(rel)
-                    outcome[0].append(self.known[rel].id)
-                else:
-                    resend.append(rel)
-                    outcome[1].append(self.known[rel].id)
+                outcome[0 if rel in delivered else 1].append(self.known[rel].id)
             slot = self.suspended_slots.pop(staging_dir, None)
             if slot is not None:
                 self.slot_dirty[slot] = True

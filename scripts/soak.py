@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdfmgr.endpoint import FENCE, REJECTED
+from hdfmgr.endpoint import FENCE, RECEIPT, REJECTED
 from tests.site import Consumer, Site, content, wait_for
 from tests.ssh_templates import REMOTE_SHARED, RSYNC_SHARED, params
 from tests.sshd_fixture import SshServer, drop_connections, restart_sshd, start_sshd
@@ -317,7 +317,7 @@ def soak(
     # listings after a lost reply leave beside a slot (a batch number each).
     left = [p for p in site.staging.rglob("*") if p.is_file()]
     rejected_left = [p for p in left if p.parent.name.endswith(REJECTED)]
-    fences_left = [p for p in left if p.name.endswith(FENCE) and p.parent == site.staging]
+    fences_left = [p for p in left if p.name.endswith((FENCE, RECEIPT)) and p.parent == site.staging]
     staged_left = [p for p in left if p not in rejected_left and p not in fences_left]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))

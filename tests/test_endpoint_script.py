@@ -25,16 +25,20 @@ from hdfmgr.endpoint import (
     END,
     LIST_SCRIPT,
     PREPARE_SCRIPT,
+    RECEIPT,
+    RECEIPT_END,
     SWEEP_SCRIPT,
     CommitReport,
     Endpoint,
     ErrorClass,
+    Receipt,
     StagedFile,
     classify,
     commit_groups,
     commit_payload,
     parse_commit_output,
     program,
+    recovered,
 )
 from hdfmgr.runner import CommandResult, run
 from tests.site import slow_mv
@@ -220,8 +224,11 @@ def test_commit_moves_exactly_the_verified_files(site: Site) -> None:
     assert report.remaining == set()
     assert listing(final) == {f.basename.encode(): Path(f.path).read_bytes() for f in files}
     assert os.listdir(slot) == []
-    # the script's temporary files are gone too
-    assert sorted(os.listdir(site.staging)) == ["hdfmgr.t1.g1.0"]
+    # the script's temporary files are gone too; its receipt stays beside the slot
+    assert sorted(os.listdir(site.staging)) == ["hdfmgr.t1.g1.0", "hdfmgr.t1.g1.0" + RECEIPT]
+    records = Path(slot + RECEIPT).read_bytes().split(b"\0")
+    assert records[0] == b"" and records[-1] == b""  # no batch given
+    assert sorted(records[1:-1]) == [b"Ia.fits", b"Ib.fits", b"Ic.fits", b"Ma.fits", b"Mb.fits", b"Mc.fits"]
 
 
 def test_commit_into_the_buffer_root(site: Site) -> None:
@@ -258,7 +265,7 @@ def test_commit_rejects_a_wrong_size(site: Site) -> None:
     result, report = site.endpoint.commit(slot, final, [again])
     assert report is not None and report.committed == {"again"}, result.stderr
     assert not os.path.exists(slot + ".rejected")
-    assert sorted(os.listdir(site.staging)) == [os.path.basename(slot)]
+    assert sorted(os.listdir(site.staging)) == [os.path.basename(slot), os.path.basename(slot) + RECEIPT]
 
 
 def test_commit_reports_strays_and_ignores_missing(site: Site) -> None:
@@ -829,3 +836,97 @@ def test_the_remote_scripts_survive_a_csh_login_shell() -> None:
     even inside single quotes and cannot take a newline inside them."""
     for script in (BOOTSTRAP, LIST_SCRIPT, SWEEP_SCRIPT, PREPARE_SCRIPT):
         assert "!" not in script and "\n" not in script
+
+
+def test_a_staged_file_deleted_after_a_lost_reply_is_sent_again_not_taken_as_moved(site: Site) -> None:
+    """The commit's reply is lost, so a listing decides what it did. A staged copy the commit
+    did not rename (its final name was taken) and that a tmp cleaner deleted before the
+    listing is gone from the slot, but it was never delivered: only the slot's receipt, which
+    the commit writes as it renames, is evidence of a move. Absence is unknown: send again."""
+    slot, files = staged_pair(site)
+    (site.ep_buffer / "d").mkdir()
+    (site.ep_buffer / "d" / "b.fits").write_bytes(b"an earlier version, not ingested yet")
+    result, report = site.endpoint.commit(slot, None, files, batch=5)
+    assert result.ok, result.stderr
+    assert report is not None and report.committed == {"a.fits"} and report.exists == {"b.fits"}
+    os.unlink(os.path.join(slot, "b.fits"))  # the cleaner, in the window before the listing
+    result, present = site.endpoint.list_slots([slot], fences={slot: 5})
+    assert result.ok, result.stderr
+    assert present == {slot: set()}
+    decided = recovered([("d/a.fits", 5), ("d/b.fits", 5)], present[slot], present.receipts.get(slot))
+    assert decided.moved == ["d/a.fits"]
+    assert decided.resend == ["d/b.fits"]
+    assert decided.unknown == ["d/b.fits"]
+
+
+def test_only_the_receipt_of_a_files_own_batch_proves_its_move(site: Site) -> None:
+    """A receipt belongs to the latest commit of its slot: one of another batch proves nothing
+    about this batch's files, and a commit stopped by the fence leaves it as it was."""
+    slot, files = staged_pair(site)
+    result, report = site.endpoint.commit(slot, None, files[:1], batch=3)
+    assert result.ok and report is not None and report.committed == {"a.fits"}
+    result, present = site.endpoint.list_slots([slot], fences={slot: 4})
+    assert result.ok and present is not None
+    a = frozenset({"a.fits"})
+    assert present.receipts[slot] == Receipt(3, moved=a, intended=a, settled=a)
+    result, report = site.endpoint.commit(slot, None, files[1:], batch=4)
+    assert result.returncode == 95  # fenced off: renames nothing, leaves the receipt alone
+    assert Path(slot + RECEIPT).read_bytes() == b"3\0Ia.fits\0Ma.fits\0"
+    decided = recovered([("d/a.fits", 4), ("d/b.fits", 4)], {"b.fits"}, present.receipts[slot])
+    assert (decided.moved, decided.resend, decided.unknown) == ([], ["d/a.fits", "d/b.fits"], ["d/a.fits"])
+    # The next commit of the slot replaces the receipt before it renames anything.
+    stage(slot, "b.fits", b"d/b.fits")  # sent again (the commit of batch 3 took it for a stray)
+    result, report = site.endpoint.commit(slot, None, files[1:], batch=6)
+    assert result.ok and report is not None and report.committed == {"b.fits"}
+    assert Path(slot + RECEIPT).read_bytes() == b"6\0Ib.fits\0Mb.fits\0"
+
+
+def test_a_commit_that_cannot_write_its_receipt_renames_nothing(site: Site) -> None:
+    slot, files = staged_pair(site)
+    os.mkdir(slot + RECEIPT)  # not writable as a file
+    result, report = site.endpoint.commit(slot, None, files, batch=2)
+    assert result.returncode == 94, result.stderr
+    assert report is not None and report.aborted is not None and report.aborted[0] == 94
+    assert report.committed == set() and listing(site.ep_buffer) == {}
+    assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
+
+
+def test_a_receipt_record_cut_short_is_no_evidence(site: Site) -> None:
+    """A name the commit could not finish writing into the receipt (a full disk) proves
+    nothing; nor does a receipt the listing's reply does not bring whole."""
+    s0 = site.slot(0)
+    receipt = (s0 + RECEIPT + "/").encode()
+
+    def replying(stdout: bytes) -> Endpoint:
+        def run(argv: list[str], **kwargs: object) -> CommandResult:
+            return CommandResult(tuple(argv), 0, stdout, b"", 0.0, 0.1)
+
+        return Endpoint(site.config, generation="g1", run=run)
+
+    head = (s0 + "/").encode() + b"\0" + receipt + b"\0"
+    end = b"\0" + RECEIPT_END.encode() + b"\0"
+    a = frozenset({"a.fits"})
+    _, present = replying(framed(head + b"4\0Ia.fits\0Ma.fits\0Mb.fi" + end)).list_slots([s0])
+    assert present is not None and present == {s0: set()}
+    assert present.receipts == {s0: Receipt(4, moved=a, intended=a, settled=a)}
+    _, present = replying(framed(head + b"4\0Ia.fits\0Ma.fits\0" + end)).list_slots([s0])
+    assert present is not None and present.receipts == {s0: Receipt(4, moved=a, intended=a, settled=a)}
+    _, present = replying(framed(head + b"4\0Ma.fits\0")).list_slots([s0])
+    assert present is None
+    _, present = replying(framed(head + end)).list_slots([s0])
+    assert present is not None and present.receipts == {s0: Receipt(None)}
+
+
+def test_a_commit_killed_inside_its_mv_leaves_evidence_of_what_it_took() -> None:
+    """Killed between the rename and the outcome record (the warm session or the whole process
+    session killed), the receipt holds the name's I record without an outcome: a copy gone
+    from staging then was taken by that mv; one still staged was not."""
+    intended = Receipt(5, intended=frozenset({"a.fits", "b.fits"}))
+    entries = [("d/a.fits", 5), ("d/b.fits", 5)]
+    decided = recovered(entries, {"b.fits"}, intended)
+    assert (decided.moved, decided.resend, decided.unknown) == (["d/a.fits"], ["d/b.fits"], [])
+    # Once an outcome was written, only M counts; another batch's receipt proves nothing.
+    settled = Receipt(5, intended=frozenset({"a.fits"}), settled=frozenset({"a.fits"}))
+    assert recovered(entries[:1], set(), settled).unknown == ["d/a.fits"]
+    assert recovered([("d/a.fits", 6)], set(), intended).unknown == ["d/a.fits"]
+    assert recovered(entries[:1], None, intended).unknown == ["d/a.fits"]  # no slot directory

@@ -355,6 +355,21 @@ def test_a_commit_cut_off_from_the_daemon_is_waited_for_before_its_slot_is_liste
     assert cut_off is not None and int(cut_off.group(1)) >= 1, output[-3000:]
 
 
+def test_a_staged_copy_deleted_while_the_reply_is_lost_is_sent_again_never_held_undelivered(
+    tmp_path: Path,
+) -> None:
+    """The commit's connection drops before its script runs (so it never does, and the
+    listing fences it off), and a tmp cleaner deletes one staged copy meanwhile. Gone from
+    staging is not delivered: with no receipt of its move, that file is sent again (a warning
+    names it), and it arrives at the endpoint like the four left in the slot."""
+    cleaner = f"find {tmp_path / 'site' / 'endpoint' / 'staging'} -name f2.fits -type f -delete; true"
+    site, output = run_with_a_cut_off_commit(tmp_path, cleaner, num_threads=1)
+    assert {n for (n,) in site.query("select attempts from files")} == {2}
+    assert "0 had been delivered, 5 will be sent again" in output, output[-3000:]
+    assert "'d/f2.fits' left staging with no receipt of its move" in output
+    assert site.held() == {f"d/f{i}.fits": content(f"d/f{i}.fits") for i in range(5)}
+
+
 def test_a_commit_that_starts_after_its_slot_was_listed_moves_nothing(tmp_path: Path) -> None:
     """The lock cannot wait for a commit whose remote shell has not started yet. Here the
     connection drops (exit 255) and the script starts only once the daemon has listed the slot

@@ -93,7 +93,9 @@ def assert_delivered(site: Site, files: dict[str, bytes], sshd: SshServer) -> No
     # aside by verification (``<slot>.rejected``, emptied by that slot's next commit: the retry
     # may have gone through another slot).
     assert not [
-        p for p in site.staging.rglob("*") if not p.is_dir() and not p.parent.name.endswith(".rejected")
+        p
+        for p in site.staging.rglob("*")
+        if not p.is_dir() and not p.parent.name.endswith(".rejected") and not p.name.endswith(".receipt")
     ]
     assert_nothing_ran(site.root, sshd.workdir)
 

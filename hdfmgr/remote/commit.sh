@@ -20,7 +20,8 @@
 # record is one letter and its text:
 #   V<version>  this program's version (first record)
 #   K<name>     the staged copy was verified (its size or BLAKE2b is the expected one)
-#   M<name>     renamed into the endpoint buffer: the only evidence of a delivery
+#   M<name>     renamed into the endpoint buffer: the only evidence of a delivery (also
+#               written to SLOT.receipt, which a listing reads when this reply is lost)
 #   E<name>     verified, not renamed: the final name exists (an earlier version the
 #               endpoint manager has not ingested yet); never overwritten
 #   G<name>     verified, but gone from staging before the rename: not delivered
@@ -32,7 +33,8 @@
 # Exit status: 0 the program ran to its end (each file's outcome is in the reply). Otherwise
 # nothing was renamed but what an M record says:
 #   91 wrong arguments          92 the slot's lock cannot be taken here (flock missing/failing)
-#   93 lock busy past WAIT      94 staging cannot be written (full, read-only, I/O error)
+#   93 lock busy past WAIT      94 staging cannot be written (full, read-only, I/O error;
+#                                  also when the receipt cannot be written)
 #   95 fenced off: a listing has decided this batch      96 input cut short
 #   97 no slot directory        98 a verification tool failed (b2sum, find, sort, comm, ...)
 #   99 the move step broke off (the M records say what was renamed)
@@ -90,6 +92,13 @@ if [ -n "$batch" ] && [ -f "$s.fence" ]; then
     read -r f <"$s.fence" || stop 94 "cannot read $s.fence"
     [ "$f" -lt "$batch" ] || stop 95 "batch $batch: too late, its slot was listed for batch $f"
 fi
+
+# The receipt, beside the slot (NUL-separated): the batch number; then, per group of names
+# to rename, I<name> for each just before its mv, and after it each name's outcome record
+# (M<name> renamed, or E, F, U as in the reply). A listing after a lost reply reads it as the
+# only evidence of a move (hdfmgr/endpoint.py); so it is replaced here, under the lock, before
+# anything moves, and a commit (or group) that cannot write it renames nothing.
+printf '%s\000' "$batch" >"$s.receipt" || stop 94 "cannot write $s.receipt"
 
 # The input, whole or not at all.
 cat >"$t.in" || stop 94 "cannot store the commit input in staging"
@@ -152,8 +161,11 @@ xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 # records as arguments (xargs may split them over several runs: each run is complete in
 # itself). Per group of names with the same final directory it checks each name with
 # builtins (still staged, final name free), runs one `mv -n` (never overwrite) on the names
-# that passed, and reports each name. M needs that mv to have succeeded and the name to have
-# left staging (`mv -n` leaves a name whose final name appeared meanwhile where it was).
+# that passed, and reports each name. The receipt gets the group's I records before its mv
+# and every outcome record after it, all before the run writes a byte to stdout, so that the
+# evidence outlives a lost reply (a reply cut short ends the run at its first write: SIGPIPE).
+# M needs that mv to have succeeded and the name to have left staging (`mv -n` leaves a name
+# whose final name appeared meanwhile where it was).
 # GNU mv (9.1) given several names stats each final name right after renaming it, and fails
 # when the endpoint manager has already taken the file away: so a failed mv whose every
 # complaint is such a stat of a final path (absolute: quoted, it starts with '/ or "/;
@@ -165,14 +177,21 @@ set -u
 j=0 g=0 d= l=
 group() {
     if [ -n "$l" ]; then
-        if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
-            eval "ok$g=1"
-        elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
-            eval "ok$g=1"
-        else
+        # The intent first: a name gone from staging after it, with no outcome, was renamed
+        # by a commit killed in its mv. Without it, nothing of the group moves.
+        if ! (eval "set -- $l" && printf "I%s\000" "$@" >>"$R"); then
+            echo "hdfmgr commit: cannot write the receipt $R: not renamed" >&2
             eval "ok$g=0"
+        else
+            if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
+                eval "ok$g=1"
+            elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
+                eval "ok$g=1"
+            else
+                eval "ok$g=0"
+            fi
+            cat "$T.err" >&2 || :
         fi
-        cat "$T.err" >&2 || :
     fi
 }
 for r do
@@ -204,11 +223,20 @@ for r do
         elif [ "$o" = 1 ] || [ -e "$x/$n" ]; then c=M
         else c=U; fi
     fi
+    if [ "$k" -ne 0 ]; then
+        printf "%s%s\000" "$c" "$n" >>"$R" || echo "hdfmgr commit: cannot add to $R" >&2
+    fi
+    eval "c$j=\$c"
+done
+j=0
+for r do
+    j=$((j + 1))
+    eval "c=\$c$j n=\$n$j"
     printf "%s%s\000" "$c" "$n"
 done
 '
 r=0
-T=$t xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
+T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
 rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

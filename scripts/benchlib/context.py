@@ -432,7 +432,8 @@ class Bench:
         missing_held = [rel for rel in expected if not (site.holding / rel).exists()]
         if missing_held:
             problems.append(f"{len(missing_held)} file(s) not in holding")
-        staged = [n for _, _, names in os.walk(site.staging) for n in names]
+        # A slot's receipt (what its latest commit renamed) stays beside it: not a staged copy.
+        staged = [n for _, _, names in os.walk(site.staging) for n in names if not n.endswith(".receipt")]
         if staged:
             problems.append(f"{len(staged)} file(s) left in staging")
         states = dict(site.query("select state, count(*) from files group by state"))

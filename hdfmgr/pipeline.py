@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any
 
@@ -33,17 +33,14 @@ import peewee as pw
 
 from . import __version__, sdnotify
 from . import db as dbm
-from .batching import arg_budget
 from .config import Config
-from .deliver import BatchJob, BatchReport, deliver
-from .detect import lease_problem, snapshot
-from .endpoint import Endpoint, EndpointUnfit, ErrorClass, Listing, StagedFile
+from .dispatch import Dispatcher
+from .endpoint import Endpoint, EndpointUnfit, Listing
 from .files import FAILED, FileTable
-from .holding import HoldResult, hold_delivered
 from .lock import InstanceLock, lock_path, publish, state_path
 from .outcomes import Counters, Outcomes
 from .pin import clear as clear_pins
-from .pin import pin_root, slot_dir
+from .pin import pin_root
 from .record import Recorder
 from .recovery import Decided, Reconciler
 from .runner import CommandResult
@@ -54,11 +51,7 @@ from .watch import Watcher
 
 log = logging.getLogger("hdfmgr")
 
-#: Soft cap on the data of one batch: large files spread over the transfer slots (hashing and
-#: copying in parallel) instead of queueing in one batch; small files are unaffected.
-BATCH_BYTES = 256 * 1024 * 1024
-
-__all__ = ["BATCH_BYTES", "Counters", "Outcome", "Pipeline", "run_pipeline"]
+__all__ = ["Counters", "Outcome", "Pipeline", "run_pipeline"]
 
 
 class Outcome(Enum):
@@ -108,9 +101,20 @@ class Pipeline:
             slots=config.num_threads,
         )
         self.outcomes = Outcomes(config, self.files, self.sched, self.watcher, once=once)
-        self.inflight: dict[int, Future[BatchReport]] = {}
-        self.executor = ThreadPoolExecutor(config.num_threads + 1, thread_name_prefix="hdfmgr-worker")
-        self.budget = arg_budget() - config.transfer.fixed_length() - len(self.endpoint.slot_dir(0)) - 64
+        self.batches = Dispatcher(
+            config,
+            self.endpoint,
+            files=self.files,
+            scheduler=self.sched,
+            slots=self.slots,
+            doubt=self.doubt,
+            watcher=self.watcher,
+            outcomes=self.outcomes,
+            put=self.queue.put,
+            pins=self.pins,
+        )
+        self.batches.on_endpoint_back = self._endpoint_back
+        self.batches.on_breaker = self._breaker_changed
         #: Files checked and registered per pass of the loop: enough to fill every slot.
         self.promote_slice = max(256, config.chunk_size * config.num_threads)
         self.lock = InstanceLock(lock_path(self.buffer), self.buffer)
@@ -120,7 +124,6 @@ class Pipeline:
         self.started_wall = time.time()
         self.published_at = 0.0
         self.db: pw.Database | None = None
-        self.closing = False
         self.sync_requested = False
         #: Called on every pass of the loop (rescan's progress line throttles itself).
         self.on_progress: Callable[[Pipeline], None] | None = None
@@ -138,6 +141,15 @@ class Pipeline:
     @property
     def counters(self) -> Counters:
         return self.outcomes.counters
+
+    @property
+    def budget(self) -> int:
+        """What the names of one batch may take on a command line (here and at the endpoint)."""
+        return self.batches.budget
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self.batches.executor
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,7 +172,7 @@ class Pipeline:
                 # The writer check takes (and at once drops) read leases; a lease break
                 # would send SIGIO, whose default action ends the process.
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
-            self._warn_without_leases()
+            self.watcher.warn_without_leases()
             clear_pins(self.pins)
             self._start_from_records()
             if not self.once:
@@ -208,9 +220,7 @@ class Pipeline:
                 + " (see 'hdfmgr doctor')"
             )
         if found.arg_max:
-            # The endpoint's argument limit, as well as this host's: commands built from a
-            # batch (xargs on the endpoint included) then never have to be split.
-            self.budget = min(self.budget, found.arg_max - 4096 - len(self.endpoint.slot_dir(0)))
+            self.batches.limit_arguments(found.arg_max)
 
     def _start_from_records(self) -> None:
         """Resume every file the records name, and reconcile those that were in flight."""
@@ -224,10 +234,10 @@ class Pipeline:
         self.doubt.sweep(prepare=True)
 
     def _shutdown(self) -> None:
-        self.closing = True
+        self.batches.closing = True
         self.doubt.kill_background()
         self.watcher.stop()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.batches.shutdown()
         self.endpoint.close()  # the warm sessions' remote shells exit on end of file
         if self.db is not None:
             try:
@@ -248,21 +258,6 @@ class Pipeline:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGUSR1, rescan)
 
-    def _warn_without_leases(self) -> None:
-        """Said once at start: without leases, only close events and quiet time tell."""
-        if not os.path.isdir(self.buffer):
-            return
-        problem = lease_problem(self.buffer)
-        if problem is not None:
-            log.warning(
-                "cannot tell whether a writer still has a file open (%s): a file without a close "
-                "event counts as complete once unchanged for general.stable_age (%.1f s), and a "
-                "delivered one moves to holding only then; a writer that pauses longer gets its "
-                "file sent early and again when it changes",
-                problem,
-                self.cfg.stable_age,
-            )
-
     # ------------------------------------------------------------------ the pump
 
     def _loop(self) -> Outcome:
@@ -275,7 +270,7 @@ class Pipeline:
             self._maintain(now)
             self._register(self.watcher.promote(now, self.promote_slice))
             self.outcomes.enqueue(self.sched.release(now, self._still_failed))
-            self._dispatch(now)
+            self.batches.dispatch(now, stopping=self.stop_event.is_set())
             if self.on_progress is not None:
                 self.on_progress(self)
             self._publish(now)
@@ -295,7 +290,7 @@ class Pipeline:
 
     def _pending(self) -> Pending:
         return Pending(
-            in_flight=len(self.inflight),
+            in_flight=len(self.batches.inflight),
             settling=len(self.watcher.tracker),
             in_doubt=bool(self.doubt.in_doubt),
             sweeping=self.doubt.sweeping,
@@ -323,9 +318,9 @@ class Pipeline:
                 if delivered:
                     self.outcomes.hold(delivered)
             elif kind == "result":
-                self._on_result(entry[1])
+                self.batches.on_result(entry[1])
             elif kind == "checkpoint":
-                self._on_checkpoint(*entry[1:])
+                self.batches.on_checkpoint(*entry[1:])
             elif kind == "probe":
                 self._on_probe(entry[1])
             elif kind == "swept":
@@ -376,13 +371,13 @@ class Pipeline:
 
     def _drain_and_stop(self) -> Outcome:
         sdnotify.notify("STOPPING=1")
-        if self.inflight:
+        if self.batches.inflight:
             log.info(
                 "stopping: waiting for %d batch(es) in flight (at most %.0f s)",
-                len(self.inflight),
+                len(self.batches.inflight),
                 self.cfg.timeout,
             )
-        while self.inflight:
+        while self.batches.inflight:
             self._handle_queue(1.0)
         log.info(
             "stopped: %d files delivered (%.1f MB) in %d batches this run",
@@ -404,9 +399,9 @@ class Pipeline:
         if self.doubt.due(now):
             self.doubt.start_listing()
         breaker = self.sched.breaker
-        if breaker.probe_due(now) and not self.inflight:
+        if breaker.probe_due(now) and not self.batches.inflight:
             breaker.start_probe()
-            self.executor.submit(lambda: self.queue.put(("probe", self.endpoint.probe())))
+            self.batches.executor.submit(lambda: self.queue.put(("probe", self.endpoint.probe())))
 
     def _scan(self) -> None:
         if self.sync_requested:
@@ -431,8 +426,11 @@ class Pipeline:
         else:
             breaker.probe_failed(time.monotonic(), jitter=self.sched.rng.random())
             log.debug("probe failed: %s", result.describe())
+        self._breaker_changed(breaker.state.value)
+
+    def _breaker_changed(self, state: str) -> None:
         if self.on_breaker is not None:
-            self.on_breaker(self.cfg.name, breaker.state.value)
+            self.on_breaker(self.cfg.name, state)
 
     def _endpoint_back(self) -> None:
         """After an outage, files that backed off because of it go out now, not in 10 min,
@@ -451,159 +449,6 @@ class Pipeline:
         self.outcomes.enqueue(registered.ready)
         if registered.settled:
             self.outcomes.hold(registered.settled, proven=True)
-
-    # ------------------------------------------------------------------ dispatch
-
-    def _dispatch(self, now: float) -> None:
-        while self.slots.free() and self.sched.may_dispatch() and not self.stop_event.is_set():
-            if not self.watcher.present or self.doubt.preparing:
-                return
-            if self.sched.next_is_group():
-                group_id, group = self.sched.take_group()
-                rels = [rel for rel in group.rels if rel in self.files and self.files[rel].state == FAILED]
-                files, snaps = self._stage(rels, now)
-                if not files:
-                    self.sched.drop_group(group_id)
-                    continue
-                group.rels = [f.rel for f in files]
-                self._start_batch(files, snaps, group=group_id)
-                continue
-            batch = self.sched.ready.take_batch(
-                chunk_size=self.cfg.chunk_size,
-                budget=self.budget,
-                path_bytes=len(self.buffer) + 1,
-                spread=True,
-                max_bytes=BATCH_BYTES,
-                slots=self.slots.free(),  # a visit goes over every free stream
-            )
-            files, snaps = self._stage([item.rel for item in batch], now)
-            if files:
-                self._start_batch(files, snaps)
-
-    def _stage(self, rels: list[str], now: float) -> tuple[list[StagedFile], dict[str, Snapshot]]:
-        """The files of a batch that are still the version registered (others settle again)."""
-        files: list[StagedFile] = []
-        snaps: dict[str, Snapshot] = {}
-        for rel in rels:
-            known = self.files.get(rel)
-            if known is None:
-                continue
-            path = os.path.join(self.buffer, rel)
-            snap = snapshot(path)
-            if snap is None or not known.matches(snap):
-                # Changed or gone since it settled: let it settle again (or vanish).
-                if snap is not None:
-                    self.watcher.recheck(rel, now, snap)
-                continue
-            files.append(StagedFile(rel, path, known.size))
-            snaps[rel] = snap
-        return (self.files.with_checksums(files) if files else files), snaps
-
-    def _start_batch(
-        self, files: list[StagedFile], snaps: dict[str, Snapshot], *, group: int | None = None
-    ) -> None:
-        slot = self.slots.take()
-        staging_dir = self.endpoint.slot_dir(slot)
-        wall = time.time()
-        batch_id = self.files.start_batch(staging_dir, files, wall)
-        job = BatchJob(
-            id=batch_id,
-            slot=slot,
-            staging_dir=staging_dir,
-            files=files,
-            snapshots=snaps,
-            prepare=self.slots.needs_prepare(slot),
-            pin_dir=slot_dir(self.pins, slot),
-        )
-        if group is not None:
-            self.sched.rides(batch_id, group)
-        nbytes = sum(f.size for f in files)
-        # prepare, transfer and commit each within their deadline
-        due = wall + self.cfg.deadline(nbytes) + 2 * self.cfg.timeout
-        self.slots.transfer(slot, batch=batch_id, files=len(files), nbytes=nbytes, due=due)
-        self.inflight[batch_id] = self.executor.submit(self._deliver, job)
-
-    # ------------------------------------------------------------------ worker threads
-
-    def _deliver(self, job: BatchJob) -> None:
-        """Worker thread: run the batch, hand the report to the loop."""
-        self.queue.put(("result", deliver(job, self.endpoint, self._checkpoint, self._hold_one)))
-
-    def _hold_one(self, rel: str, sent: Snapshot) -> HoldResult:
-        """Worker thread: one delivered file to holding (plain file-system calls, no state)."""
-        return hold_delivered(self.buffer, self.holding, rel, sent, proven=False)
-
-    def _checkpoint(self, job: BatchJob, files: list[StagedFile], checksums: dict[str, str]) -> bool:
-        """Worker thread: have the loop record COMMITTING, and wait until it has."""
-        ack = threading.Event()
-        self.queue.put(("checkpoint", job, [f.rel for f in files], checksums, ack))
-        while not ack.wait(0.5):
-            if self.closing:
-                return False
-        return True
-
-    # ------------------------------------------------------------------ reports
-
-    def _on_checkpoint(
-        self, job: BatchJob, rels: list[str], checksums: dict[str, str], ack: threading.Event
-    ) -> None:
-        """Record COMMITTING before the worker runs the remote mv: a restart must know."""
-        self.files.committing(job.id, rels, checksums)
-        checked = sum(self.files[rel].size for rel in rels) if self.cfg.verify == "checksum" else 0
-        self.slots.committing(
-            job.slot, batch=job.id, files=len(rels), due=time.time() + self.cfg.deadline(checked)
-        )
-        ack.set()
-
-    def _on_result(self, report: BatchReport) -> None:
-        job = report.job
-        self.inflight.pop(job.id, None)
-        now = time.monotonic()
-        if report.unknown:
-            # Its slot directory is the evidence of what the lost commit did: out of use
-            # until the listing, then cleaned.
-            self.slots.suspend(
-                job.slot,
-                job.staging_dir,
-                batch=job.id,
-                files=len(report.unknown),
-                reason=f"commit reply lost ({report.error}); out of use until a listing of its "
-                "staging directory tells what the commit did",
-            )
-        else:
-            self.slots.finished(
-                job.slot, clean=report.slot_clean, prepared=report.prepare is not None and report.prepare.ok
-            )
-        self.outcomes.batch(report)
-        if report.unknown:
-            self.doubt.lost_reply(job.staging_dir, [(rel, job.id) for rel in report.unknown], now)
-            log.warning(
-                "batch %d: the commit's reply was lost (%s); %d file(s) may be in the endpoint "
-                "buffer already: staging is checked before any is sent again",
-                job.id,
-                report.error,
-                len(report.unknown),
-            )
-        self._judge_endpoint(report, now)
-
-    def _judge_endpoint(self, report: BatchReport, now: float) -> None:
-        """The breaker learns from every batch: transport failures open it, anything that
-        got an answer closes it."""
-        breaker = self.sched.breaker
-        delivered = set(report.committed()) | set(report.unknown)
-        failed = [f for f in report.job.files if f.rel not in delivered]
-        transport = report.error_class in (ErrorClass.TRANSPORT, ErrorClass.TIMEOUT)
-        troubled = bool(failed or report.unknown)
-        if troubled:
-            if transport and breaker.record_transport_failure(now, jitter=self.sched.rng.random()):
-                log.error("endpoint unreachable (%s); pausing dispatch, probing with 'true'", report.error)
-            elif failed and breaker.allows_dispatch():
-                log.warning("batch %d: %d file(s) failed: %s", report.job.id, len(failed), report.error)
-        if (not troubled or not transport) and breaker.record_success():
-            log.warning("endpoint reachable again; resuming dispatch")
-            self._endpoint_back()
-        if self.on_breaker is not None:
-            self.on_breaker(self.cfg.name, breaker.state.value)
 
     def _on_listed(self, dirs: list[str], result: CommandResult, present: Listing | None) -> None:
         decided = self.doubt.on_listed(dirs, result, present)

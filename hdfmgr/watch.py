@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .detect import open_for_writing, scan, snapshot, start_observer, stop_observer
+from .detect import lease_problem, open_for_writing, scan, snapshot, start_observer, stop_observer
 from .files import COMMITTED, FAILED, IN_FLIGHT, QUARANTINED, READY, FileTable
 from .holding import prune_empty_dirs
 from .settle import Evidence, SettleTracker, Snapshot, Verdict
@@ -133,6 +133,21 @@ class Watcher:
             removed = prune_empty_dirs(self.buffer, older_than=self.cfg.expiration_time, now=time.time())
             if removed:
                 log.info("removed %d empty buffer directories", removed)
+
+    def warn_without_leases(self) -> None:
+        """Said once at start: without leases, only close events and quiet time tell."""
+        if not os.path.isdir(self.buffer):
+            return
+        problem = lease_problem(self.buffer)
+        if problem is not None:
+            log.warning(
+                "cannot tell whether a writer still has a file open (%s): a file without a close "
+                "event counts as complete once unchanged for general.stable_age (%.1f s), and a "
+                "delivered one moves to holding only then; a writer that pauses longer gets its "
+                "file sent early and again when it changes",
+                problem,
+                self.cfg.stable_age,
+            )
 
     # ------------------------------------------------------------------ events
 

@@ -1,11 +1,11 @@
 """Regression test, found while testing over SSH: the watcher must not take ordinary activity
 in the buffer for a replaced buffer directory.
 
-``Pipeline._maintain`` used to identify the buffer by ``(st_ino, st_ctime_ns)``. A directory's
-ctime changes whenever an entry is created, renamed or removed in it, so every file written
-into the buffer's top level, and every file moved from it to holding, was reported as "buffer
-... was replaced or its watch stopped; watching it again": a WARNING, an observer restart and
-a full rescan per batch. (Now ``(st_dev, st_ino)``.)"""
+The watcher's buffer check (``Watcher.check_buffer``) used to identify the buffer by
+``(st_ino, st_ctime_ns)``. A directory's ctime changes whenever an entry is created, renamed
+or removed in it, so every file written into the buffer's top level, and every file moved from
+it to holding, was reported as "buffer ... was replaced or its watch stopped; watching it
+again": a WARNING, an observer restart and a full rescan per batch. (Now ``(st_dev, st_ino)``.)"""
 
 from __future__ import annotations
 

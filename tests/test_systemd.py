@@ -89,11 +89,6 @@ def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
         assert server.recv(64) == b"READY=1"
 
 
-PIPELINE = Path(__file__).resolve().parent.parent / "hdfmgr" / "pipeline.py"
-PIPELINE_HOOKED = "sdnotify" in PIPELINE.read_text()
-
-
-@pytest.mark.skipif(not PIPELINE_HOOKED, reason="pipeline.py does not call sdnotify.notify yet")
 def test_watch_reports_ready_after_the_startup_rescan(tmp_path: Path) -> None:
     site = Site(tmp_path)
     site.write_many({f"pre{i}.fits": b"p" for i in range(5)})

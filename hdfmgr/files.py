@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from .db import State
 from .deliver import BatchReport
-from .endpoint import ErrorClass, StagedFile
+from .endpoint import ErrorClass
 from .record import Failure, Recorder
+from .replies import StagedFile
 from .settle import Snapshot
 
 READY = State.READY.value

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .db import State
-from .endpoint import Endpoint, Listing, recovered
+from .endpoint import Endpoint
 from .files import COMMITTED, COMMITTING, STAGING, FileTable, Loaded
 from .holding import clean_copies, identity
+from .replies import Listing, recovered
 from .runner import CommandResult
 
 log = logging.getLogger("hdfmgr")

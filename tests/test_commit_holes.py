@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -410,6 +411,35 @@ def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.
     doctor.main(str(good), out=lines.append)
     ok = [line for line in lines if line.startswith("OK   endpoint can run the commit")]
     assert len(ok) == 1 and "b2sum -z works" in ok[0] and "ARG_MAX" in ok[0], lines
+
+
+def test_doctor_checks_leases_and_durability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assumptions README, Guarantees, names beside flock: read leases on the handoff
+    buffer (a WARN line, with the setting it then depends on, from a doctor without
+    CAP_LEASE; the exit status stays 0) and a database that syncs every commit."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "site", verify="size", remote='sh -c "{command}"')
+    from hdfmgr import cli
+
+    assert cli.main(["initdb", str(config)]) == 0
+
+    def doctor(*wrap: str) -> tuple[int, list[str]]:
+        argv = [*wrap, sys.executable, "-m", "hdfmgr", "doctor", str(config)]
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    rc, lines = doctor()
+    assert rc == 0, lines
+    assert "OK   writers can be seen in the handoff buffer (read leases)" in lines
+    durable = [line for line in lines if "database commits are on disk" in line]
+    what = "database commits are on disk before what follows them (power loss)"
+    assert durable == [f"OK   {what}: synchronous=full"], lines
+    rc, lines = doctor("setpriv", "--inh-caps=-lease", "--bounding-set=-lease")
+    assert rc == 0, lines
+    warn = [line for line in lines if line.startswith("WARN ")]
+    assert len(warn) == 1 and "no CAP_LEASE" in warn[0] and "general.stable_age (2 s)" in warn[0], lines
+    assert not [line for line in lines if line.startswith("FAIL")], lines
 
 
 # --------------------------------------------------------------------------- through the daemon

@@ -554,6 +554,12 @@ def test_hole8_a_commit_that_cannot_lock_backs_off_and_is_never_a_lost_reply(tmp
         assert rows[0][0] == "endpoint" and "flock fails on staging" in rows[0][1], rows
         assert "nothing moved" in rows[0][1]
         assert list(site.ep_buffer.iterdir()) == []
+        # status does not call such an endpoint ok (the symptom the issue reports).
+        shown = site.hdfmgr("status", str(site.config_path))
+        assert shown.returncode == 0, shown.stderr
+        assert "endpoint: ok" not in shown.stdout, shown.stdout
+        assert "endpoint: reachable, but its commits FAIL" in shown.stdout, shown.stdout
+        assert "flock fails on staging" in shown.stdout
     finally:
         assert daemon.stop() == 0
     assert "reply was lost" not in daemon.output()

@@ -367,23 +367,26 @@ def write_config(root: Path, *, verify: str, remote: str) -> Path:
     ],
     ids=["b2sum-missing", "b2sum-without-z", "flock-failing"],
 )
+@pytest.mark.parametrize("command", ["rescan", "run"])
 def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    command: str,
     verify: str,
     hide: tuple[str, ...],
     tools: dict[str, str],
     culprit: str,
 ) -> None:
-    """Hole 1 and 8 at start: one line, sysexits 69, nothing sent (the file stays put)."""
+    """Hole 1 and 8 at start, for the watcher and the one pass alike: one line, sysexits 69,
+    nothing sent (the file stays put)."""
     from hdfmgr import cli
 
     monkeypatch.chdir(tmp_path)
     bin_dir = fake_tools(tmp_path, tools, hide=hide)
     path = str(bin_dir) if hide else f"{bin_dir}:{SYSTEM_PATH}"
     config = write_config(tmp_path / "site", verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
-    assert cli.main(["rescan", str(config)]) == cli.EX_UNAVAILABLE == 69
+    assert cli.main([command, str(config)]) == cli.EX_UNAVAILABLE == 69
     err = capsys.readouterr().err.strip().splitlines()
     # One line says why (informational start-up lines, such as the database's creation, may
     # come before it), and nothing else is an error.

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -570,16 +571,28 @@ with open(path, "wb", buffering=0) as f:
 """
 
 
+@pytest.fixture
+def nobody_site() -> Iterator[tuple[Site, Path]]:
+    """A site that the user nobody can reach: not under pytest's base directory, which every
+    pytest session starting on this machine resets to mode 0700 (a writer running as nobody
+    then loses its way mid-test)."""
+    top = Path(tempfile.mkdtemp(prefix="hdfmgr-nobody-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        yield Site(top / "site"), top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 @pytest.mark.parametrize("stable_age", [2.0, 4.0])
-def test_a_slow_writer_of_another_user_without_leases(site: Site, tmp_path: Path, stable_age: float) -> None:
+def test_a_slow_writer_of_another_user_without_leases(
+    nobody_site: tuple[Site, Path], stable_age: float
+) -> None:
     """A writer running as nobody, a daemon without CAP_LEASE started in the middle of it: the
     kernel cannot say whether the file is still open. The file never moves to holding while it
     is written; the finished file is delivered and is the version held. With ``stable_age``
     longer than the writer's pauses, no fragment is sent at all."""
-    top = tmp_path
-    while top != Path("/tmp") and top != top.parent:  # let nobody reach the buffer
-        top.chmod(top.stat().st_mode | 0o011)
-        top = top.parent
+    site, tmp_path = nobody_site
     (site.buffer / "a").mkdir()
     os.chown(site.buffer / "a", 65534, 65534)
     flags = tmp_path / "flags"

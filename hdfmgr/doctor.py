@@ -1,11 +1,14 @@
 """``hdfmgr doctor CONFIG``: pre-flight checks of a configuration against the real endpoint.
 
 Each check prints one line, ``OK   <what>`` or ``FAIL <what>: <why> -> <fix>``; the exit status
-is 0 when every check passed and 1 otherwise. Remote checks run through the configured remote
-command exactly as the daemon does (``Endpoint.remote``): constant ``sh -c`` scripts whose only
-arguments, the configured directories and tool names, are quoted. Nothing is ever put into the
-endpoint buffer: the test transfer goes into a slot directory of its own in staging, which is
-removed afterwards (and which a starting daemon sweeps anyway).
+is 0 when every check passed and 1 otherwise. ``WARN <what>: <why> -> <fix>`` is an assumption
+of the guarantees that does not hold here while the daemon still works (no read leases on the
+handoff buffer: writers are then judged by quiet time alone); it does not fail the exit status.
+Remote checks run through the configured remote command exactly as the daemon does
+(``Endpoint.remote``): constant ``sh -c`` scripts whose only arguments, the configured
+directories and tool names, are quoted. Nothing is ever put into the endpoint buffer: the test
+transfer goes into a slot directory of its own in staging, which is removed afterwards (and
+which a starting daemon sweeps anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import db as dbm
+from .detect import lease_problem
 from .endpoint import Endpoint, StagedFile
 from .runner import NOT_STARTED, CommandResult
 from .templates import Slot
@@ -76,8 +80,12 @@ class Check:
     ok: bool
     why: str = ""
     fix: str = ""
+    #: An assumption that does not hold, which the daemon works around (``ok`` stays True).
+    warn: bool = False
 
     def line(self) -> str:
+        if self.warn:
+            return f"WARN {self.what}: {self.why} -> {self.fix}"
         if self.ok:
             return f"OK   {self.what}"
         return f"FAIL {self.what}: {self.why} -> {self.fix}"
@@ -113,9 +121,15 @@ def run_checks(config: config_mod.Config) -> Iterator[Check]:
             _PROBE_WHAT,
         ):
             yield Check(what, False, "not checked: the remote command does not work", "fix that first")
-    yield _local_dir("handoff buffer", config.buffer, write=False, key="handoff.buffer")
+    buffer = _local_dir("handoff buffer", config.buffer, write=False, key="handoff.buffer")
+    yield buffer
+    if buffer.ok:
+        yield _leases(config)
     yield _local_dir("holding", config.holding, write=True, key="handoff.holding")
-    yield _database(config)
+    database = _database(config)
+    yield database
+    if database.ok:
+        yield _durable(config)
     program = _transfer_program(config)
     yield program
     if remote_ok and program.ok:
@@ -325,6 +339,60 @@ def _local_dir(label: str, path: Path, *, write: bool, key: str) -> Check:
         except OSError as exc:
             return Check(what, False, f"cannot create a file: {exc.strerror}", f"fix the filesystem or {key}")
     return Check(what, True)
+
+
+def _leases(config: config_mod.Config) -> Check:
+    """The writer check of Settle and of holding: read leases on the buffer's filesystem and,
+    for files of other users, CAP_LEASE (this process's: run doctor as the service runs)."""
+    what = "writers can be seen in the handoff buffer (read leases)"
+    problem = lease_problem(os.fspath(config.buffer))
+    if problem is None:
+        return Check(what, True)
+    return Check(
+        what,
+        True,
+        problem,
+        f"a file without a close event counts as complete after general.stable_age "
+        f"({config.stable_age:g} s) of unchanged stats: set it above the longest pause of any "
+        "writer (README, Settle), or give the service CAP_LEASE "
+        "(systemd: AmbientCapabilities=CAP_LEASE) on a local filesystem",
+        warn=True,
+    )
+
+
+def _durable(config: config_mod.Config) -> Check:
+    """Power loss: each transaction that precedes a side effect must be on disk when it
+    returns (SQLite ``synchronous=FULL``; PostgreSQL ``fsync`` and ``synchronous_commit``)."""
+    what = "database commits are on disk before what follows them (power loss)"
+    sqlite = config.database.startswith("sqlite:")
+    if sqlite and not config_mod.sqlite_path(config.database, config.path.parent).exists():
+        return Check(what + ": SQLite synchronous=FULL, set at every connection", True)
+    try:
+        database = dbm.connect(config)
+        try:
+            if sqlite:
+                level = database.execute_sql("PRAGMA synchronous").fetchone()[0]
+                settings = {"synchronous": {0: "off", 1: "normal", 2: "full", 3: "extra"}.get(level, level)}
+                bad = [] if level >= 2 else [f"synchronous={settings['synchronous']}"]
+            else:
+                settings = {
+                    name: database.execute_sql(f"SHOW {name}").fetchone()[0]
+                    for name in ("fsync", "synchronous_commit")
+                }
+                bad = [f"{name}={value}" for name, value in settings.items() if value == "off"]
+        finally:
+            database.close()
+    except Exception as exc:  # peewee wraps the driver's errors in many types
+        return Check(what, False, f"cannot ask the database: {exc}".strip(), "check database.engine")
+    shown = ", ".join(f"{name}={value}" for name, value in settings.items())
+    if bad:
+        return Check(
+            f"{what}: {shown}",
+            False,
+            "a power cut may roll back a checkpoint written before a remote mv (" + ", ".join(bad) + ")",
+            "turn fsync and synchronous_commit on in the server's configuration",
+        )
+    return Check(f"{what}: {shown}", True)
 
 
 def _database(config: config_mod.Config) -> Check:

@@ -15,11 +15,14 @@ from typing import Any
 import peewee as pw
 
 from .db import WAITING_STATES, FileRecord, State, TransferBatch
+from .endpoint import ErrorClass
 
 WAITING = WAITING_STATES
 
 #: Batch error classes that mean "the endpoint could not be reached" (they feed the breaker).
 TRANSPORT_CLASSES = ("transport", "timeout")
+#: The error class of a commit that the endpoint stopped before renaming anything.
+ENDPOINT_CLASS = ErrorClass.ENDPOINT
 
 #: Throughput windows, label -> seconds.
 WINDOWS = {"1m": 60.0, "1h": 3600.0}
@@ -198,11 +201,19 @@ def breaker(source: str, *, threshold: int = 3) -> dict[str, Any]:
         .limit(max(threshold, 1))
         .tuples()
     )
+    latest = list(latest)
     run = []
     for started, error_class, status, stderr in latest:
         if status == "committed" or error_class not in TRANSPORT_CLASSES:
             break
         run.append((started, error_class, stderr))
+    # The endpoint answers but its commits stop before renaming anything (flock failing on
+    # staging, a tool missing or failing, staging full): reachable, yet nothing gets through.
+    unfit = []
+    for started, error_class, _status, stderr in latest:
+        if error_class != ENDPOINT_CLASS:
+            break
+        unfit.append((started, stderr))
     if not run:
         state = "closed"
     elif len(run) >= threshold:
@@ -216,6 +227,9 @@ def breaker(source: str, *, threshold: int = 3) -> dict[str, Any]:
         "since": run[-1][0] if run else None,
         "error": _last_line(run[0][2]) if run else None,
         "basis": BREAKER_BASIS,
+        "commit_failures_in_a_row": len(unfit),
+        "commit_failures_since": unfit[-1][0] if unfit else None,
+        "commit_error": _last_line(unfit[0][1]) if unfit else None,
     }
 
 
@@ -337,6 +351,13 @@ def _last(last: dict[str, Any] | None) -> str:
 
 
 def _breaker(b: dict[str, Any]) -> str:
+    if b["state"] == "closed" and b.get("commit_failures_in_a_row"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["commit_failures_since"]))
+        return (
+            f"reachable, but its commits FAIL: the last {b['commit_failures_in_a_row']} stopped "
+            f"before renaming anything, since {since} (derived from the batches table)\n"
+            f"          {b['commit_error']}"
+        )
     if b["state"] == "closed":
         return "ok (closed)"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["since"]))

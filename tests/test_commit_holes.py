@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,47 @@ def test_hole1_checksum_mode_without_a_working_b2sum_moves_nothing(
     assert report.unknown == []
     assert report.error_class == "endpoint"
     assert "b2sum" in (report.error or "")
+
+
+#: Every other tool the commit program runs before its first rename, failing with an I/O
+#: error, and the words of the reason it gives (``cat`` stores the input, ``cmp`` checks it
+#: whole, the first ``xargs`` deletes strays).
+FAILING_STEPS = {
+    "find": "find failed",
+    "sort": "sort failed",
+    "comm": "comm failed",
+    "cut": "cut failed",
+    "join": "join failed",
+    "xargs": "cannot delete strays",
+    "cat": "cannot store the commit input",
+    "cmp": "commit input cut short",
+}
+
+
+@pytest.mark.parametrize("tool", sorted(FAILING_STEPS))
+def test_hole1_any_failing_step_before_the_rename_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    """Not only b2sum: whichever step fails (find, sort, comm, join, ...), nothing is moved,
+    the daemon is told which step and the error class, and no file is left unknown."""
+    monkeypatch.chdir(tmp_path)
+    bin_dir = fake_tools(tmp_path, {tool: f'echo "{tool}: Input/output error" >&2; exit 1'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    good = site.local("d/good.fits", b"g" * 50)
+    cut = site.local("d/cut.fits", b"c" * 100)
+    stage(slot, good.basename, b"g" * 50)
+    stage(slot, cut.basename, b"c" * 10)  # a fragment
+    report = run_batch(site, slot, [good, cut])
+    assert endpoint_files(site) == {}, f"a commit whose {tool} failed moved files"
+    assert report.committed() == [] and report.unknown == []
+    assert report.error_class == "endpoint"
+    assert FAILING_STEPS[tool] in (report.error or ""), report.error
+    # The good copy is still staged; the fragment too, or set aside beside the slot.
+    rejected = slot + ".rejected"
+    aside = os.listdir(rejected) if os.path.isdir(rejected) else []
+    assert sorted(os.listdir(slot) + aside) == ["cut.fits", "good.fits"]
+    assert "good.fits" in os.listdir(slot)
 
 
 # --------------------------------------------------------------------------- hole 2
@@ -325,23 +367,26 @@ def write_config(root: Path, *, verify: str, remote: str) -> Path:
     ],
     ids=["b2sum-missing", "b2sum-without-z", "flock-failing"],
 )
+@pytest.mark.parametrize("command", ["rescan", "run"])
 def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    command: str,
     verify: str,
     hide: tuple[str, ...],
     tools: dict[str, str],
     culprit: str,
 ) -> None:
-    """Hole 1 and 8 at start: one line, sysexits 69, nothing sent (the file stays put)."""
+    """Hole 1 and 8 at start, for the watcher and the one pass alike: one line, sysexits 69,
+    nothing sent (the file stays put)."""
     from hdfmgr import cli
 
     monkeypatch.chdir(tmp_path)
     bin_dir = fake_tools(tmp_path, tools, hide=hide)
     path = str(bin_dir) if hide else f"{bin_dir}:{SYSTEM_PATH}"
     config = write_config(tmp_path / "site", verify=verify, remote=f'env PATH={path} sh -c "{{command}}"')
-    assert cli.main(["rescan", str(config)]) == cli.EX_UNAVAILABLE == 69
+    assert cli.main([command, str(config)]) == cli.EX_UNAVAILABLE == 69
     err = capsys.readouterr().err.strip().splitlines()
     # One line says why (informational start-up lines, such as the database's creation, may
     # come before it), and nothing else is an error.
@@ -371,6 +416,35 @@ def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.
     assert len(ok) == 1 and "b2sum -z works" in ok[0] and "ARG_MAX" in ok[0], lines
 
 
+def test_doctor_checks_leases_and_durability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assumptions README, Guarantees, names beside flock: read leases on the handoff
+    buffer (a WARN line, with the setting it then depends on, from a doctor without
+    CAP_LEASE; the exit status stays 0) and a database that syncs every commit."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "site", verify="size", remote='sh -c "{command}"')
+    from hdfmgr import cli
+
+    assert cli.main(["initdb", str(config)]) == 0
+
+    def doctor(*wrap: str) -> tuple[int, list[str]]:
+        argv = [*wrap, sys.executable, "-m", "hdfmgr", "doctor", str(config)]
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    rc, lines = doctor()
+    assert rc == 0, lines
+    assert "OK   writers can be seen in the handoff buffer (read leases)" in lines
+    durable = [line for line in lines if "database commits are on disk" in line]
+    what = "database commits are on disk before what follows them (power loss)"
+    assert durable == [f"OK   {what}: synchronous=full"], lines
+    rc, lines = doctor("setpriv", "--inh-caps=-lease", "--bounding-set=-lease")
+    assert rc == 0, lines
+    warn = [line for line in lines if line.startswith("WARN ")]
+    assert len(warn) == 1 and "no CAP_LEASE" in warn[0] and "general.stable_age (2 s)" in warn[0], lines
+    assert not [line for line in lines if line.startswith("FAIL")], lines
+
+
 # --------------------------------------------------------------------------- through the daemon
 
 
@@ -396,13 +470,15 @@ def test_hole3_daemon_waits_for_a_paused_consumer_then_delivers_the_new_version(
             20,
             "the reason it waits, recorded",
         )
-        time.sleep(0.5)  # a few retries with the consumer still paused
+        # A few more tries with the consumer still paused: each one leaves version 1 alone.
+        waiting = "select attempts >= 3, state, error_class from files"
+        wait_for(lambda: site.query(waiting) == [(1, "failed", "exists")], 20, "three tries")
         assert final.read_bytes() == b"version 1", "the earlier version was overwritten"
-        classes = {c for (c,) in site.query("select error_class from files")}
-        assert classes == {"exists"}
+        assert site.held() == {} and site.waiting() == {"d/a.fits": b"version 2!"}
         final.unlink()  # the consumer resumes and ingests version 1
         wait_for(lambda: final.exists() and final.read_bytes() == b"version 2!", 20, "version 2 delivered")
         wait_for(lambda: site.states().get("d/a.fits") == "held", 10, "held")
+        assert site.held() == {"d/a.fits": b"version 2!"}
     finally:
         assert daemon.stop() == 0, daemon.output()
 
@@ -481,6 +557,148 @@ def test_hole8_a_commit_that_cannot_lock_backs_off_and_is_never_a_lost_reply(tmp
         assert rows[0][0] == "endpoint" and "flock fails on staging" in rows[0][1], rows
         assert "nothing moved" in rows[0][1]
         assert list(site.ep_buffer.iterdir()) == []
+        # status does not call such an endpoint ok (the symptom the issue reports).
+        shown = site.hdfmgr("status", str(site.config_path))
+        assert shown.returncode == 0, shown.stderr
+        assert "endpoint: ok" not in shown.stdout, shown.stdout
+        assert "endpoint: reachable, but its commits FAIL" in shown.stdout, shown.stdout
+        assert "flock fails on staging" in shown.stdout
     finally:
         assert daemon.stop() == 0
     assert "reply was lost" not in daemon.output()
+
+
+def test_hole1_daemon_with_a_flaky_b2sum_delivers_each_file_once_and_only_verified(tmp_path: Path) -> None:
+    """``verify: checksum`` with a ``b2sum`` that fails every other commit after printing the
+    digest of its first file only (an I/O error part-way): no commit moves anything
+    unverified, every file reaches a consumer that ingests at once exactly once with the
+    right bytes, and the failed commits are ``endpoint`` errors, never lost replies."""
+    from collections import Counter
+
+    from tests.site import Consumer, content, wait_for
+    from tests.site import Site as DaemonSite
+
+    site = DaemonSite(tmp_path)
+    real = shutil.which("b2sum")
+    count = tmp_path / "b2sum-calls"
+    # Only the commit's `b2sum -z -- NAMES` is flaky; the start-up probe's calls are real.
+    flaky = (
+        f'[ "$2" = -- ] || exec {real} "$@"\n'
+        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}\n"
+        f'if [ $((n % 2)) -eq 1 ]; then {real} -z -- "$3"; '
+        'echo "b2sum: $4: Input/output error" >&2; exit 1; fi\n'
+        f'exec {real} "$@"'
+    )
+    bin_dir = fake_tools(tmp_path, {"b2sum": flaky})
+    site.configure(
+        remote=f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"',
+        verify="checksum",
+        retry_initial=0.2,
+        retry_max=0.5,
+        num_threads=1,
+    )
+    names = [f"n/f{i:02d}.fits" for i in range(15)]
+    consumer = Consumer(site.ep_buffer)
+    consumer.start()
+    daemon = site.start()
+    try:
+        for name in names:
+            site.write(name, content(name))
+        wait_for(lambda: set(site.states().values()) == {"held"} and len(site.states()) == 15, 60, "all held")
+        wait_for(lambda: len(consumer.arrivals) >= 15, 10, "every arrival")
+    finally:
+        consumer.stop_event.set()
+        assert daemon.stop() == 0, daemon.output()
+    assert consumer.bad == [], "an unverified copy reached the endpoint buffer"
+    assert Counter(consumer.arrivals) == Counter(names), "a file arrived twice or not at all"
+    assert int(count.read_text()) >= 2, "b2sum never failed"
+    classes = Counter(c for (c,) in site.query("select error_class from batches"))
+    assert classes["endpoint"] >= 1 and set(classes) <= {None, "endpoint"}, classes
+    assert site.held() == {name: content(name) for name in names}
+    assert "reply was lost" not in daemon.output()
+
+
+#: A remote command that notes each command line it is given, then runs it with a 256 KiB
+#: stack: the endpoint's ARG_MAX is then 128 KiB, much lower than this host's.
+LOW_ARG_MAX_REMOTE = """#!/bin/sh
+printf '%s\\n' "$1" >> {log}
+exec prlimit --stack=262144 sh -c "$1"
+"""
+
+
+def test_hole7_daemon_asks_the_endpoint_once_and_keeps_batches_under_its_limit(tmp_path: Path) -> None:
+    """Through the daemon: an endpoint with a low argument limit is asked for it once, at
+    start; every batch stays under it, nothing is split or reported lost, nothing loops."""
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path / "site")
+    log = tmp_path / "commands"
+    remote = tmp_path / "remote.sh"
+    remote.write_text(LOW_ARG_MAX_REMOTE.format(log=log))
+    remote.chmod(0o755)
+    site.configure(remote=f'{remote} "{{command}}"', pause=60)
+    endpoint_arg_max = int(
+        subprocess.run(
+            ["prlimit", "--stack=262144", "getconf", "ARG_MAX"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert endpoint_arg_max < os.sysconf("SC_ARG_MAX")
+    names = [f"d/{i:04d}-" + "x" * 240 + ".fits" for i in range(700)]
+    for name in names:
+        site.write(name, name.encode())
+    daemon = site.start()
+    try:
+        wait_for(lambda: site.held() == {n: n.encode() for n in names}, 60, "every file held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert site.delivered() == {n: n.encode() for n in names}
+    commands = log.read_text()
+    assert commands.count("hdfmgr-probe") == 1, "the endpoint was asked more than once"
+    batches = site.query("select files, status, error_class from batches")
+    assert all(status == "committed" and cls is None for _, status, cls in batches), batches
+    # Each file weighs at least twice its name in a commit: a batch under the endpoint's
+    # limit carries at most this many (the local limit would allow all 700 in one).
+    assert max(n for n, _, _ in batches) <= endpoint_arg_max // (2 * len(names[0]))
+    assert sum(n for n, _, _ in batches) == 700
+    assert site.query("select max(attempts) from files") == [(1,)]
+    assert "reply was lost" not in daemon.output()
+
+
+#: Like LOW_ARG_MAX_REMOTE, but the first {down} commands fail as an unreachable ssh would.
+LATE_LOW_ARG_MAX_REMOTE = """#!/bin/sh
+n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}
+if [ "$n" -le {down} ]; then echo "ssh: connect to host endpoint port 22: No route to host" >&2; exit 255; fi
+printf '%s\\n' "$1" >> {log}
+exec prlimit --stack=262144 sh -c "$1"
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipeline.py: the start-up probe runs only in Pipeline.run; when the endpoint cannot "
+    "be asked then, it is never asked again, so its ARG_MAX never caps the batches (and an "
+    "endpoint unfit for the commit is never refused in one line)",
+)
+def test_hole7_an_endpoint_unreachable_at_start_is_asked_once_it_answers(tmp_path: Path) -> None:
+    from tests.site import Site as DaemonSite
+    from tests.site import wait_for
+
+    site = DaemonSite(tmp_path / "site")
+    log, count = tmp_path / "commands", tmp_path / "count"
+    remote = tmp_path / "remote.sh"
+    remote.write_text(LATE_LOW_ARG_MAX_REMOTE.format(log=log, count=count, down=2))
+    remote.chmod(0o755)
+    site.configure(remote=f'{remote} "{{command}}"', pause=60, retry_initial=0.2, retry_max=0.5)
+    names = [f"d/{i:04d}-" + "x" * 240 + ".fits" for i in range(700)]
+    for name in names:
+        site.write(name, name.encode())
+    daemon = site.start()
+    try:
+        wait_for(lambda: site.held() == {n: n.encode() for n in names}, 60, "every file held")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert "could not check what the endpoint provides" in daemon.output()
+    assert log.read_text().count("hdfmgr-probe") == 1, "the endpoint was never asked once it answered"
+    batches = site.query("select files from batches where status = 'committed'")
+    assert max(n for (n,) in batches) <= 131072 // (2 * len(names[0])), batches

@@ -50,7 +50,9 @@ def test_good_configuration_passes_every_check(site: Site) -> None:
     assert any(line.startswith("OK   remote tools found:") and "b2sum" in line for line in lines)
     assert any("transfer command copies a test file into staging" in line for line in lines)
     assert any(line.startswith("OK   endpoint can run the commit") for line in lines)
-    assert len(lines) == 11
+    assert "OK   writers can be seen in the handoff buffer (read leases)" in lines
+    assert any(line.startswith("OK   database commits are on disk") for line in lines)
+    assert len(lines) == 13
     assert site.staging.is_dir() and site.ep_buffer.is_dir()
     # The test transfer left nothing behind, and nothing ever reached the endpoint buffer.
     assert list(site.staging.iterdir()) == []

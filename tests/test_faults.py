@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -570,16 +571,28 @@ with open(path, "wb", buffering=0) as f:
 """
 
 
+@pytest.fixture
+def nobody_site() -> Iterator[tuple[Site, Path]]:
+    """A site that the user nobody can reach: not under pytest's base directory, which every
+    pytest session starting on this machine resets to mode 0700 (a writer running as nobody
+    then loses its way mid-test)."""
+    top = Path(tempfile.mkdtemp(prefix="hdfmgr-nobody-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        yield Site(top / "site"), top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 @pytest.mark.parametrize("stable_age", [2.0, 4.0])
-def test_a_slow_writer_of_another_user_without_leases(site: Site, tmp_path: Path, stable_age: float) -> None:
+def test_a_slow_writer_of_another_user_without_leases(
+    nobody_site: tuple[Site, Path], stable_age: float
+) -> None:
     """A writer running as nobody, a daemon without CAP_LEASE started in the middle of it: the
     kernel cannot say whether the file is still open. The file never moves to holding while it
     is written; the finished file is delivered and is the version held. With ``stable_age``
     longer than the writer's pauses, no fragment is sent at all."""
-    top = tmp_path
-    while top != Path("/tmp") and top != top.parent:  # let nobody reach the buffer
-        top.chmod(top.stat().st_mode | 0o011)
-        top = top.parent
+    site, tmp_path = nobody_site
     (site.buffer / "a").mkdir()
     os.chown(site.buffer / "a", 65534, 65534)
     flags = tmp_path / "flags"
@@ -741,3 +754,80 @@ def test_a_file_whose_pin_vanished_during_the_transfer_is_retried(site: Site, tm
         wait_for(lambda: set(site.states().values()) == {"held"}, 20, "both held")
     finally:
         assert daemon.stop() == 0
+
+
+#: A writer that appends in several open/close rounds: creates its file, then reopens it
+#: (without creating it: it fails if the file was moved away meanwhile) four more times, 0.3 s
+#: apart, appending a block each time.
+ROUNDS_APPENDER = """
+import os, sys, time
+path = sys.argv[1]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+for i in range(5):
+    if i:
+        time.sleep(0.3)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, bytes([65 + i]) * 1000)
+    os.close(fd)
+"""
+
+
+def test_a_file_appended_in_several_open_close_rounds_with_the_recommended_settle(site: Site) -> None:
+    """With ``settle`` above the writer's gap between a close and its next open (README,
+    Settle): holding never moves the file from under the writer (every reopen finds it), only
+    the finished file is sent, once, and it is the version held."""
+    site.configure(settle=1.0, pause=60)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    daemon = site.start()
+    try:
+        (site.buffer / "a").mkdir()
+        writer = subprocess.run(
+            [sys.executable, "-c", ROUNDS_APPENDER, str(site.buffer / "a" / "r.fits")],
+            capture_output=True,
+            text=True,
+        )
+        assert writer.returncode == 0, f"a reopen did not find its file: {writer.stderr}"
+        final = b"".join(bytes([65 + i]) * 1000 for i in range(5))
+        wait_for(lambda: site.held() == {"a/r.fits": final}, 20, "the finished file in holding")
+        wait_for(lambda: consumer.of("a/r.fits"), 10, "the delivery")
+    finally:
+        consumer.stop_event.set()
+        assert daemon.stop() == 0
+    assert consumer.of("a/r.fits") == [final], [len(a) for a in consumer.of("a/r.fits")]
+    assert site.query("select size, state, held_as from files") == [(len(final), "held", "a/r.fits")]
+
+
+def test_a_file_appended_in_rounds_with_a_settle_shorter_than_the_gap(site: Site) -> None:
+    """The trade-off README (Settle) documents: with ``settle`` shorter than the writer's gap,
+    a round's version counts as finished, is sent, and moves to holding while the writer has
+    it closed; the writer's next open then finds no file. What is held is always exactly a
+    version that was sent (a prefix of what the writer meant to write), never a file moved
+    while it was open or changed since it was sent."""
+    site.configure(settle=0.05, pause=60)
+    consumer = Arrivals(site.ep_buffer)
+    consumer.start()
+    daemon = site.start()
+    try:
+        (site.buffer / "a").mkdir()
+        writer = subprocess.run(
+            [sys.executable, "-c", ROUNDS_APPENDER, str(site.buffer / "a" / "r.fits")],
+            capture_output=True,
+            text=True,
+        )
+        assert writer.returncode == 0 or "FileNotFoundError" in writer.stderr, writer.stderr
+        wait_for(lambda: site.held(), 20, "a version in holding")
+        wait_for(lambda: site.waiting() == {}, 20, "the buffer emptied")
+        wait_for(lambda: consumer.of("a/r.fits"), 10, "the delivery")
+    finally:
+        consumer.stop_event.set()
+        assert daemon.stop() == 0
+    final = b"".join(bytes([65 + i]) * 1000 for i in range(5))
+    arrivals = consumer.of("a/r.fits")
+    assert all(final.startswith(a) for a in arrivals), [len(a) for a in arrivals]
+    assert site.held() == {"a/r.fits": arrivals[-1]}, "held something other than what was sent"
+    assert site.query("select size, state, held_as from files order by id")[-1] == (
+        len(arrivals[-1]),
+        "held",
+        "a/r.fits",
+    )

@@ -146,6 +146,33 @@ def test_breaker_derived_from_latest_batches(site: Site) -> None:
     assert status.summary("cam1", now=now)["breaker"]["state"] == "closed"
 
 
+def test_an_endpoint_that_answers_but_cannot_commit_is_not_ok(site: Site) -> None:
+    """Issue 16, hole 8: flock failing on staging fails every commit on the endpoint (error
+    class ``endpoint``) while every connection succeeds; status must not say "ok"."""
+    now = time.time()
+    batch("cam1", started=now - 100)
+    for i in range(2):
+        batch(
+            "cam1",
+            started=now - 50 + i,
+            status="failed",
+            error_class="endpoint",
+            returncode=92,
+            stderr="hdfmgr commit: flock fails on staging: flock: failed to lock: Function not implemented",
+        )
+    info = status.summary("cam1", now=now)
+    b = info["breaker"]
+    assert b["state"] == "closed" and b["commit_failures_in_a_row"] == 2
+    assert b["commit_failures_since"] == pytest.approx(now - 50)
+    assert b["commit_error"].endswith("Function not implemented")
+    text = status.render(info)
+    assert "endpoint: ok" not in text
+    assert "endpoint: reachable, but its commits FAIL: the last 2 stopped before renaming" in text
+    assert "flock fails on staging" in text
+    batch("cam1", started=now - 10)  # a commit that got through
+    assert "endpoint: ok (closed)" in status.render(status.summary("cam1", now=now))
+
+
 def test_status_command_json_and_all(site: Site) -> None:
     now = time.time()
     insert_files(

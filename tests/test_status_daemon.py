@@ -70,6 +70,70 @@ def test_a_closed_pipe_ends_the_output_quietly(site: Site) -> None:
     assert len(result.stdout.splitlines()) == 1
 
 
+def test_status_piped_into_head_exits_quietly(site: Site) -> None:
+    """``hdfmgr status | head -1``, as an operator types it, with the daemon running."""
+    daemon = site.start()
+    try:
+        result = subprocess.run(
+            f"{sys.executable} -m hdfmgr status {site.config_path} | head -1; exit ${{PIPESTATUS[0]}}",
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=site.root,
+        )
+    finally:
+        assert daemon.stop() == 0
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("source:")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["files", "--all"],
+        ["files", "--json"],
+        ["show", "a.fits"],
+        ["metrics"],
+        ["validate"],
+        ["--help"],
+    ],
+    ids=lambda a: "-".join(a),
+)
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_any_command_whose_reader_is_gone_exits_quietly(site: Site, args: list[str], buffered: bool) -> None:
+    """The worst case of a closed pipe: the reader is gone before the first write, so the
+    very first line meets EPIPE (with ``| head`` that depends on timing). Buffered (as under
+    systemd or a plain shell) the write happens in the final flush; unbuffered
+    (PYTHONUNBUFFERED) in the first print."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    site.write("a.fits", b"a")
+    assert site.hdfmgr("rescan", str(site.config_path)).returncode == 0
+    command = [*args, str(site.config_path)] if args != ["--help"] else args
+    if args[0] == "show":
+        command = ["show", str(site.config_path), *args[1:]]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hdfmgr", *command],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=site.root,
+            env=env,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_render_marks_slots_past_their_deadline_and_says_why_one_is_suspended() -> None:
     now = 1_800_000_000.0
     info = {

@@ -145,15 +145,20 @@ def test_a_file_that_keeps_timing_out_alone_is_reported(site: Site, tmp_path: Pa
 
 
 def test_an_unreadable_file_is_quarantined_at_once_and_never_takes_a_batch_down(site: Site) -> None:
-    """Mode 000; the daemon runs without the capabilities that let root read anything."""
-    site.configure(quarantine_after=10)
+    """Mode 000; the daemon runs without the capabilities that let root read anything. One
+    slot, room for all six files in one batch, and no file the daemon may take a lease on
+    (owned by another user, no CAP_LEASE), so that all six settle by the same rule at the same
+    moment: the unreadable one rides in the same batch as the others."""
+    site.configure(quarantine_after=10, num_threads=1, chunk_size=10)
     files = {f"ok{i}.fits": f"{i}".encode() for i in range(5)}
     site.write_many(files)
     site.write("secret.fits", b"s")
+    for name in [*files, "secret.fits"]:
+        os.chown(site.buffer / name, 65534, 65534)
     os.chmod(site.buffer / "secret.fits", 0)
     rescan = subprocess.run(
         [
-            *("setpriv", "--bounding-set", "-dac_override,-dac_read_search"),
+            *("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-lease"),
             *(sys.executable, "-m", "hdfmgr", "rescan", str(site.config_path)),
         ],
         capture_output=True,
@@ -168,3 +173,14 @@ def test_an_unreadable_file_is_quarantined_at_once_and_never_takes_a_batch_down(
     assert (state, attempts) == ("quarantined", 1)
     assert "Permission denied" in error
     assert (site.buffer / "secret.fits").exists()
+    # It shared the batch of the others and was left out of its transfer: that batch committed
+    # every other file ("partial": 5 of its 6), and its attempt says why this one was not sent.
+    rows = site.query(
+        "select a.batch_id, f.name, a.outcome from attempts a join files f on f.id = a.file_id "
+        "order by f.name"
+    )
+    assert [r[1:] for r in rows] == [
+        *((f"ok{i}.fits", "committed") for i in range(5)),
+        ("secret.fits", "unreadable"),
+    ], rows
+    assert site.query("select id, status, files, committed from batches") == [(rows[0][0], "partial", 6, 5)]

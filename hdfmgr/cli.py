@@ -60,8 +60,8 @@ Exit status: 0 success; 64 usage error; 65 rescan left files undelivered; 69 the
 watcher could not be signalled; 70 internal error; 73 database cannot be opened (or has no
 schema yet: run initdb); 74 a database statement failed during rescan, or while stopping (a
 watcher retries instead); 75 another process holds this buffer; 78 configuration error, or a
-database hdfmgr cannot use: another application's tables, a newer hdfmgr's schema, or the
-original manager's before 'hdfmgr initdb' took it over.
+database hdfmgr cannot use: another application's tables, a newer hdfmgr's schema, the
+original manager's before 'hdfmgr initdb' took it over, or a file that is not a database.
 """
 
 from __future__ import annotations
@@ -185,7 +185,15 @@ def _dispatch(command: str, args: dict) -> int:
     try:
         database = dbm.connect(config)
     except Exception as exc:  # peewee wraps the driver's errors in many types
-        print(f"hdfmgr: cannot open database {dbm.database_location(config)}: {exc}", file=sys.stderr)
+        location = dbm.database_location(config)
+        if dbm.not_a_database(exc):
+            print(
+                f"hdfmgr: database {location} is not a database (the file holds something else): "
+                "point database.engine at another file, or move that file away",
+                file=sys.stderr,
+            )
+            return EX_CONFIG
+        print(f"hdfmgr: cannot open database {location}: {exc}", file=sys.stderr)
         return EX_CANTCREAT
     from .schema import Found, SchemaError
 

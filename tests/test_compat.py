@@ -605,6 +605,21 @@ def test_every_command_refuses_a_database_it_cannot_use_with_one_line(tmp_path: 
     assert site.query("SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
 
 
+#: Not an SQLite file at all (another program's file at database.engine's path).
+NOT_A_DATABASE = b"not a database: " + bytes(range(256)) * 16
+
+
+def test_every_command_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """Retrying cannot help: 78 (before, 73, which systemd restarts every 10 s for ever)."""
+    site = Site(tmp_path)
+    site.db_path.write_bytes(NOT_A_DATABASE)
+    for command, *rest in COMMANDS:
+        result = site.hdfmgr(command, str(site.config_path), *rest, timeout=30)
+        assert_one_line(result, cli.EX_CONFIG)
+        assert "is not a database (the file holds something else)" in result.stderr, (command, result.stderr)
+    assert site.db_path.read_bytes() == NOT_A_DATABASE
+
+
 def test_every_command_refuses_a_foreign_postgresql_database(
     tmp_path: Path, postgres: PostgresServer
 ) -> None:
@@ -633,14 +648,18 @@ def test_the_refusal_status_stops_systemds_restart_loop() -> None:
 WATCH = "import sys; from hdfmgr.cli import watch_main; sys.exit(watch_main())"
 
 
-@pytest.mark.parametrize("kind", ["newer", "original", "unknown"])
+@pytest.mark.parametrize("kind", ["newer", "original", "unknown", "not-a-database"])
 def test_hdfmgr_watch_refuses_an_unusable_database_at_once(tmp_path: Path, kind: str) -> None:
     """hdfmgr-watch, as the units start it: one line and 78 (RestartPreventExitStatus), at
     once; never a traceback nor a pause-and-retry loop."""
-    make, message = UNUSABLE[kind]
     site = Site(tmp_path)
-    with sqlite3.connect(site.db_path) as conn:
-        make(conn)
+    if kind == "not-a-database":
+        site.db_path.write_bytes(NOT_A_DATABASE)
+        message = "is not a database"
+    else:
+        make, message = UNUSABLE[kind]
+        with sqlite3.connect(site.db_path) as conn:
+            make(conn)
     log = open(site.root / "watch.log", "w+b")  # noqa: SIM115  (Daemon closes it)
     proc = subprocess.Popen(
         [sys.executable, "-c", WATCH, str(site.config_path)],

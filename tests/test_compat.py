@@ -14,6 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,48 +150,88 @@ def test_the_originals_config_runs(tmp_path: Path) -> None:
     assert set(site.held()) == {"2023/05/04/x.fits", "y.fits"}
 
 
-def test_the_originals_config_and_database_under_the_watcher(tmp_path: Path) -> None:
+def _original_database(
+    request: pytest.FixtureRequest, root: Path, dialect: str
+) -> tuple[Site, Callable[[str], list[tuple[object, ...]]], Callable[[], None]]:
+    """A site with the original's config and a database of the original's with its rows, on
+    SQLite or on the test PostgreSQL server; returns the site, a query and the clean-up."""
+    if dialect == "sqlite":
+        site = original_site(root)
+        make_original_sqlite(site.db_path)
+        return site, site.query, lambda: None
+    import psycopg2
+
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    name = postgres.create_database("original")
+    url = postgres.url(name)
+    conn = postgres.connect(name)
+    with conn.cursor() as cur:
+        cur.execute((SCHEMAS / "original-postgresql.sql").read_text())
+        for sql, values in original_rows(postgres=True):
+            cur.execute(sql, values)
+    conn.close()
+
+    def query(sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.commit()
+            conn.close()
+
+    return original_site(root, engine=url), query, lambda: postgres.drop_database(name)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_originals_config_and_database_under_the_watcher(
+    tmp_path: Path, request: pytest.FixtureRequest, dialect: str
+) -> None:
     """The switch-over as a site does it: the original's file and database, initdb, then the
     watcher (``hdfmgr run``, not a one-shot rescan) sends what the original left undelivered
     and what arrives while it runs; SIGTERM ends it with status 0."""
-    site = original_site(tmp_path)
-    make_original_sqlite(site.db_path)
-    # One more: the original delivered sent.fits (batch 5 succeeded) and stopped before
-    # moving it to holding; it is still in the buffer, unchanged.
-    with sqlite3.connect(site.db_path) as conn:
-        conn.execute(
+    site, query, drop = _original_database(request, tmp_path, dialect)
+    try:
+        mark = "%s" if dialect == "postgresql" else "?"
+        # One more: the original delivered sent.fits (batch 5 succeeded) and stopped before
+        # moving it to holding; it is still in the buffer, unchanged.
+        query(
             "INSERT INTO files VALUES "
-            "(6, '2023/05/04', 'sent.fits', ?, 7, '2023-05-04 10:05:00', NULL, NULL)",
+            f"(6, '2023/05/04', 'sent.fits', {mark}, 7, '2023-05-04 10:05:00', NULL, NULL)",
             ("ff" * 64,),
         )
-        conn.execute(
-            "INSERT INTO transfer_batches VALUES (5, '2023-05-04 10:05:01', ?, '2023-05-04 10:05:01.25', "
-            "?, '2023-05-04 10:05:02.25', ?, 7, 1.0, 0, NULL)",
-            (_interval(0.25, False), _interval(1.0, False), _interval(0.5, False)),
+        query(
+            "INSERT INTO transfer_batches VALUES (5, '2023-05-04 10:05:01', "
+            f"{mark}, '2023-05-04 10:05:01.25', {mark}, '2023-05-04 10:05:02.25', {mark}, 7, 1.0, 0, NULL)",
+            tuple(_interval(t, dialect == "postgresql") for t in (0.25, 1.0, 0.5)),
         )
-        conn.execute("INSERT INTO file_transfer_attempts VALUES (6, 5)")
-    for rel, data, when in (
-        ("2023/05/04/b.fits", b"B" * 20, "2023-05-04 10:01:00"),
-        ("2023/05/04/sent.fits", b"S" * 7, "2023-05-04 10:05:00"),
-    ):
-        os.utime(site.write(rel, data), (local(when), local(when)))
-    config = str(site.config_path)
-    init = site.hdfmgr("initdb", config)
-    assert init.returncode == 0, init.stderr
-    daemon = site.start()
-    try:
-        site.write("2023/05/05/live.fits", content("live"))
-        everything = {"2023/05/04/b.fits", "2023/05/04/sent.fits", "2023/05/05/live.fits"}
-        wait_for(lambda: site.held().keys() >= everything, 30, "all three held")
+        query("INSERT INTO file_transfer_attempts VALUES (6, 5)")
+        for rel, data, when in (
+            ("2023/05/04/b.fits", b"B" * 20, "2023-05-04 10:01:00"),
+            ("2023/05/04/sent.fits", b"S" * 7, "2023-05-04 10:05:00"),
+        ):
+            os.utime(site.write(rel, data), (local(when), local(when)))
+        config = str(site.config_path)
+        init = site.hdfmgr("initdb", config)
+        assert init.returncode == 0, init.stderr
+        daemon = site.start()
+        try:
+            site.write("2023/05/05/live.fits", content("live"))
+            everything = {"2023/05/04/b.fits", "2023/05/04/sent.fits", "2023/05/05/live.fits"}
+            wait_for(lambda: site.held().keys() >= everything, 30, "all three held")
+        finally:
+            assert daemon.stop() == 0
+        assert "Traceback" not in daemon.output()
+        # sent.fits was held without a second delivery.
+        assert site.delivered() == {"2023/05/04/b.fits": b"B" * 20, "2023/05/05/live.fits": content("live")}
+        assert query("SELECT state, attempts FROM files WHERE id = 6") == [("held", 1)]
+        assert query("SELECT state, attempts FROM files WHERE id = 2") == [("held", 3)]
+        show = site.hdfmgr("show", config, "2023/05/04/b.fits")
+        assert show.returncode == 0 and "try 3: batch" in show.stdout and "[timeout] timed out" in show.stdout
+        assert "Traceback" not in init.stderr + show.stderr
     finally:
-        assert daemon.stop() == 0
-    assert "Traceback" not in daemon.output()
-    # sent.fits was held without a second delivery.
-    assert site.delivered() == {"2023/05/04/b.fits": b"B" * 20, "2023/05/05/live.fits": content("live")}
-    assert site.query("SELECT state, attempts FROM files WHERE id = 6") == [("held", 1)]
-    assert site.query("SELECT state, attempts FROM files WHERE id = 2") == [("held", 3)]
-    show = site.hdfmgr("show", config, "2023/05/04/b.fits")
-    assert show.returncode == 0 and "try 3: batch" in show.stdout and "[timeout] timed out" in show.stdout
+        drop()
 
 
 @pytest.mark.parametrize("command", ["run", "initdb", "dropdb"])

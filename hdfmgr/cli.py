@@ -60,8 +60,8 @@ Exit status: 0 success; 64 usage error; 65 rescan left files undelivered; 69 the
 watcher could not be signalled; 70 internal error; 73 database cannot be opened (or has no
 schema yet: run initdb); 74 a database statement failed during rescan, or while stopping (a
 watcher retries instead); 75 another process holds this buffer; 78 configuration error, or a
-database hdfmgr cannot use: another application's tables, a newer hdfmgr's schema, or the
-original manager's before 'hdfmgr initdb' took it over.
+database hdfmgr cannot use: another application's tables, a newer hdfmgr's schema, the
+original manager's before 'hdfmgr initdb' took it over, or a file that is not a database.
 """
 
 from __future__ import annotations
@@ -131,26 +131,40 @@ def rescan_main(argv: Sequence[str] | None = None) -> int:
 
 def _main(doc: str, argv: Sequence[str] | None, command: str | None = None) -> int:
     try:
-        args = docopt(doc, argv=list(argv) if argv is not None else None, version=__version__)
-    except DocoptExit as exc:
-        print(str(exc), file=sys.stderr)
-        return EX_USAGE
-    command = command or next((c for c in AUDIT_COMMANDS if args.get(c)), None)
-    if command is None:
-        commands = ("run", "rescan", "initdb", "dropdb", "validate", "status", "doctor")
-        command = next(c for c in commands if args.get(c))
-    try:
-        return _dispatch(command, args)
+        return _parse_and_dispatch(doc, argv, command)
     except BrokenPipeError:
         # `hdfmgr files ... | head`: the reader has what it wanted. Nothing more may reach
         # the closed pipe, not even the interpreter's flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_OK
+
+
+def _parse_and_dispatch(doc: str, argv: Sequence[str] | None, command: str | None) -> int:
+    """Every write to standard output, the last flush included, happens in here: a pipe
+    whose reader is gone raises BrokenPipeError where :func:`_main` catches it. Left to the
+    interpreter's flush at exit (stdout to a pipe is block-buffered unless PYTHONUNBUFFERED
+    is set), it printed "Exception ignored ... BrokenPipeError" and exited 120."""
+    try:
+        args = docopt(doc, argv=list(argv) if argv is not None else None, version=__version__)
+    except DocoptExit as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_USAGE
+    except SystemExit:
+        sys.stdout.flush()  # --help and --version, which docopt printed
+        raise
+    command = command or next((c for c in AUDIT_COMMANDS if args.get(c)), None)
+    if command is None:
+        commands = ("run", "rescan", "initdb", "dropdb", "validate", "status", "doctor")
+        command = next(c for c in commands if args.get(c))
+    try:
+        status = _dispatch(command, args)
     except config_mod.ConfigError as exc:
         print(f"hdfmgr: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        status = EX_CONFIG
     except KeyboardInterrupt:
-        return EX_OK
+        status = EX_OK
+    sys.stdout.flush()
+    return status
 
 
 def _dispatch(command: str, args: dict) -> int:
@@ -171,7 +185,15 @@ def _dispatch(command: str, args: dict) -> int:
     try:
         database = dbm.connect(config)
     except Exception as exc:  # peewee wraps the driver's errors in many types
-        print(f"hdfmgr: cannot open database {dbm.database_location(config)}: {exc}", file=sys.stderr)
+        location = dbm.database_location(config)
+        if dbm.not_a_database(exc):
+            print(
+                f"hdfmgr: database {location} is not a database (the file holds something else): "
+                "point database.engine at another file, or move that file away",
+                file=sys.stderr,
+            )
+            return EX_CONFIG
+        print(f"hdfmgr: cannot open database {location}: {exc}", file=sys.stderr)
         return EX_CANTCREAT
     from .schema import Found, SchemaError
 

@@ -172,6 +172,23 @@ def errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def not_a_database(exc: BaseException) -> bool:
+    """Whether opening the database failed because the SQLite file holds something else.
+
+    Retrying cannot help (unlike a server that is away): the CLI treats it as a database
+    hdfmgr cannot use, exit status 78, which stops systemd's restart loop.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if (
+            isinstance(seen, sqlite3.DatabaseError)
+            and getattr(seen, "sqlite_errorname", "") == "SQLITE_NOTADB"
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def describe_error(exc: BaseException) -> str:
     """The first line of the error that started it.
 

@@ -3,7 +3,8 @@
 The original's etc/config.yaml is kept verbatim but for paths and commands
 (tests/data/original-config.yaml); its database is built from its DDL
 (tests/data/schemas/original-*.sql) with a few rows of history; hdfmgr's own earlier schemas
-are the DDL each shipped version created (tests/data/schemas/hdfmgr-N.sql).
+are the DDL each shipped version created (tests/data/schemas/hdfmgr-N.sql on SQLite,
+tests/data/schemas/postgresql/hdfmgr-N.sql on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hdfmgr import cli
-from hdfmgr.schema import SCHEMA_VERSION
+from hdfmgr.schema import ORIGINAL_TABLES, SCHEMA_VERSION
 from tests.pg_fixture import PostgresServer
-from tests.site import Site, content
+from tests.site import STARTED, Daemon, Site, content, wait_for
 from tests.test_systemd import UNITS, unit
 
 DATA = Path(__file__).parent / "data"
 SCHEMAS = DATA / "schemas"
 EARLIER = sorted(SCHEMAS.glob("hdfmgr-*.sql"))
+EARLIER_PG = sorted((SCHEMAS / "postgresql").glob("hdfmgr-*.sql"))
 
 
 def original_site(root: Path, *, engine: str | None = None) -> Site:
@@ -145,6 +150,90 @@ def test_the_originals_config_runs(tmp_path: Path) -> None:
     assert set(site.held()) == {"2023/05/04/x.fits", "y.fits"}
 
 
+def _original_database(
+    request: pytest.FixtureRequest, root: Path, dialect: str
+) -> tuple[Site, Callable[[str], list[tuple[object, ...]]], Callable[[], None]]:
+    """A site with the original's config and a database of the original's with its rows, on
+    SQLite or on the test PostgreSQL server; returns the site, a query and the clean-up."""
+    if dialect == "sqlite":
+        site = original_site(root)
+        make_original_sqlite(site.db_path)
+        return site, site.query, lambda: None
+    import psycopg2
+
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    name = postgres.create_database("original")
+    url = postgres.url(name)
+    conn = postgres.connect(name)
+    with conn.cursor() as cur:
+        cur.execute((SCHEMAS / "original-postgresql.sql").read_text())
+        for sql, values in original_rows(postgres=True):
+            cur.execute(sql, values)
+    conn.close()
+
+    def query(sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.commit()
+            conn.close()
+
+    return original_site(root, engine=url), query, lambda: postgres.drop_database(name)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_originals_config_and_database_under_the_watcher(
+    tmp_path: Path, request: pytest.FixtureRequest, dialect: str
+) -> None:
+    """The switch-over as a site does it: the original's file and database, initdb, then the
+    watcher (``hdfmgr run``, not a one-shot rescan) sends what the original left undelivered
+    and what arrives while it runs; SIGTERM ends it with status 0."""
+    site, query, drop = _original_database(request, tmp_path, dialect)
+    try:
+        mark = "%s" if dialect == "postgresql" else "?"
+        # One more: the original delivered sent.fits (batch 5 succeeded) and stopped before
+        # moving it to holding; it is still in the buffer, unchanged.
+        query(
+            "INSERT INTO files VALUES "
+            f"(6, '2023/05/04', 'sent.fits', {mark}, 7, '2023-05-04 10:05:00', NULL, NULL)",
+            ("ff" * 64,),
+        )
+        query(
+            "INSERT INTO transfer_batches VALUES (5, '2023-05-04 10:05:01', "
+            f"{mark}, '2023-05-04 10:05:01.25', {mark}, '2023-05-04 10:05:02.25', {mark}, 7, 1.0, 0, NULL)",
+            tuple(_interval(t, dialect == "postgresql") for t in (0.25, 1.0, 0.5)),
+        )
+        query("INSERT INTO file_transfer_attempts VALUES (6, 5)")
+        for rel, data, when in (
+            ("2023/05/04/b.fits", b"B" * 20, "2023-05-04 10:01:00"),
+            ("2023/05/04/sent.fits", b"S" * 7, "2023-05-04 10:05:00"),
+        ):
+            os.utime(site.write(rel, data), (local(when), local(when)))
+        config = str(site.config_path)
+        init = site.hdfmgr("initdb", config)
+        assert init.returncode == 0, init.stderr
+        daemon = site.start()
+        try:
+            site.write("2023/05/05/live.fits", content("live"))
+            everything = {"2023/05/04/b.fits", "2023/05/04/sent.fits", "2023/05/05/live.fits"}
+            wait_for(lambda: site.held().keys() >= everything, 30, "all three held")
+        finally:
+            assert daemon.stop() == 0
+        assert "Traceback" not in daemon.output()
+        # sent.fits was held without a second delivery.
+        assert site.delivered() == {"2023/05/04/b.fits": b"B" * 20, "2023/05/05/live.fits": content("live")}
+        assert query("SELECT state, attempts FROM files WHERE id = 6") == [("held", 1)]
+        assert query("SELECT state, attempts FROM files WHERE id = 2") == [("held", 3)]
+        show = site.hdfmgr("show", config, "2023/05/04/b.fits")
+        assert show.returncode == 0 and "try 3: batch" in show.stdout and "[timeout] timed out" in show.stdout
+        assert "Traceback" not in init.stderr + show.stderr
+    finally:
+        drop()
+
+
 @pytest.mark.parametrize("command", ["run", "initdb", "dropdb"])
 def test_the_originals_validate_option_validates_and_exits(tmp_path: Path, command: str) -> None:
     site = original_site(tmp_path)
@@ -253,7 +342,22 @@ def check_takeover(site: Site, query) -> None:  # type: ignore[no-untyped-def]
     assert (site.root / "r.png").read_bytes().startswith(b"\x89PNG")
     metrics = site.hdfmgr("metrics", config)
     assert metrics.returncode == 0, metrics.stderr
-    assert "hdfmgr_files_committed" in metrics.stdout
+    # The imported history counts: a.fits and top.fits committed; batches 1 and 4 committed,
+    # 2 and 3 failed.
+    lines = metrics.stdout.splitlines()
+
+    def sample(name: str, *labels: str) -> float:
+        found = [
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith(name + "{") and all(label in line for label in labels)
+        ]
+        assert len(found) == 1, (name, labels, metrics.stdout)
+        return found[0]
+
+    assert sample("hdfmgr_files_committed_total") == 2
+    assert sample("hdfmgr_batches_total", 'status="committed"') == 2
+    assert sample("hdfmgr_batches_total", 'status="failed"') == 2
 
     # Run: b.fits goes out as the third try of its record, changed.fits as a new version; the
     # leftover stays where the original left it.
@@ -404,6 +508,85 @@ def test_run_migrates_an_earlier_schema_itself(tmp_path: Path) -> None:
     assert site.delivered() == {"a.fits": content("a")}
 
 
+PG_SCHEMA = (
+    "SELECT 'column', table_name || '.' || column_name, data_type || ' ' || is_nullable || ' ' || "
+    "COALESCE(column_default, '') FROM information_schema.columns WHERE table_schema = 'public' "
+    "UNION ALL SELECT 'index', indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+    "ORDER BY 1, 2"
+)
+
+
+@pytest.mark.parametrize("ddl", EARLIER_PG, ids=[f"postgresql-{p.stem}" for p in EARLIER_PG])
+def test_initdb_migrates_each_earlier_postgresql_schema_in_place(
+    tmp_path: Path, postgres: PostgresServer, ddl: Path
+) -> None:
+    """The same migrations on a central PostgreSQL database (schema 3's partial index and the
+    indexes schema 4 retired are PostgreSQL indexes too)."""
+    import psycopg2
+
+    old, fresh = postgres.create_database("earlier"), postgres.create_database("fresh")
+    try:
+        conn = postgres.connect(old)
+        with conn.cursor() as cur:
+            cur.execute(ddl.read_text())
+            # Ids from the sequences, as the shipped version wrote them.
+            cur.execute(
+                "INSERT INTO batches (source, staging_dir, started_at, finished_at, files, bytes, "
+                "hash_seconds, status, committed) VALUES ('east', 's', 100, 101, 1, 5, 0, 'committed', 1) "
+                "RETURNING id"
+            )
+            (batch,) = cur.fetchone()
+            cur.execute(
+                "INSERT INTO files (source, relpath, name, size, mtime_ns, inode, state, attempts, "
+                "next_try, detected_at, committed_at, held_at, updated_at, held_as, last_batch) VALUES "
+                "('east', %s, 'old.fits', 5, 1, 2, 'held', 1, 0, 99, 101, 101, 101, 'old.fits', %s) "
+                "RETURNING id",
+                (psycopg2.Binary(b"old.fits"), batch),
+            )
+            (file,) = cur.fetchone()
+            cur.execute(
+                "INSERT INTO attempts (batch_id, file_id, outcome) VALUES (%s, %s, 'committed')",
+                (batch, file),
+            )
+        conn.close()
+        site = Site(tmp_path, engine=postgres.url(old))
+        site.configure(name="east")
+        config = str(site.config_path)
+        before = site.hdfmgr("status", config)
+        assert_one_line(before, 78)
+        assert "older hdfmgr schema; run 'hdfmgr initdb'" in before.stderr
+
+        init = site.hdfmgr("initdb", config)
+        assert init.returncode == 0, init.stderr
+        assert (
+            f"migrated from an unversioned hdfmgr schema (1-4) to schema version {SCHEMA_VERSION}"
+            in init.stdout
+        )
+        other = Site(tmp_path / "fresh", engine=postgres.url(fresh))
+        assert other.hdfmgr("initdb", str(other.config_path)).returncode == 0
+
+        def schema(name: str) -> list[tuple[object, ...]]:
+            c = postgres.connect(name)
+            try:
+                with c.cursor() as cur:
+                    cur.execute(PG_SCHEMA)
+                    return cur.fetchall()
+            finally:
+                c.close()
+
+        assert schema(old) == schema(fresh)
+        show = site.hdfmgr("show", config, "old.fits")
+        assert show.returncode == 0 and "held" in show.stdout and f"try 1: batch {batch}" in show.stdout
+        site.write("new.fits", content("new"))
+        run = site.hdfmgr("rescan", config)
+        assert run.returncode == 0, run.stderr
+        assert site.delivered() == {"new.fits": content("new")}
+        assert "Traceback" not in before.stderr + init.stderr + show.stderr + run.stderr
+    finally:
+        postgres.drop_database(old)
+        postgres.drop_database(fresh)
+
+
 # --------------------------------------------------------------- databases hdfmgr cannot use
 
 COMMANDS = [
@@ -463,6 +646,21 @@ def test_every_command_refuses_a_database_it_cannot_use_with_one_line(tmp_path: 
     assert site.query("SELECT type, name, sql FROM sqlite_master ORDER BY name") == before
 
 
+#: Not an SQLite file at all (another program's file at database.engine's path).
+NOT_A_DATABASE = b"not a database: " + bytes(range(256)) * 16
+
+
+def test_every_command_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """Retrying cannot help: 78 (before, 73, which systemd restarts every 10 s for ever)."""
+    site = Site(tmp_path)
+    site.db_path.write_bytes(NOT_A_DATABASE)
+    for command, *rest in COMMANDS:
+        result = site.hdfmgr(command, str(site.config_path), *rest, timeout=30)
+        assert_one_line(result, cli.EX_CONFIG)
+        assert "is not a database (the file holds something else)" in result.stderr, (command, result.stderr)
+    assert site.db_path.read_bytes() == NOT_A_DATABASE
+
+
 def test_every_command_refuses_a_foreign_postgresql_database(
     tmp_path: Path, postgres: PostgresServer
 ) -> None:
@@ -487,27 +685,52 @@ def test_the_refusal_status_stops_systemds_restart_loop() -> None:
         assert str(cli.EX_CONFIG) in unit(name)["Service"]["RestartPreventExitStatus"].split()
 
 
-def test_hdfmgr_watch_refuses_a_newer_schema_at_once(tmp_path: Path) -> None:
+#: What the systemd units run (ExecStart=.../hdfmgr-watch): the console script's entry point.
+WATCH = "import sys; from hdfmgr.cli import watch_main; sys.exit(watch_main())"
+
+
+@pytest.mark.parametrize("kind", ["newer", "original", "unknown", "not-a-database"])
+def test_hdfmgr_watch_refuses_an_unusable_database_at_once(tmp_path: Path, kind: str) -> None:
+    """hdfmgr-watch, as the units start it: one line and 78 (RestartPreventExitStatus), at
+    once; never a traceback nor a pause-and-retry loop."""
     site = Site(tmp_path)
-    with sqlite3.connect(site.db_path) as conn:
-        _newer(conn)
-    daemon = site.start(wait=False)
+    if kind == "not-a-database":
+        site.db_path.write_bytes(NOT_A_DATABASE)
+        message = "is not a database"
+    else:
+        make, message = UNUSABLE[kind]
+        with sqlite3.connect(site.db_path) as conn:
+            make(conn)
+    log = open(site.root / "watch.log", "w+b")  # noqa: SIM115  (Daemon closes it)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCH, str(site.config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=site.root,
+        start_new_session=True,
+    )
+    daemon = Daemon(proc, log)
+    STARTED.append(daemon)
     try:
-        status = daemon.proc.wait(30)
+        status = proc.wait(30)
     finally:
         daemon.close()
     assert status == cli.EX_CONFIG
     output = daemon.output()
-    assert "Traceback" not in output and "newer than this hdfmgr's" in output
+    assert "Traceback" not in output and message in output
+    assert len(output.strip().splitlines()) == 1, output
 
 
 def test_dropdb_never_drops_the_originals_tables(tmp_path: Path) -> None:
-    site = original_site(tmp_path)
+    """With a config in hdfmgr's own words, so that the refusal is the database's (with the
+    original's file an hdfmgr that did not know its keys refused the file instead)."""
+    site = Site(tmp_path)
     make_original_sqlite(site.db_path)
     result = site.hdfmgr("dropdb", "--yes", str(site.config_path))
     assert_one_line(result, cli.EX_CONFIG)
-    assert site.query("SELECT COUNT(*) FROM files")[0][0] == 5
-    assert os.path.exists(site.db_path)
+    assert "original handoff manager's" in result.stderr
+    counts = [site.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ORIGINAL_TABLES]
+    assert counts == [5, 4, 4]
 
 
 def test_a_file_the_original_delivered_but_did_not_hold_is_held_not_sent_again(tmp_path: Path) -> None:

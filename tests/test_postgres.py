@@ -168,3 +168,39 @@ def test_a_statement_blocked_by_another_session_times_out_and_the_daemon_reconne
         assert "writes succeed again" in output and "Traceback" not in output
     finally:
         postgres.drop_database(name)
+
+
+def test_the_daemons_session_has_keepalives_and_a_statement_timeout(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A server that stops answering without a reset is found by TCP keepalives and a TCP
+    user timeout, a statement that hangs ends at database.timeout; the operator's commands
+    keep no statement timeout (a long report is no failure)."""
+    from hdfmgr import config as config_mod
+    from hdfmgr import db as dbm
+
+    site = Site(tmp_path / "site", engine=postgres_url)
+    site.configure(database={"timeout": 2.5})
+    cfg = config_mod.load(str(site.config_path))
+    daemon = dbm.connect(cfg, daemon=True)
+    try:
+        params = daemon.connection().info.dsn_parameters
+        assert (params["keepalives"], params["keepalives_idle"]) == ("1", "30")
+        assert (params["keepalives_interval"], params["keepalives_count"]) == ("10", "3")
+        assert params["tcp_user_timeout"] == "30000"
+        assert daemon.execute_sql("SHOW statement_timeout").fetchone() == ("2500ms",)
+        try:
+            daemon.execute_sql("SELECT pg_sleep(10)")
+        except dbm.errors() as exc:
+            failure = dbm.failure(exc)
+        else:
+            raise AssertionError("pg_sleep(10) outlived a 2.5 s statement timeout")
+        assert isinstance(failure, dbm.DatabaseUnresponsive), failure
+    finally:
+        daemon.close()
+    operator = dbm.connect(cfg)
+    try:
+        assert operator.execute_sql("SHOW statement_timeout").fetchone() == ("0",)
+        assert "keepalives" not in operator.connection().info.dsn_parameters
+    finally:
+        operator.close()

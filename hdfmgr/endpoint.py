@@ -301,7 +301,9 @@ class Endpoint:
             ),
         )
 
-    def requirements(self) -> tuple[CommandResult, Requirements | None]:
+    def requirements(
+        self, on_start: Callable[[int], None] | None = None
+    ) -> tuple[CommandResult, Requirements | None]:
         """Ask the endpoint, in one command, what the commit needs: the tools, ``b2sum -z``
         (checksum mode), a real ``flock`` on staging, its argument limit."""
         digest = hashlib.blake2b(PROBE_DATA).hexdigest()
@@ -312,6 +314,7 @@ class Endpoint:
             digest,
             data=PROBE_DATA,
             timeout=min(self.config.timeout, 60.0),
+            on_start=on_start,
         )
         return result, parse_probe_output(result.stdout)
 

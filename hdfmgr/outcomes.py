@@ -111,7 +111,10 @@ class Outcomes:
             else:
                 self.sched.retry_at(f.rel, now + delay)
         group = self.sched.landed(job.id)
-        self.sched.health.record(not unpinned and not unknown, first_try=group is None)
+        if report.transfers or report.commit is not None:
+            # Only a batch that carried something over the link says how the link is: one
+            # whose every file was unreadable never got that far.
+            self.sched.health.record(not unpinned and not unknown, first_try=group is None)
         if unpinned:
             self._retry_together(report, group, unpinned, failures, now, wall)
         size = sum(self.files[rel].size for rel in committed)

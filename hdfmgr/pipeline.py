@@ -35,8 +35,9 @@ from . import __version__, sdnotify
 from . import db as dbm
 from .config import Config
 from .dispatch import Dispatcher
-from .endpoint import Endpoint, EndpointUnfit, Listing
+from .endpoint import Endpoint, Listing
 from .files import FAILED, FileTable
+from .gate import Gate
 from .lock import InstanceLock, lock_path, publish, state_path
 from .outcomes import Counters, Outcomes
 from .pin import clear as clear_pins
@@ -113,6 +114,13 @@ class Pipeline:
             put=self.queue.put,
             pins=self.pins,
         )
+        self.gate = Gate(
+            self.endpoint,
+            config.verify,
+            backoff=self.sched.backoff,
+            limit=self.batches.limit_arguments,
+            in_background=self.doubt.in_background,
+        )
         self.batches.on_endpoint_back = self._endpoint_back
         self.batches.on_breaker = self._breaker_changed
         #: Files checked and registered per pass of the loop: enough to fill every slot.
@@ -162,7 +170,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
-            self._check_endpoint()
+            self.gate.ask_now()
             self.db = dbm.connect(self.cfg, daemon=True)
             dbm.create_schema(self.db)
             self.files.recorder = Recorder(self.db, self.cfg.name)
@@ -196,31 +204,6 @@ class Pipeline:
             raise dbm.failure(exc) from exc
         finally:
             self._shutdown()
-
-    def _check_endpoint(self) -> None:
-        """Ask the endpoint, in one command, whether it can run the commit this configuration
-        needs; refuse to start (:class:`EndpointUnfit`) when it says it cannot.
-
-        An endpoint that cannot be asked (unreachable, a login that fails) is no reason to
-        stop: the daemon waits for it as for any outage, and the commit program itself moves
-        nothing it cannot verify and lock.
-        """
-        result, found = self.endpoint.requirements()
-        if found is None:
-            log.warning(
-                "could not check what the endpoint provides (%s); checking it at each commit",
-                result.describe(),
-            )
-            return
-        problems = found.problems(self.cfg.verify)
-        if problems:
-            raise EndpointUnfit(
-                f"endpoint cannot run the commit (verify: {self.cfg.verify}): "
-                + "; ".join(problems)
-                + " (see 'hdfmgr doctor')"
-            )
-        if found.arg_max:
-            self.batches.limit_arguments(found.arg_max)
 
     def _start_from_records(self) -> None:
         """Resume every file the records name, and reconcile those that were in flight."""
@@ -270,7 +253,8 @@ class Pipeline:
             self._maintain(now)
             self._register(self.watcher.promote(now, self.promote_slice))
             self.outcomes.enqueue(self.sched.release(now, self._still_failed))
-            self.batches.dispatch(now, stopping=self.stop_event.is_set())
+            if self.gate.open:
+                self.batches.dispatch(now, stopping=self.stop_event.is_set())
             if self.on_progress is not None:
                 self.on_progress(self)
             self._publish(now)
@@ -321,6 +305,8 @@ class Pipeline:
                 self.batches.on_result(entry[1])
             elif kind == "checkpoint":
                 self.batches.on_checkpoint(*entry[1:])
+            elif kind == "requirements":
+                self.gate.answer(entry[1], entry[2])
             elif kind == "probe":
                 self._on_probe(entry[1])
             elif kind == "swept":
@@ -398,6 +384,8 @@ class Pipeline:
             self.watcher.prune()
         if self.doubt.due(now):
             self.doubt.start_listing()
+        if self.gate.due(now):
+            self.gate.ask()
         breaker = self.sched.breaker
         if breaker.probe_due(now) and not self.batches.inflight:
             breaker.start_probe()
@@ -439,6 +427,7 @@ class Pipeline:
         self.slots.all_dirty()
         self.sched.endpoint_back(now)
         self.doubt.hurry(now)
+        self.gate.hurry(now)
 
     def _register(self, items: list[tuple[str, Snapshot]]) -> None:
         if not items:

@@ -142,7 +142,7 @@ class Reconciler:
         def listing(started: Callable[[int], None]) -> tuple[Any, ...]:
             return ("listed", dirs, *self.endpoint.list_slots(dirs, on_start=started, fences=fences))
 
-        self._in_background("hdfmgr-list", listing)
+        self.in_background("hdfmgr-list", listing)
 
     def on_listed(self, dirs: list[str], result: CommandResult, present: Listing | None) -> Decided | str:
         """Apply a listing's answer: what it proved, or (a string) why it proved nothing."""
@@ -210,7 +210,7 @@ class Reconciler:
         def sweep(started: Callable[[int], None]) -> tuple[Any, ...]:
             return ("swept", len(slots), self.endpoint.sweep(slots, on_start=started))
 
-        self._in_background("hdfmgr-sweep", sweep)
+        self.in_background("hdfmgr-sweep", sweep)
 
     def on_swept(self, prepared: int, result: CommandResult) -> int:
         """The number of slot directories the sweep created (0 when it failed)."""
@@ -222,7 +222,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------ threads
 
-    def _in_background(self, name: str, command: Callable[[Callable[[int], None]], tuple[Any, ...]]) -> None:
+    def in_background(self, name: str, command: Callable[[Callable[[int], None]], tuple[Any, ...]]) -> None:
         """Run a remote command on a thread; its answer comes back on the queue. ``command``
         gets the callback that records its process group, so that shutdown can kill it."""
         pids: list[int] = []

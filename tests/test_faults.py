@@ -87,8 +87,10 @@ def test_long_outage_one_line_per_episode_then_everything_delivered(site: Site, 
         breaker_threshold=2,
         num_threads=1,
     )
-    down.touch()
     daemon = site.start()
+    # Down once the daemon has started (an endpoint down at start holds dispatch at the
+    # start-up gate instead: tests/test_commit_holes.py).
+    down.touch()
     try:
         files = {f"night/{i:03d}.fits": os.urandom(500) for i in range(40)}
         for rel, data in files.items():

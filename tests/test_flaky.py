@@ -186,12 +186,6 @@ def test_an_unreadable_file_is_quarantined_at_once_and_never_takes_a_batch_down(
     assert site.query("select id, status, files, committed from batches") == [(rows[0][0], "partial", 6, 5)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.py records a batch that never ran its transfer (every file of it unreadable) "
-    "as a link success (health.record in _on_result), so it counts as 'others got through': "
-    "a group failing on a broken link is bisected and each file quarantined 'on its own'",
-)
 def test_batches_of_unreadable_files_are_no_evidence_that_the_link_works(site: Site, tmp_path: Path) -> None:
     """Every transfer fails for a reason that names no file (the link carries no data), while
     unreadable files keep arriving. Their batches never run a transfer, so they say nothing of

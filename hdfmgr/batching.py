@@ -6,6 +6,9 @@ under load batches grow by themselves, and no fixed delay is ever added.
 
 All files of a batch share one relative directory, because the transfer command has one
 ``{dest}`` and a flat staging directory: two files with one basename never meet there.
+
+State owned: none (pure): the ready queue itself is owned by :mod:`hdfmgr.schedule`; this
+module only plans batches from it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""BLAKE2b-512 of local files: the digest the endpoint manager stores (``b2sum``'s default)."""
+"""BLAKE2b-512 of local files: the digest the endpoint manager stores (``b2sum``'s default).
+
+State owned: none: a digest of a file, computed the way the endpoint manager computes it.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ the dispatcher's queue. Watchdog drops inotify queue overflows silently (watchdo
 misses files written into a directory before its watch exists, and sees no events for the
 contents of a directory moved in: the scanner, run at start, for every new directory and
 periodically, is what makes detection complete.
+
+State owned: none: stateless helpers (observer start and stop, stat, scan, the writer and lease
+checks); :mod:`hdfmgr.watch` owns the observer and what it reports.
 """
 
 from __future__ import annotations

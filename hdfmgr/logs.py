@@ -1,4 +1,7 @@
-"""Logging set-up from the ``logging`` section; SIGHUP reopens the file for logrotate."""
+"""Logging set-up from the ``logging`` section; SIGHUP reopens the file for logrotate.
+
+State owned: the process's logging handlers (one set-up, reopened on SIGHUP).
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,9 @@ hdfmgr_last_commit_timestamp_seconds        gauge     Unix time of the last comm
 hdfmgr_batch_duration_seconds               histogram batch start to finish (hash, transfer, commit)
 hdfmgr_latency_seconds                      histogram detection (close-write) to commit, per file
 =========================================== ========= ==============================================
+
+State owned: none of the daemon's: every figure is read from the audit trail when scraped; the
+breaker gauge is the one value pushed in.
 """
 
 from __future__ import annotations

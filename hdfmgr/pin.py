@@ -14,6 +14,9 @@ when holding shares the buffer's filesystem, else ``buffer/.hdfmgr-send``, which
 skips. Where ``fs.protected_hardlinks`` refuses a link to another user's file that the daemon
 may not write, the file is opened once without following links, checked by ``fstat`` to be the
 registered one, and copied from that descriptor instead (a local copy: slower, as safe).
+
+State owned: the slots' private directories of hard links (one per slot, emptied before each
+batch).
 """
 
 from __future__ import annotations

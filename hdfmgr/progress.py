@@ -1,4 +1,7 @@
-"""A progress line for ``hdfmgr-rescan`` on a terminal: files, bytes, rate, ETA."""
+"""A progress line for ``hdfmgr-rescan`` on a terminal: files, bytes, rate, ETA.
+
+State owned: the rescan's progress line on a terminal (what it last printed, and when).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Only the dispatcher's thread calls these. Each method is one transaction, so a state is either
 on disk completely or not at all when the process dies.
+
+State owned: the database transactions of the daemon; which state a file goes to is decided by
+:mod:`hdfmgr.files`, the only caller of the per-file writes.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Needs matplotlib (the ``report`` extra). Everything comes from the ``files`` table:
 throughput from ``committed_at`` and sizes, latency as ``committed_at - detected_at``, and the
 backlog at time t as the files detected by t and not yet committed (nor given up) at t.
+
+State owned: none: a plot drawn from the audit trail.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ systemd passes the address of a datagram socket in ``$NOTIFY_SOCKET``; a service
 ``READY=1`` once it is ready (for hdfmgr-watch: after the start-up rescan), ``STOPPING=1``
 when it begins to stop, and ``STATUS=...`` free text for ``systemctl status``. Outside systemd
 the variable is unset and every call is a no-op.
+
+State owned: none: one datagram to systemd's socket per call.
 """
 
 from __future__ import annotations

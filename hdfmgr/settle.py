@@ -18,6 +18,9 @@ that answer and without a close event, nothing tells a finished file from a writ
 longer than ``stable_age``: that setting is the longest pause a writer may make.
 
 No clock is read here and no file is touched: the caller passes ``now`` and the stats.
+
+State owned: the settle tracker: what each event and stat said about files not registered yet
+(owned, through it, by :mod:`hdfmgr.watch`).
 """
 
 from __future__ import annotations

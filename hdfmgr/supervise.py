@@ -6,6 +6,9 @@ on disk are whole, since each write is one transaction (see ``Pipeline.run``). A
 resumes every file from those records, exactly as after a kill -9. So instead of exiting and
 counting on a service manager, the watcher waits, with a growing pause, and starts a fresh one.
 The log gets one line when the failure starts and one when writes succeed again.
+
+State owned: the episode of database failure (since when, whether it was said), across the
+fresh pipelines it starts.
 """
 
 from __future__ import annotations

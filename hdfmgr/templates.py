@@ -5,6 +5,8 @@ string and handed to a shell: a filename like ``$(rm -rf ~)`` would then run. In
 template is split into tokens with :func:`shlex.split` when the configuration is loaded, user
 parameters are substituted then (they are static), and the reserved placeholders are
 substituted per token at run time. A ``{batch}`` token becomes one argv entry per file.
+
+State owned: none: a template parsed once into argv words, rendered per batch.
 """
 
 from __future__ import annotations

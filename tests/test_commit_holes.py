@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -549,10 +548,14 @@ def test_hole8_a_commit_that_cannot_lock_backs_off_and_is_never_a_lost_reply(tmp
     daemon = site.start()
     try:
         site.write("a.fits", b"data")
-        wait_for(lambda: site.query("select attempts from files") == [(3,)], 30, "three attempts")
-        started = time.monotonic()
         wait_for(lambda: site.query("select attempts from files") == [(4,)], 30, "a fourth attempt")
-        assert time.monotonic() - started > 1.0  # backing off (0.5 s, 1 s, 2 s, ... with jitter)
+        # Backing off (0.5 s, 1 s, 2 s, ... with jitter): the fourth batch started at least a
+        # second after the third ended (the records' times: a test's polling may lag).
+        ((third_end, fourth_start),) = site.query(
+            "select (select finished_at from batches where id = 3), "
+            "(select started_at from batches where id = 4)"
+        )
+        assert fourth_start - third_end > 1.0
         rows = site.query("select error_class, last_error from files")
         assert rows[0][0] == "endpoint" and "flock fails on staging" in rows[0][1], rows
         assert "nothing moved" in rows[0][1]

@@ -593,7 +593,7 @@ def framed(body: bytes) -> bytes:
 
 
 def test_parse_commit_output() -> None:
-    report = parse_commit_output(framed(b"V2\0Ka\0Kb c\0Kd\0Ma\0Mb c\0Ed\0"))
+    report = parse_commit_output(framed(b"V3\0Ka\0Kb c\0Kd\0Ma\0Mb c\0Ed\0"))
     assert report is not None
     assert report.verified == {"a", "b c", "d"}
     assert report.committed == {"a", "b c"}
@@ -604,7 +604,7 @@ def test_parse_commit_output() -> None:
 
 def test_parse_commit_output_only_a_reported_rename_is_a_delivery() -> None:
     """Verified names without an M record are not committed: E, G, F, U, or no record."""
-    body = b"V2\0Ka\0Kb\0Kc\0Kd\0Ke\0Ma\0Eb\0Gc\0Fd\0"
+    body = b"V3\0Ka\0Kb\0Kc\0Kd\0Ke\0Ma\0Eb\0Gc\0Fd\0"
     report = parse_commit_output(framed(body))
     assert report is not None and report.committed == {"a"}
     assert (report.exists, report.gone, report.failed) == ({"b"}, {"c"}, {"d"})
@@ -612,31 +612,32 @@ def test_parse_commit_output_only_a_reported_rename_is_a_delivery() -> None:
 
 
 def test_parse_commit_output_abort() -> None:
-    report = parse_commit_output(framed(b"V2\0X98 b2sum failed (missing)\0"))
+    report = parse_commit_output(framed(b"V3\0X98 b2sum failed (missing)\0"))
     assert report is not None and report.aborted == (98, "b2sum failed (missing)")
     assert report.committed == set()
 
 
 def test_parse_commit_output_edge_cases() -> None:
-    assert parse_commit_output(framed(b"V2\0")) == CommitReport(version="2")
-    report = parse_commit_output(framed(b"V2\0Knew\nline\0K\xff\xfe\0"))
+    assert parse_commit_output(framed(b"V3\0")) == CommitReport(version="3")
+    report = parse_commit_output(framed(b"V3\0Knew\nline\0K\xff\xfe\0"))
     assert report is not None and report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
     # Another version's reply, or a record this version does not write, is not understood.
     assert parse_commit_output(framed(b"V1\0Ma\0")) is None
-    assert parse_commit_output(framed(b"V2\0Qa\0")) is None
+    assert parse_commit_output(framed(b"V2\0Ma\0")) is None  # an older program: not this reply
+    assert parse_commit_output(framed(b"V3\0Qa\0")) is None
     assert parse_commit_output(framed(b"")) is None
 
 
 def test_parse_commit_output_skips_what_a_login_shell_prints() -> None:
     """Text from the remote shell's startup (or logout) files around the reply is not a name."""
-    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"V2\0Ka\0Ma\0") + b"bye\n"
+    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"V3\0Ka\0Ma\0") + b"bye\n"
     report = parse_commit_output(chatty)
     assert report is not None and report.committed == {"a"}
 
 
 def test_parse_commit_output_cut_short_is_unknown() -> None:
     """A reply without its end (a dropped connection, a timeout) says nothing was moved or not."""
-    whole = framed(b"V2\0Ka\0Kb\0Ma\0Mb\0")
+    whole = framed(b"V3\0Ka\0Kb\0Ma\0Mb\0")
     for cut in range(len(whole) - 1):
         assert parse_commit_output(whole[:cut]) is None, whole[:cut]
     assert parse_commit_output(b"") is None

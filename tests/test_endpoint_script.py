@@ -32,6 +32,7 @@ from hdfmgr.endpoint import (
     Endpoint,
     ErrorClass,
     Receipt,
+    Requirements,
     StagedFile,
     classify,
     commit_groups,
@@ -173,6 +174,22 @@ def test_remote_argv_is_the_remote_template_with_one_command(site: Site) -> None
 
 def test_probe(site: Site) -> None:
     assert site.endpoint.probe().ok
+
+
+def test_the_start_up_probe_requires_a_sync_that_flushes_named_files(site: Site) -> None:
+    """The commit flushes what it renames with ``sync -- NAMES`` (a power cut on the endpoint
+    must not empty a delivered file): the probe says whether that sync works, and a sync that
+    is missing or does not is a reason to refuse, named once."""
+    result, found = site.endpoint.requirements()
+    assert found is not None and found.sync == "ok", result.stderr
+    assert found.problems("size") == []
+    # Created by the probe's flock check, and only inspected by its sync check.
+    assert os.listdir(site.staging) == []
+    old = Requirements(flock="ok", sync="it ignores its file arguments (GNU coreutils >= 8.24 needed)")
+    assert old.problems("size") == [f"sync -- FILE does not work ({old.sync})"]
+    gone = Requirements(missing=("sync",), flock="ok", sync="missing")
+    assert gone.problems("size") == ["not found on the remote PATH: sync"]
+    assert Requirements(flock="ok").problems("size") == ["sync -- FILE does not work (not checked)"]
 
 
 def test_prepare_creates_the_slot(site: Site) -> None:

@@ -33,10 +33,11 @@ EX_FAIL = 1
 
 #: External programs the commit program, the list and sweep scripts run on the endpoint (plus
 #: ``stat`` for this check). ``b2sum`` is added in checksum mode. Without a working ``flock``
-#: the commit moves nothing and ``run`` refuses to start (see endpoint.py).
+#: the commit moves nothing and ``run`` refuses to start (see endpoint.py); likewise without a
+#: ``sync`` that flushes the files it is given (what makes a rename survive a power cut).
 REMOTE_TOOLS = (
     "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "join", "cmp", "cat", "tr", "grep",
-    "mkdir", "rm", "flock", "getconf",
+    "mkdir", "rm", "flock", "sync", "getconf",
 )  # fmt: skip
 
 #: Prints the tools (arguments) the remote shell cannot find, one per line.
@@ -264,21 +265,24 @@ _PROBE_WHAT = "endpoint can run the commit (the start-up probe run and rescan as
 
 def _commit_probe(config: config_mod.Config, endpoint: Endpoint) -> Check:
     """The very probe ``run`` and ``rescan`` refuse to start on: a real ``flock`` on staging,
-    ``b2sum -z`` computing the expected BLAKE2b (checksum mode), the argument limit."""
+    ``b2sum -z`` computing the expected BLAKE2b (checksum mode), a ``sync`` that flushes the
+    files it is named (without it a power cut on the endpoint can empty a delivered file), the
+    argument limit."""
     result, found = endpoint.requirements()
     if found is None:
         return Check(_PROBE_WHAT, False, _why(result), "check that sh works on the endpoint host")
     problems = [p for p in found.problems(config.verify) if not p.startswith("not found")]
     what = _PROBE_WHAT + (
         f": flock works on staging{', b2sum -z works' if config.verify == 'checksum' else ''}, "
-        f"ARG_MAX {found.arg_max or 'unknown'}"
+        f"sync -- FILE works, ARG_MAX {found.arg_max or 'unknown'}"
     )
     if problems:
         return Check(
             what,
             False,
             "; ".join(problems),
-            "install util-linux flock and GNU coreutils >= 8.26 on the endpoint host; on Lustre "
+            "install util-linux flock and GNU coreutils >= 8.26 (b2sum -z; sync with file "
+            "arguments: >= 8.24) on the endpoint host; on Lustre "
             "mount staging with -o flock (or localflock when one host runs the commits)",
         )
     return Check(what, True)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 BEGIN = "/hdfmgr-begin/"
 END = "/hdfmgr-end/"
 #: The commit program's version; its reply must name it (see hdfmgr/remote/commit.sh).
-COMMIT_VERSION = "2"
+COMMIT_VERSION = "3"
 #: The start-up probe's version (see hdfmgr/remote/probe.sh).
-PROBE_VERSION = "1"
+PROBE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class StagedFile:
 
 #: Commit exit statuses (hdfmgr/remote/commit.sh) and what each means, for the error line.
 COMMIT_STATUS = {
+    88: "a final directory could not be flushed to disk after its rename (those files are sent again)",
+    89: "the staged copies cannot be flushed to disk (sync missing, without file arguments, or failing)",
     90: "the commit program arrived cut short",
     91: "the commit program was started wrongly",
     92: "the slot's lock cannot be taken on staging (flock missing or failing)",
@@ -249,6 +251,8 @@ class Requirements:
     missing: tuple[str, ...] = ()
     b2sum: str = "not checked"
     flock: str = "not checked"
+    #: ``sync -- FILE`` flushes the named file (the commit flushes what it renames with it).
+    sync: str = "not checked"
 
     def problems(self, mode: str) -> list[str]:
         """What keeps the endpoint from running the commit in ``mode``; empty when nothing."""
@@ -259,6 +263,8 @@ class Requirements:
             out.append(f"b2sum -z does not work ({self.b2sum})")
         if self.flock != "ok" and "flock" not in self.missing:
             out.append(f"flock does not work on staging ({self.flock})")
+        if self.sync != "ok" and "sync" not in self.missing:
+            out.append(f"sync -- FILE does not work ({self.sync})")
         return out
 
 
@@ -269,7 +275,7 @@ def parse_probe_output(stdout: bytes) -> Requirements | None:
         return None
     arg_max: int | None = None
     missing: list[str] = []
-    values = {"b2sum": "not checked", "flock": "not checked"}
+    values = {"b2sum": "not checked", "flock": "not checked", "sync": "not checked"}
     for record in records[1:]:
         key, _, value = os.fsdecode(record).partition("=")
         if key == "arg_max":
@@ -278,4 +284,4 @@ def parse_probe_output(stdout: bytes) -> Requirements | None:
             missing.append(value)
         elif key in values:
             values[key] = value
-    return Requirements(arg_max, tuple(missing), values["b2sum"], values["flock"])
+    return Requirements(arg_max, tuple(missing), values["b2sum"], values["flock"], values["sync"])

@@ -324,6 +324,189 @@ def test_hole8_a_flock_that_fails_on_staging_is_a_clear_error_not_a_lost_reply(
     assert "flock" in (report.error or "")
 
 
+# --------------------------------------------------------------------------- hole 9
+
+
+def logging_tools(root: Path, *names: str, before: str = "") -> tuple[Path, Path]:
+    """Shims for ``names`` that record each call (the tool, its working directory, its
+    arguments, NUL-separated) and a copy of the slot's receipt as it was at that moment, in
+    call order, then run ``before`` and the real tool. The commit runs its tools one at a
+    time, so the counter needs no lock."""
+    log = root / "calls"
+    log.mkdir()
+    tools = {}
+    for name in names:
+        real = shutil.which(name)
+        tools[name] = (
+            f'L={log}; n=$(cat "$L/n" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" >"$L/n"\n'
+            f'printf "%s\\000" {name} "$PWD" "$@" >"$L/$n.call"\n'
+            f'[ ! -f "$PWD.receipt" ] || cp "$PWD.receipt" "$L/$n.receipt"\n'
+            f'{before}\nexec {real} "$@"'
+        )
+    return fake_tools(root, tools), log
+
+
+def calls(log: Path) -> list[tuple[list[str], set[str]]]:
+    """The recorded calls in order: ``[tool, cwd, *args]`` and the names the receipt held M
+    records for at that moment."""
+    out = []
+    for n in range(1, int((log / "n").read_text()) + 1):
+        words = [os.fsdecode(w) for w in (log / f"{n}.call").read_bytes().split(b"\0")[:-1]]
+        receipt = log / f"{n}.receipt"
+        records = receipt.read_bytes().split(b"\0") if receipt.exists() else []
+        out.append((words, {os.fsdecode(r[1:]) for r in records if r[:1] == b"M"}))
+    return out
+
+
+HOSTILE_FEW = ["with space.fits", "new\nline", "-leading-dash", "--", "$(touch pwned)", "*", "."]
+
+
+def test_hole9_the_copies_are_flushed_before_the_first_rename_and_each_directory_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut on the endpoint must not empty a renamed file or undo its rename: the
+    verified copies (only they, every one, hostile names as they are) are flushed before the
+    first mv; a final directory the commit creates is flushed with its parents before anything
+    is renamed into it; after each group's mv its directory and the slot are flushed before
+    any M record reaches the receipt (and so the reply, which comes after it)."""
+    monkeypatch.chdir(tmp_path)
+    bin_dir, log = logging_tools(tmp_path, "sync", "mv")
+    site = faked_site(tmp_path / "site", bin_dir)
+    (site.ep_buffer / "old").mkdir()
+    slot = site.slot()
+    files = []
+    for i, name in enumerate(n for n in HOSTILE_FEW if n != "."):
+        rel = f"{'old' if i % 2 else 'new/deep'}/{name}"
+        f = site.local(rel, b"%d" % i)
+        stage(slot, f.basename, b"%d" % i)
+        files.append(f)
+    cut = site.local("old/cut.fits", b"c" * 100)
+    stage(slot, cut.basename, b"c" * 10)  # fails verification: never flushed, never renamed
+    report = run_batch(site, slot, [*files, cut])
+    assert report.error_class == "verification", report.error  # the cut copy, only
+    assert sorted(report.committed()) == sorted(f.rel for f in files)
+    assert set(endpoint_files(site)) == {f.rel for f in files}
+    seen = calls(log)
+    renames = [i for i, (words, _) in enumerate(seen) if words[0] == "mv" and "-n" in words]
+    assert len(renames) == 2, seen
+    # 1. The data: one flush, before the first rename, of exactly the verified copies.
+    data = [i for i, (words, _) in enumerate(seen) if words[0] == "sync" and words[1] == slot]
+    assert data and data[0] < renames[0], seen
+    first = seen[data[0]][0]
+    assert first[2] == "--" and sorted(first[3:]) == sorted(f.basename for f in files), seen
+    # 2. The new directory: it and each parent it was made in, before the rename into it.
+    new = str(site.ep_buffer / "new" / "deep")
+    made = [i for i, (words, _) in enumerate(seen) if words[0] == "sync" and new in words]
+    into_new = [i for i in renames if new in seen[i][0]]
+    assert made and into_new and made[0] < into_new[0], seen
+    assert seen[made[0]][0][3:] == [str(site.ep_buffer), str(site.ep_buffer / "new"), new]
+    # 3. Each group: its directory and the slot flushed after its mv, with no M in the receipt
+    # yet (the outcome records come only after every group's flush).
+    for i in renames:
+        target = seen[i][0][seen[i][0].index("-t") + 1]
+        after, receipt = seen[i + 1]
+        assert after[0] == "sync" and after[2:] == ["--", target, "."], seen
+        assert receipt == set(), "a rename was reported before it was on disk"
+    receipt = (Path(slot + ".receipt")).read_bytes().split(b"\0")
+    assert {os.fsdecode(r[1:]) for r in receipt if r[:1] == b"M"} == {f.basename for f in files}
+    assert not [p for p in tmp_path.rglob("pwned")]
+
+
+@pytest.mark.parametrize(
+    "sync",
+    [
+        None,  # missing
+        "echo \"sync: error syncing '$2': Input/output error\" >&2; exit 1",  # EIO
+        'echo "sync: extra operand" >&2; exit 1',  # no file arguments
+    ],
+    ids=["missing", "eio", "no-file-arguments"],
+)
+def test_hole9_a_flush_that_fails_before_the_rename_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str | None
+) -> None:
+    """The copies cannot be flushed (fsync's EIO or ENOSPC is a copy that may not be what was
+    verified): nothing is renamed, the daemon is told why (exit status 89, error class
+    endpoint) and that nothing moved, and every copy is still staged for the next try."""
+    monkeypatch.chdir(tmp_path)
+    if sync is None:
+        bin_dir = fake_tools(tmp_path, {}, hide=("sync",))
+    else:
+        bin_dir = fake_tools(tmp_path, {"sync": sync})
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.basename.encode())
+    report = run_batch(site, slot, files)
+    assert endpoint_files(site) == {}
+    assert report.committed() == [] and report.unknown == []
+    assert report.error_class == "endpoint"
+    assert "exit status 89" in (report.error or "") and "flushed" in (report.error or ""), report.error
+    assert "nothing moved" in (report.error or "")
+    assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
+    assert not os.path.exists(site.ep_buffer / "d"), "a directory was made for a commit that stopped"
+
+
+def test_hole9_a_directory_flush_that_fails_after_the_rename_is_unknown_and_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files of a group are renamed, then its directory cannot be flushed: the renames
+    may not survive a power cut, so they are U (sent again: a duplicate at worst), never M
+    (recorded delivered, and lost if the cut undoes them). The receipt says so too, so a
+    listing after a lost reply sends them again as well; the other group is delivered."""
+    from hdfmgr.deliver import UNSURE_REASON
+    from hdfmgr.replies import recovered
+
+    monkeypatch.chdir(tmp_path)
+    sick = site_dir = tmp_path / "site" / "endpoint" / "buffer" / "sick"
+    fail = (
+        f'for a; do [ "$a" != {sick} ] || '
+        f'{{ echo "sync: error syncing {sick}: Input/output error" >&2; exit 1; }}; done'
+    )
+    bin_dir, _ = logging_tools(tmp_path, "sync", before=fail)
+    site = faked_site(tmp_path / "site", bin_dir)
+    site_dir.mkdir()
+    (site.ep_buffer / "well").mkdir()
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("sick/a.fits", "sick/b.fits", "well/c.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    report = run_batch(site, slot, files)
+    # Renamed all three; only the flushed one counts as delivered.
+    assert set(endpoint_files(site)) == {"sick/a.fits", "sick/b.fits", "well/c.fits"}
+    assert report.committed() == ["well/c.fits"]
+    assert report.outcomes["sick/a.fits"] == ("failed", UNSURE_REASON)
+    assert report.outcomes["sick/b.fits"] == ("failed", UNSURE_REASON)
+    assert report.unknown == []
+    assert "exit status 88" in (report.error or "") and "cannot flush" in (report.error or ""), report.error
+    _, listed = site.endpoint.list_slots([slot])
+    assert listed is not None
+    entries = [(f.rel, 1) for f in files]
+    decided = recovered(entries, listed.get(slot), listed.receipts.get(slot))
+    assert decided.moved == ["well/c.fits"] and sorted(decided.resend) == ["sick/a.fits", "sick/b.fits"]
+
+
+def test_hole9_a_new_directory_that_cannot_be_flushed_gets_nothing_renamed_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit makes a final directory and cannot flush it: nothing is renamed into a
+    directory a power cut may take away (F: not moved, sent again); the others go on."""
+    monkeypatch.chdir(tmp_path)
+    fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
+    fail = f'for a; do [ "$a" != {fresh} ] || exit 1; done'
+    bin_dir, _ = logging_tools(tmp_path, "sync", before=fail)
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("fresh/sub/a.fits", "b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    report = run_batch(site, slot, files)
+    assert set(endpoint_files(site)) == {"b.fits"}
+    assert report.committed() == ["b.fits"] and report.unknown == []
+    assert report.outcomes["fresh/sub/a.fits"][0] == "failed"
+    assert os.listdir(slot) == ["a.fits"]
+
+
 def test_digest_helper_matches_b2sum() -> None:
     # The fake-tool tests rely on the real b2sum elsewhere; make sure it is the same digest.
     out = subprocess.run(["b2sum"], input=b"abc", capture_output=True, check=True).stdout
@@ -352,6 +535,12 @@ def write_config(root: Path, *, verify: str, remote: str) -> Path:
     return path
 
 
+#: A ``sync`` that takes no file arguments (it complains), and one that ignores them (GNU
+#: coreutils < 8.24 said so and synced everything): neither is known to flush what it is named.
+SYNC_WITHOUT_ARGUMENTS = '[ "$#" -eq 0 ] || { echo "sync: extra operand" >&2; exit 1; }'
+SYNC_IGNORING_ARGUMENTS = 'echo "sync: ignoring all arguments" >&2; exit 0'
+
+
 @pytest.mark.parametrize(
     "verify, hide, tools, culprit",
     [
@@ -363,8 +552,18 @@ def write_config(root: Path, *, verify: str, remote: str) -> Path:
             {"flock": 'echo "flock: failed to lock: Function not implemented" >&2; exit 1'},
             "flock",
         ),
+        ("size", ("sync",), {}, "sync"),
+        ("size", (), {"sync": SYNC_WITHOUT_ARGUMENTS}, "sync -- FILE does not work"),
+        ("size", (), {"sync": SYNC_IGNORING_ARGUMENTS}, "ignores its file arguments"),
     ],
-    ids=["b2sum-missing", "b2sum-without-z", "flock-failing"],
+    ids=[
+        "b2sum-missing",
+        "b2sum-without-z",
+        "flock-failing",
+        "sync-missing",
+        "sync-rejecting-files",
+        "sync-ignoring-files",
+    ],
 )
 @pytest.mark.parametrize("command", ["rescan", "run"])
 def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
@@ -377,8 +576,8 @@ def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
     tools: dict[str, str],
     culprit: str,
 ) -> None:
-    """Hole 1 and 8 at start, for the watcher and the one pass alike: one line, sysexits 69,
-    nothing sent (the file stays put)."""
+    """Hole 1, 8 and 9 at start, for the watcher and the one pass alike: one line, sysexits
+    69, nothing sent (the file stays put)."""
     from hdfmgr import cli
 
     monkeypatch.chdir(tmp_path)
@@ -396,7 +595,8 @@ def test_run_refuses_an_endpoint_that_cannot_run_the_commit(
 
 
 def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``doctor`` runs the start-up probe too: a flock failing on staging is one FAIL line."""
+    """``doctor`` runs the start-up probe too: a flock failing on staging is one FAIL line,
+    and so is a sync that ignores its file arguments."""
     from hdfmgr import doctor
 
     monkeypatch.chdir(tmp_path)
@@ -413,6 +613,15 @@ def test_doctor_checks_the_same_assumptions(tmp_path: Path, monkeypatch: pytest.
     doctor.main(str(good), out=lines.append)
     ok = [line for line in lines if line.startswith("OK   endpoint can run the commit")]
     assert len(ok) == 1 and "b2sum -z works" in ok[0] and "ARG_MAX" in ok[0], lines
+    assert "sync -- FILE works" in ok[0], lines
+    # A sync that ignores the files it is named flushes nothing the commit relies on.
+    bin_dir = fake_tools(tmp_path / "site", {"sync": SYNC_IGNORING_ARGUMENTS})
+    remote = f'env PATH={bin_dir}:{SYSTEM_PATH} sh -c "{{command}}"'
+    config = write_config(tmp_path / "old-sync", verify="size", remote=remote)
+    lines = []
+    assert doctor.main(str(config), out=lines.append) == doctor.EX_FAIL
+    bad = [line for line in lines if line.startswith("FAIL ")]
+    assert len(bad) == 1 and "ignores its file arguments" in bad[0] and "8.24" in bad[0], lines
 
 
 def test_doctor_checks_leases_and_durability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -523,7 +732,9 @@ def test_hole7_batches_respect_the_endpoints_argument_limit(
     pipeline = Pipeline(load(config), once=True, install_signals=False)
     local = pipeline.budget
     monkeypatch.setattr(
-        pipeline.endpoint, "requirements", lambda *args: (None, Requirements(arg_max=65536, flock="ok"))
+        pipeline.endpoint,
+        "requirements",
+        lambda *args: (None, Requirements(arg_max=65536, flock="ok", sync="ok")),
     )
     pipeline.gate.ask_now()
     assert pipeline.budget < 65536 < local

@@ -119,7 +119,8 @@ def test_missing_remote_b2sum_fails_in_checksum_mode(site: Site, sshd: SshServer
     bindir = site.root / "remote-bin"
     bindir.mkdir()
     for tool in ("sh", "true", "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "cat", "tr",
-                 "mkdir", "rm", "stat", "wc", "scp", "flock", "join", "cmp", "getconf", "grep"):  # fmt: skip
+                 "mkdir", "rm", "stat", "wc", "scp", "flock", "join", "cmp", "getconf", "grep",
+                 "sync"):  # fmt: skip
         found = shutil.which(tool)
         assert found is not None, tool
         (bindir / tool).symlink_to(found)

@@ -32,6 +32,7 @@ from hdfmgr.endpoint import (
     Endpoint,
     ErrorClass,
     Receipt,
+    Requirements,
     StagedFile,
     classify,
     commit_groups,
@@ -173,6 +174,22 @@ def test_remote_argv_is_the_remote_template_with_one_command(site: Site) -> None
 
 def test_probe(site: Site) -> None:
     assert site.endpoint.probe().ok
+
+
+def test_the_start_up_probe_requires_a_sync_that_flushes_named_files(site: Site) -> None:
+    """The commit flushes what it renames with ``sync -- NAMES`` (a power cut on the endpoint
+    must not empty a delivered file): the probe says whether that sync works, and a sync that
+    is missing or does not is a reason to refuse, named once."""
+    result, found = site.endpoint.requirements()
+    assert found is not None and found.sync == "ok", result.stderr
+    assert found.problems("size") == []
+    # Created by the probe's flock check, and only inspected by its sync check.
+    assert os.listdir(site.staging) == []
+    old = Requirements(flock="ok", sync="it ignores its file arguments (GNU coreutils >= 8.24 needed)")
+    assert old.problems("size") == [f"sync -- FILE does not work ({old.sync})"]
+    gone = Requirements(missing=("sync",), flock="ok", sync="missing")
+    assert gone.problems("size") == ["not found on the remote PATH: sync"]
+    assert Requirements(flock="ok").problems("size") == ["sync -- FILE does not work (not checked)"]
 
 
 def test_prepare_creates_the_slot(site: Site) -> None:
@@ -593,7 +610,7 @@ def framed(body: bytes) -> bytes:
 
 
 def test_parse_commit_output() -> None:
-    report = parse_commit_output(framed(b"V2\0Ka\0Kb c\0Kd\0Ma\0Mb c\0Ed\0"))
+    report = parse_commit_output(framed(b"V3\0Ka\0Kb c\0Kd\0Ma\0Mb c\0Ed\0"))
     assert report is not None
     assert report.verified == {"a", "b c", "d"}
     assert report.committed == {"a", "b c"}
@@ -604,7 +621,7 @@ def test_parse_commit_output() -> None:
 
 def test_parse_commit_output_only_a_reported_rename_is_a_delivery() -> None:
     """Verified names without an M record are not committed: E, G, F, U, or no record."""
-    body = b"V2\0Ka\0Kb\0Kc\0Kd\0Ke\0Ma\0Eb\0Gc\0Fd\0"
+    body = b"V3\0Ka\0Kb\0Kc\0Kd\0Ke\0Ma\0Eb\0Gc\0Fd\0"
     report = parse_commit_output(framed(body))
     assert report is not None and report.committed == {"a"}
     assert (report.exists, report.gone, report.failed) == ({"b"}, {"c"}, {"d"})
@@ -612,31 +629,32 @@ def test_parse_commit_output_only_a_reported_rename_is_a_delivery() -> None:
 
 
 def test_parse_commit_output_abort() -> None:
-    report = parse_commit_output(framed(b"V2\0X98 b2sum failed (missing)\0"))
+    report = parse_commit_output(framed(b"V3\0X98 b2sum failed (missing)\0"))
     assert report is not None and report.aborted == (98, "b2sum failed (missing)")
     assert report.committed == set()
 
 
 def test_parse_commit_output_edge_cases() -> None:
-    assert parse_commit_output(framed(b"V2\0")) == CommitReport(version="2")
-    report = parse_commit_output(framed(b"V2\0Knew\nline\0K\xff\xfe\0"))
+    assert parse_commit_output(framed(b"V3\0")) == CommitReport(version="3")
+    report = parse_commit_output(framed(b"V3\0Knew\nline\0K\xff\xfe\0"))
     assert report is not None and report.verified == {"new\nline", os.fsdecode(b"\xff\xfe")}
     # Another version's reply, or a record this version does not write, is not understood.
     assert parse_commit_output(framed(b"V1\0Ma\0")) is None
-    assert parse_commit_output(framed(b"V2\0Qa\0")) is None
+    assert parse_commit_output(framed(b"V2\0Ma\0")) is None  # an older program: not this reply
+    assert parse_commit_output(framed(b"V3\0Qa\0")) is None
     assert parse_commit_output(framed(b"")) is None
 
 
 def test_parse_commit_output_skips_what_a_login_shell_prints() -> None:
     """Text from the remote shell's startup (or logout) files around the reply is not a name."""
-    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"V2\0Ka\0Ma\0") + b"bye\n"
+    chatty = b"Welcome to the data facility\nmodule loaded" + framed(b"V3\0Ka\0Ma\0") + b"bye\n"
     report = parse_commit_output(chatty)
     assert report is not None and report.committed == {"a"}
 
 
 def test_parse_commit_output_cut_short_is_unknown() -> None:
     """A reply without its end (a dropped connection, a timeout) says nothing was moved or not."""
-    whole = framed(b"V2\0Ka\0Kb\0Ma\0Mb\0")
+    whole = framed(b"V3\0Ka\0Kb\0Ma\0Mb\0")
     for cut in range(len(whole) - 1):
         assert parse_commit_output(whole[:cut]) is None, whole[:cut]
     assert parse_commit_output(b"") is None

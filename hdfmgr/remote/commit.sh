@@ -26,12 +26,17 @@
 #               endpoint manager has not ingested yet); never overwritten
 #   G<name>     verified, but gone from staging before the rename: not delivered
 #   F<name>     verified, not renamed: its directory could not be made, or mv failed on it
-#   U<name>     mv failed for its group and the name left staging anyway: unknown
+#   U<name>     mv failed for its group and the name left staging anyway, or it was renamed
+#               but its final directory could not be flushed to disk: unknown (sent again)
 #   X<status> <reason>  the commit stopped before renaming anything: nothing was moved
 # A verified name with no M/E/G/F/U record (the move step broke off) is unknown too.
 #
 # Exit status: 0 the program ran to its end (each file's outcome is in the reply). Otherwise
 # nothing was renamed but what an M record says:
+#   88 ran to its end, but a final directory could not be flushed after its rename: its
+#      names are U, not M (the reply's records still say what happened to each file)
+#   89 the verified staged copies cannot be flushed to disk (sync missing, without file
+#      arguments, or an I/O error): nothing was moved
 #   91 wrong arguments          92 the slot's lock cannot be taken here (flock missing/failing)
 #   93 lock busy past WAIT      94 staging cannot be written (full, read-only, I/O error;
 #                                  also when the receipt cannot be written)
@@ -42,8 +47,20 @@
 # Strict: `set -eu`, no pipelines (a pipeline's status is only its last command's), every
 # intermediate list is a file whose write is checked, and every step before the first rename
 # is guarded by `|| stop`: a failure there ends the commit with nothing moved.
+#
+# Durable: an M record (in the reply or the receipt) is written only once the rename it
+# reports is on disk, so that a power cut on the endpoint cannot undo a delivery the daemon
+# has recorded. Before the first rename the verified copies' data is flushed (`sync --
+# NAMES`, fsync per file: delayed allocation would otherwise leave a renamed file empty or
+# short after a cut); a directory this program creates is flushed with the one it was created
+# in before anything is renamed into it; after each group's mv its final directory and the
+# slot directory are flushed (`sync -- DIR .`), before any outcome record is written. A flush
+# that fails after its mv turns the group's M into U: the file may well be in the endpoint
+# buffer, so sending it again risks a duplicate, never a loss. The receipt needs no flush of
+# its own: a record of it lost in a cut is lost evidence, which a listing reads as "send
+# again", and no M in it can outlast the rename it reports.
 set -eu
-VERSION=2
+VERSION=3
 B=/hdfmgr-begin/
 E=/hdfmgr-end/
 export LC_ALL=C
@@ -155,6 +172,12 @@ fi
 sort -z -t/ -k1,1 -o "$t.plans" "$t.plan" || stop 98 "sort failed"
 join -z -t/ "$t.okn" "$t.plans" >"$t.mv.raw" || stop 98 "join failed"
 sort -z -t/ -k2 -o "$t.mv" "$t.mv.raw" || stop 98 "sort failed"
+
+# The data of every copy about to be renamed on disk before the first rename (GNU sync >=
+# 8.24 fsyncs each named file; the start-up probe refuses a sync that ignores its arguments).
+cut -z -d/ -f 1 "$t.mv" >"$t.sync" || stop 98 "cut failed"
+xargs -0 -r sync -- <"$t.sync" ||
+    stop 89 "sync failed: the staged copies cannot be flushed to disk (missing, no file arguments, or an I/O error)"
 xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 
 # From here on files move, and every report is per file. MOVER gets `<name>/<final dir>`
@@ -171,10 +194,29 @@ xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 # complaint is such a stat of a final path (absolute: quoted, it starts with '/ or "/;
 # names are relative and every complaint about a source names it) has renamed all the names
 # that left staging. Otherwise a name that left staging is M only if its final name exists
-# now (it did not before), and U (unknown, sent again) if not.
+# now (it did not before), and U (unknown, sent again) if not. After the group's mv its final
+# directory and the slot are flushed; if that fails, the group's M become U (see Durable above)
+# and T.unflushed tells the main program, which then exits 88.
 MOVER='
 set -u
 j=0 g=0 d= l=
+made() {
+    # made DIR: mkdir -p DIR, then flush the directories it created and the one it created
+    # them in, so that DIR is on disk before anything is renamed into it.
+    p=$1 u=0
+    while [ ! -d "$p" ]; do
+        u=$((u + 1))
+        eval "up$u=\$p"
+        case $p in */*) p=${p%/*} && p=${p:-/} ;; *) p=. ;; esac
+    done
+    mkdir -p -- "$1" || return 1
+    set -- "$p"
+    while [ "$u" -gt 0 ]; do
+        eval "set -- \"\$@\" \"\$up$u\""
+        u=$((u - 1))
+    done
+    sync -- "$@"
+}
 group() {
     if [ -n "$l" ]; then
         # The intent first: a name gone from staging after it, with no outcome, was renamed
@@ -191,6 +233,12 @@ group() {
                 eval "ok$g=0"
             fi
             cat "$T.err" >&2 || :
+            # Whatever mv did, nothing of it is reported before it is on disk.
+            if ! sync -- "$d" .; then
+                eval "fl$g=0"
+                echo "hdfmgr commit: cannot flush $d after renaming into it: its files are U" >&2
+                : >"$T.unflushed" || :
+            fi
         fi
     fi
 }
@@ -199,8 +247,8 @@ for r do
     if [ "$g" -eq 0 ] || [ "$x" != "$d" ]; then
         group
         g=$((g + 1)) d=$x l=
-        eval "ok$g=0"
-        if [ -d "$d" ] || mkdir -p -- "$d"; then eval "dir$g=1"; else eval "dir$g=0"; fi
+        eval "ok$g=0 fl$g=1"
+        if [ -d "$d" ] || made "$d"; then eval "dir$g=1"; else eval "dir$g=0"; fi
     fi
     eval "n$j=\$n grp$j=0"
     if [ -f "./$n" ] && [ ! -L "./$n" ] && [ ! -e "$d/$n" ] && [ ! -L "$d/$n" ]; then
@@ -222,6 +270,7 @@ for r do
             if [ "$o" = 1 ]; then c=E; else c=F; fi
         elif [ "$o" = 1 ] || [ -e "$x/$n" ]; then c=M
         else c=U; fi
+        eval "[ \"\$fl$k\" = 1 ]" || [ "$c" != M ] || c=U
     fi
     if [ "$k" -ne 0 ]; then
         printf "%s%s\000" "$c" "$n" >>"$R" || echo "hdfmgr commit: cannot add to $R" >&2
@@ -237,6 +286,7 @@ done
 '
 r=0
 T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
+[ ! -e "$t.unflushed" ] || [ "$r" -ne 0 ] || r=88
 rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

@@ -4,23 +4,26 @@
 # as `sh -c PROGRAM hdfmgr-probe STAGING MODE DIGEST`; stdin after the program holds a few
 # bytes whose BLAKE2b is DIGEST. `hdfmgr run`, `rescan` and `doctor` all ask this one command.
 # Reply on stdout, NUL-separated `key=value` records between /hdfmgr-begin/ and /hdfmgr-end/:
-#   version=1         this probe's version (first record)
+#   version=2         this probe's version (first record)
 #   arg_max=N         the endpoint's argument limit (getconf ARG_MAX; empty if unknown)
 #   missing=TOOL      one per tool the commit needs that is not on the remote PATH
 #   b2sum=ok|...      checksum mode: `b2sum -z` exists and computes the expected digest
 #   flock=ok|...      a real lock on the staging directory succeeds (fails on Lustre
 #                     mounted without flock, for example)
+#   sync=ok|...       `sync -- DIR` flushes a named directory, and fails on a missing name
+#                     (GNU coreutils >= 8.24: an older sync ignores its arguments, which the
+#                     commit relies on to flush the copies it renames)
 # It changes nothing but creating STAGING when it is missing (as a start-up would anyway).
 set -u
 export LC_ALL=C
 printf '\000%s\000' /hdfmgr-begin/
-printf 'version=1\000'
+printf 'version=2\000'
 s=$1 m=$2 h=$3
 
 a=$(getconf ARG_MAX 2>/dev/null) || a=
 printf 'arg_max=%s\000' "$a"
 
-for tool in sh mv find sort comm cut xargs head tail join cmp cat tr grep mkdir rm flock getconf; do
+for tool in sh mv find sort comm cut xargs head tail join cmp cat tr grep mkdir rm flock sync getconf; do
     command -v "$tool" >/dev/null 2>&1 || printf 'missing=%s\000' "$tool"
 done
 
@@ -49,4 +52,17 @@ else
     if [ "$r" -eq 93 ]; then f=ok; else f="flock $s: $out"; fi
 fi
 printf 'flock=%s\000' "$f"
+
+# Staging exists now (unless it cannot be created: then the flock record says so).
+n=$s/.hdfmgr-probe-no-such-directory/x
+if ! command -v sync >/dev/null 2>&1; then
+    y=missing
+elif ! out=$(sync -- "$s" 2>&1); then
+    y="it cannot flush $s (GNU coreutils >= 8.24 needed): $out"
+elif [ ! -e "$n" ] && sync -- "$n" >/dev/null 2>&1; then
+    y="it ignores its file arguments (GNU coreutils >= 8.24 needed)"
+else
+    y=ok
+fi
+printf 'sync=%s\000' "$y"
 printf '/hdfmgr-end/\000'

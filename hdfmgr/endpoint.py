@@ -137,6 +137,7 @@ PREPARE_SCRIPT = 'mkdir -p -- "$1"'
 #: Each slot is listed once no commit holds its lock, after its fence has
 #: been raised to BATCH (unless empty) under that lock (the module's docstring). The daemon starts
 #: no commit in a slot it is listing, so no commit of BATCH or before moves a file after that.
+#: The filesystem of staging (and of the endpoint buffer) is flushed before anything is read.
 LIST_SCRIPT = (
     "W=$1; shift; L=; if command -v flock >/dev/null 2>&1; then L=1; fi; "
     f"printf '\\000{BEGIN}\\000'; "
@@ -146,6 +147,9 @@ LIST_SCRIPT = (
     '{ echo "hdfmgr: $d: a commit still holds it after $W s (or its fence cannot be written)" >&2; '
     "exit 1; }; "
     f'elif [ -n "$n" ]; then echo "$n" > "$d{FENCE}" || exit 1; fi; '
+    # A commit killed between a rename and its flush: what the receipt says it was about to
+    # rename is read as moved, so the renames made are put on disk before that is decided.
+    'sync -f -- "$d" || exit 1; '
     "printf '%s/\\000' \"$d\"; "
     "find \"$d\" -mindepth 1 -maxdepth 1 -type f -printf '%h/%f\\000' || exit 1; "
     f'if [ -d "$d{REJECTED}" ]; then '

@@ -521,7 +521,21 @@ def test_without_flock_a_commit_moves_nothing_and_says_why(
     monkeypatch.chdir(tmp_path)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    tools = ("sh", "mv", "find", "sort", "comm", "cut", "xargs", "head", "tail", "mkdir", "rm", "printf")
+    tools = (
+        "sh",
+        "mv",
+        "find",
+        "sort",
+        "comm",
+        "cut",
+        "xargs",
+        "head",
+        "tail",
+        "mkdir",
+        "rm",
+        "printf",
+        "sync",
+    )
     for tool in (*tools, "cat", "cmp", "join", "tr"):
         found = shutil.which(tool)
         assert found is not None, tool

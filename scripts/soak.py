@@ -91,9 +91,13 @@ class LocalEndpoint:
             "#!/bin/sh\n"
             f"if [ -e {self.down} ]; then echo 'ssh: connect to host endpoint: Connection timed out' >&2; "
             "exit 255; fi\n"
-            # A flaky link: 2 of every 3 transfer calls fail (counted under a lock).
+            # A flaky link: 2 of every 3 transfer calls fail (counted under a lock; the count is
+            # replaced by a rename, so that flaky_calls never reads it half-written: a read
+            # between the truncation and the write reported a phase of 0 calls).
             f'if [ "$1" != --remote ] && [ -e {self.flaky_flag} ]; then exec 9>>{self.calls}.lock; flock 9\n'
-            f"  n=$(($(cat {self.calls}) + 1)); echo $n > {self.calls}; flock -u 9; exec 9>&-\n"
+            f"  n=$(($(cat {self.calls}) + 1)); echo $n > {self.calls}.new\n"
+            f"  mv {self.calls}.new {self.calls}\n"
+            "  flock -u 9; exec 9>&-\n"
             '  if [ $((n % 3)) -ne 0 ]; then echo "connection reset by peer" >&2; exit 255; fi; fi\n'
             # An outage that begins while a remote command runs drops its reply: the script did
             # its work, the daemon gets exit 255 and no answer (a connection lost mid-commit).

@@ -52,7 +52,7 @@ def test_a_flaky_link_retries_batches_whole_and_a_visit_arrives_in_30_s(site: Si
         quarantine_after=2,
     )
     daemon = site.start()
-    names = {f"visit/img{i:04d}.fits": os.urandom(64 * 1024) for i in range(189)}
+    names = {f"visit/img{i:04d}.fits": os.urandom(256 * 1024) for i in range(189)}  # 48 MB
     try:
         t0 = time.monotonic()
         site.write_many(names)
@@ -132,16 +132,22 @@ def test_a_file_that_keeps_timing_out_alone_is_reported(site: Site, tmp_path: Pa
     )
     site.configure(transfer=f"{slow} {{batch}} {{dest}}", timeout=1, min_rate=100.0, retry_initial=0.2)
     daemon = site.start()
+    stop = threading.Event()
     try:
         site.write("huge.fits", b"h" * 1000)
-        for i in range(8):
+        for i in range(8):  # the flow around it, one file every 0.3 s
             site.write(f"small{i}.fits", b"s")
-            time.sleep(0.3)
+            stop.wait(0.3)
         wait_for(lambda: "times out on its own" in daemon.output(), 40, "the report")
+        smalls = {f"small{i}.fits": b"s" for i in range(8)}
+        wait_for(lambda: smalls.items() <= site.delivered().items(), 20, "the small files delivered")
     finally:
-        daemon.stop()
-    error = site.query("select last_error from files where name = 'huge.fits'")[0][0]
-    assert "times out on its own" in error
+        assert daemon.stop() == 0
+    state, error_class, error = site.query(
+        "select state, error_class, last_error from files where name = 'huge.fits'"
+    )[0]
+    assert "times out on its own" in error and error_class == "timeout", (state, error_class, error)
+    assert "huge.fits" not in site.delivered()
 
 
 def test_an_unreadable_file_is_quarantined_at_once_and_never_takes_a_batch_down(site: Site) -> None:
@@ -220,7 +226,7 @@ def test_batches_of_unreadable_files_are_no_evidence_that_the_link_works(site: S
     writer = threading.Thread(target=unreadable, daemon=True)
     try:
         writer.start()
-        # A dozen tries of the group (what a link failing 2 calls in 3 would need to be doubted).
+        # A dozen tries of the group, each failing: ample time for a split or a pin.
         wait_for(lambda: tries() >= 12 or pinned(), 60, "a dozen tries")
         stop.set()
         writer.join(5)

@@ -502,9 +502,11 @@ def _validate(config: config_mod.Config) -> int:
     print(f"configuration OK: {config.path}")
     print(f"  buffer    {config.buffer} -> holding {config.holding}")
     print(f"  endpoint  staging {config.staging} -> buffer {config.endpoint_buffer}")
-    print(
-        f"  transfer  {config.transfer.source}  ({'batched' if config.transfer.batched else 'one per file'})"
-    )
+    if config.stream:
+        how = "one tar stream per batch through the remote command"
+    else:
+        how = "batched" if config.transfer.batched else "one per file"
+    print(f"  transfer  {config.transfer.source}  ({how})")
     print(f"  remote    {config.remote.source}")
     print(f"  database  {dbm.database_location(config)}")
     print(

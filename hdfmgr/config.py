@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 #: Upper bound on every external command when ``general.timeout`` is null.
 TIMEOUT_CEILING = 3600.0
 
+#: ``endpoint.commands.transfer`` naming the built-in stream transfer instead of a template.
+STREAM = "builtin:stream"
+
 #: Every optional key with its default. ``etc/config.yaml`` documents the same table.
 DEFAULTS: dict[str, dict[str, Any]] = {
     # echo and pool_type come from the original manager's configuration (SQLAlchemy's
@@ -149,6 +152,9 @@ class Config:
 
     #: Run hdfmgr's own remote steps through warm sessions (hdfmgr/session.py).
     warm_sessions: bool = False
+    #: ``transfer: builtin:stream``: each batch travels as one tar stream through the
+    #: ``remote`` command (hdfmgr/stream.py), no transfer command of its own.
+    stream: bool = False
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -232,9 +238,19 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
     if not isinstance(commands, dict):
         raise ConfigError("endpoint.commands: missing (needs 'transfer' and 'remote')")
     _no_unknown(commands, "endpoint.commands", ("transfer", "remote"))
-    transfer = _template(commands, "transfer", params)
+    stream = commands.get("transfer") == STREAM
+    if (
+        isinstance(commands.get("transfer"), str)
+        and commands["transfer"].startswith("builtin:")
+        and not stream
+    ):
+        raise ConfigError(
+            f"endpoint.commands.transfer: {commands['transfer']!r} is not a built-in transfer "
+            f"(the one there is: {STREAM})"
+        )
+    transfer = Template.parse(STREAM, {}) if stream else _template(commands, "transfer", params)
     remote = _template(commands, "remote", params)
-    slots = transfer.slots
+    slots = {"dest", "batch"} if stream else transfer.slots
     if "dest" not in slots:
         raise ConfigError("endpoint.commands.transfer: must contain {dest}")
     if ("file" in slots) == ("batch" in slots):
@@ -341,6 +357,7 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         original_notes=original_notes(data),
         min_rate=_number(gen, "general", "min_rate", minimum=0.001),
         warm_sessions=_warm_sessions(gen["warm_sessions"], remote),
+        stream=stream,
     )
 
 

@@ -22,8 +22,9 @@ from .checksum import blake2b_file
 from .detect import snapshot
 from .endpoint import COMMIT_STATUS, Endpoint, ErrorClass, StagedFile, classify
 from .holding import HoldError, HoldResult, Outcome
-from .runner import CommandResult
+from .runner import CommandResult, Feed
 from .settle import Snapshot
+from .stream import TarStream
 
 log = logging.getLogger("hdfmgr")
 
@@ -239,16 +240,22 @@ def _steps(
     if not readable:
         report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
         return
-    hashed: list[StagedFile] = []
-    hasher = threading.Thread(
-        target=lambda: hashed.extend(_hash(job, report, readable)), name=f"hash-{job.id}"
-    )
-    hasher.start()
-    try:
-        if not _transfer(job, readable, endpoint, report):
+    if endpoint.config.stream:
+        # The stream hashes what it sends: each file is read once.
+        hashed = _stream(job, readable, endpoint, report)
+        if hashed is None:
             return
-    finally:
-        hasher.join()
+    else:
+        hashed = []
+        hasher = threading.Thread(
+            target=lambda: hashed.extend(_hash(job, report, readable)), name=f"hash-{job.id}"
+        )
+        hasher.start()
+        try:
+            if not _transfer(job, readable, endpoint, report):
+                return
+        finally:
+            hasher.join()
     files = [f for f in hashed if f.rel not in report.outcomes]
     if not files:
         report.error_class, report.error = ErrorClass.LOCAL, "no readable file in batch"
@@ -369,6 +376,34 @@ def _transfer(job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report
             report.fail(result, "transfer")
             return False
     return True
+
+
+def _stream(
+    job: BatchJob, files: list[StagedFile], endpoint: Endpoint, report: BatchReport
+) -> list[StagedFile] | None:
+    """The built-in stream transfer (hdfmgr/stream.py): the batch as one tar stream into the
+    slot, hashed as it is read. The files with their checksums, or None when it failed."""
+    tar = TarStream(files)
+    result = endpoint.receive(job.staging_dir, Feed(tar.length, tar.chunks()))
+    report.transfers.append(result)
+    report.hash_seconds = tar.hash_seconds
+    report.checksums.update(tar.digests)
+    for f in files:
+        exc = tar.unread.get(f.rel)
+        if exc is not None:
+            outcome = CHANGED if exc.errno in (errno.ENOENT, errno.ELOOP) else _read_outcome(exc)
+            report.outcomes[f.rel] = (outcome, f"cannot read: {exc.strerror}")
+        elif f.rel in tar.short:
+            report.outcomes[f.rel] = (CHANGED, "changed or vanished during the transfer")
+            report.slot_clean = False
+    if not result.ok:
+        report.fail(result, "transfer")
+        return None
+    return [
+        StagedFile(f.rel, f.path, f.size, f.checksum or tar.digests[f.rel])
+        for f in files
+        if f.rel not in report.outcomes
+    ]
 
 
 def _hash(job: BatchJob, report: BatchReport, files: list[StagedFile] | None = None) -> list[StagedFile]:

@@ -148,7 +148,8 @@ class Dispatcher:
             staging_dir=staging_dir,
             files=files,
             snapshots=snaps,
-            prepare=self.slots.needs_prepare(slot),
+            # The stream's receive program creates the slot directory itself.
+            prepare=not self.cfg.stream and self.slots.needs_prepare(slot),
             pin_dir=slot_dir(self.pins, slot),
         )
         if group is not None:

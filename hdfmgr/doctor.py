@@ -25,7 +25,8 @@ from . import config as config_mod
 from . import db as dbm
 from .detect import lease_problem
 from .endpoint import Endpoint, StagedFile
-from .runner import NOT_STARTED, CommandResult
+from .runner import NOT_STARTED, CommandResult, Feed
+from .stream import TarStream
 from .templates import Slot
 
 EX_OK = 0
@@ -239,6 +240,7 @@ def _remote_dirs(config: config_mod.Config, endpoint: Endpoint, timeout: float) 
 
 def _remote_tools(config: config_mod.Config, endpoint: Endpoint, timeout: float) -> Check:
     tools = [*REMOTE_TOOLS, "stat"] + (["b2sum"] if config.verify == "checksum" else [])
+    tools += ["tar"] if config.stream else []
     what = "remote tools found: " + " ".join(tools)
     return _listing_check(
         what,
@@ -274,7 +276,8 @@ def _commit_probe(config: config_mod.Config, endpoint: Endpoint) -> Check:
     problems = [p for p in found.problems(config.verify) if not p.startswith("not found")]
     what = _PROBE_WHAT + (
         f": flock works on staging{', b2sum -z works' if config.verify == 'checksum' else ''}, "
-        f"sync -- FILE works, ARG_MAX {found.arg_max or 'unknown'}"
+        f"sync -- FILE works{', GNU tar (stream)' if config.stream else ''}, "
+        f"ARG_MAX {found.arg_max or 'unknown'}"
     )
     if problems:
         return Check(
@@ -308,7 +311,19 @@ def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float
         path = os.path.join(tmp, PROBE_NAME)
         Path(path).write_bytes(PROBE_DATA)
         staged = StagedFile(PROBE_NAME, path, len(PROBE_DATA))
-        for argv in endpoint.transfer_argvs([staged], slot):
+        if config.stream:
+            tar = TarStream([staged])
+            result = endpoint.receive(slot, Feed(tar.length, tar.chunks()))
+            if not result.ok:
+                endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
+                return Check(
+                    what,
+                    False,
+                    _why(result),
+                    "the stream transfer needs GNU tar and flock on the endpoint, and a remote "
+                    "command that passes stdin through (as ssh does)",
+                )
+        for argv in [] if config.stream else endpoint.transfer_argvs([staged], slot):
             result = endpoint.transfer(argv)
             if not result.ok:
                 endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
@@ -433,6 +448,8 @@ def _database(config: config_mod.Config) -> Check:
 
 
 def _transfer_program(config: config_mod.Config) -> Check:
+    if config.stream:
+        return Check(f"transfer is the built-in stream ({config_mod.STREAM}): no program of its own", True)
     first = config.transfer.tokens[0]
     program = "".join(seg for seg in first if not isinstance(seg, Slot))
     what = f"transfer program {program} found"

@@ -55,7 +55,7 @@ import hashlib
 import os
 import posixpath
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from . import runner
@@ -80,7 +80,7 @@ from .replies import (
     parse_receipt,
     recovered,
 )
-from .runner import CommandResult
+from .runner import CommandResult, Feed
 from .session import SessionPool
 from .templates import quote_remote
 
@@ -199,12 +199,15 @@ class Endpoint:
         *,
         generation: str | None = None,
         run: Callable[..., CommandResult] = runner.run,
+        run_fed: Callable[..., CommandResult] = runner.run_fed,
         warm: bool = False,
+        prewarm: bool = False,
     ) -> None:
         self.config = config
         self.prefix = f"hdfmgr.{config.name}."
         self.generation = generation or secrets.token_hex(4)
         self._run = run
+        self._run_fed = run_fed
         #: Warm sessions (hdfmgr/session.py) for the remote steps, when ``warm``.
         self.sessions: SessionPool | None = None
         if warm:
@@ -216,6 +219,10 @@ class Endpoint:
                 backoff_initial=config.retry_initial,
                 backoff_max=config.retry_max,
             )
+            if prewarm:
+                # Every slot's session starts now, beside the start-up probe, not each in
+                # turn before its first batch.
+                self.sessions.prewarm()
 
     def close(self) -> None:
         """End the warm sessions (their remote shells exit on end of file)."""
@@ -226,7 +233,7 @@ class Endpoint:
         self,
         script: str,
         args: Sequence[str],
-        data: bytes,
+        data: bytes | Feed,
         timeout: float,
         on_start: Callable[[int], None] | None,
         command: Callable[[], CommandResult],
@@ -305,6 +312,39 @@ class Endpoint:
             ),
         )
 
+    def feed_program(
+        self,
+        name: str,
+        *args: str,
+        feed: Feed,
+        timeout: float,
+        on_start: Callable[[int], None] | None = None,
+    ) -> CommandResult:
+        """:meth:`run_program` with data produced while it runs (a batch's stream)."""
+        text = program(name)
+        step = f"hdfmgr-{name.removesuffix('.sh')}"
+        head = text.encode("ascii")
+        return self._warm_or(
+            text,
+            [step, *args],
+            feed,
+            timeout,
+            on_start,
+            lambda: self._run_fed(
+                self.remote_argv(BOOTSTRAP, str(len(text)), step, *args),
+                timeout=timeout,
+                feed=Feed(len(head) + feed.length, _prefixed(head, feed)),
+                on_start=on_start,
+            ),
+        )
+
+    def receive(self, slot_dir: str, feed: Feed) -> CommandResult:
+        """The built-in stream transfer: ``feed`` (a tar stream, hdfmgr/stream.py) unpacked
+        into ``slot_dir`` by the receive program; its deadline grows with the bytes."""
+        return self.feed_program(
+            "receive.sh", slot_dir, self.lock_wait, feed=feed, timeout=self.config.deadline(feed.length)
+        )
+
     def requirements(
         self, on_start: Callable[[int], None] | None = None
     ) -> tuple[CommandResult, Requirements | None]:
@@ -316,6 +356,7 @@ class Endpoint:
             self.config.staging,
             self.config.verify,
             digest,
+            "stream" if self.config.stream else "",
             data=PROBE_DATA,
             timeout=min(self.config.timeout, 60.0),
             on_start=on_start,
@@ -447,6 +488,11 @@ class Endpoint:
             *create,
             on_start=on_start,
         )
+
+
+def _prefixed(head: bytes, feed: Feed) -> Iterator[bytes]:
+    yield head
+    yield from feed.exact()
 
 
 #: What other modules take from here; the reply formats live in hdfmgr/replies.py.

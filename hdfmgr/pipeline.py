@@ -83,7 +83,7 @@ class Pipeline:
         self.holding = os.fspath(config.holding)
         #: The slots' private directories of pinned files (hdfmgr.pin), never detected.
         self.pins = pin_root(self.buffer, self.holding)
-        self.endpoint = Endpoint(config, warm=config.warm_sessions)
+        self.endpoint = Endpoint(config, warm=config.warm_sessions, prewarm=True)
         self.files = FileTable()
         self.sched = Scheduler(
             retry_initial=config.retry_initial,
@@ -214,7 +214,8 @@ class Pipeline:
         self.outcomes.enqueue(decided.resend)
         if decided.moved:
             self.outcomes.hold(decided.moved)
-        self.doubt.sweep(prepare=True)
+        # The stream's receive creates its slot directory: no batch waits for the sweep then.
+        self.doubt.sweep(prepare=not self.cfg.stream)
 
     def _shutdown(self) -> None:
         self.batches.closing = True

@@ -20,7 +20,7 @@ END = "/hdfmgr-end/"
 #: The commit program's version; its reply must name it (see hdfmgr/remote/commit.sh).
 COMMIT_VERSION = "3"
 #: The start-up probe's version (see hdfmgr/remote/probe.sh).
-PROBE_VERSION = "2"
+PROBE_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,8 @@ class Requirements:
     flock: str = "not checked"
     #: ``sync -- FILE`` flushes the named file (the commit flushes what it renames with it).
     sync: str = "not checked"
+    #: GNU tar, asked for only when the stream transfer is configured (the receive program).
+    tar: str = "not checked"
 
     def problems(self, mode: str) -> list[str]:
         """What keeps the endpoint from running the commit in ``mode``; empty when nothing."""
@@ -265,6 +267,8 @@ class Requirements:
             out.append(f"flock does not work on staging ({self.flock})")
         if self.sync != "ok" and "sync" not in self.missing:
             out.append(f"sync -- FILE does not work ({self.sync})")
+        if self.tar not in ("ok", "not checked", "missing"):
+            out.append(f"tar cannot unpack the stream transfer ({self.tar})")
         return out
 
 
@@ -275,7 +279,7 @@ def parse_probe_output(stdout: bytes) -> Requirements | None:
         return None
     arg_max: int | None = None
     missing: list[str] = []
-    values = {"b2sum": "not checked", "flock": "not checked", "sync": "not checked"}
+    values = {"b2sum": "not checked", "flock": "not checked", "sync": "not checked", "tar": "not checked"}
     for record in records[1:]:
         key, _, value = os.fsdecode(record).partition("=")
         if key == "arg_max":
@@ -284,4 +288,6 @@ def parse_probe_output(stdout: bytes) -> Requirements | None:
             missing.append(value)
         elif key in values:
             values[key] = value
-    return Requirements(arg_max, tuple(missing), values["b2sum"], values["flock"], values["sync"])
+    return Requirements(
+        arg_max, tuple(missing), values["b2sum"], values["flock"], values["sync"], values["tar"]
+    )

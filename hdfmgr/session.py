@@ -33,6 +33,7 @@ What stays as with one command per step:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -42,10 +43,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .runner import NOT_STARTED, TIMED_OUT, CommandResult
+from .runner import NOT_STARTED, TIMED_OUT, WRITE_CHUNK, CommandResult, Feed, grow_pipe
 from .templates import quote_remote
 
 log = logging.getLogger("hdfmgr")
@@ -69,14 +70,19 @@ def step_request(token: str, program: str, args: Sequence[str], data: bytes) -> 
 
     ``args`` starts with the program's ``$0``. The program must be ASCII without a trailing
     newline (the loop's command substitution would drop it and the length would not match)."""
+    return step_header(token, program, args, len(data)) + data
+
+
+def step_header(token: str, program: str, args: Sequence[str], length: int) -> bytes:
+    """A step's header line, program and arguments: what precedes its ``length`` bytes of data."""
     if not re.fullmatch(r"[0-9a-f]{8,64}", token):
         raise ValueError("a step token is 8 to 64 lowercase hex digits")
     text = program.encode("ascii")
     if text.endswith(b"\n") or b"\0" in text:
         raise ValueError("a step program cannot end with a newline or contain NUL")
     words = os.fsencode(quote_remote(list(args)))
-    header = f"{token} {len(text)} {len(words)} {len(data)}\n".encode("ascii")
-    return header + text + words + data
+    header = f"{token} {len(text)} {len(words)} {length}\n".encode("ascii")
+    return header + text + words
 
 
 @dataclass
@@ -150,6 +156,7 @@ class Session:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             assert pipe is not None
             os.set_blocking(pipe.fileno(), False)
+        grow_pipe(proc.stdin.fileno())
 
     @property
     def pid(self) -> int:
@@ -178,7 +185,7 @@ class Session:
             return None, CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.monotonic() - t0)
         session = cls(argv, proc)
         reply = Reply.ready()
-        how = session._exchange(loop, reply, t0 + timeout)
+        how = session._exchange(iter((loop,)), reply, t0 + timeout)
         result = session._result(how, reply, started, t0)
         if how != "done" or reply.trailing:
             session.kill()
@@ -186,14 +193,32 @@ class Session:
         return session, result
 
     def step(
-        self, program: str, args: Sequence[str], data: bytes, *, timeout: float, describe: Sequence[str] = ()
+        self,
+        program: str,
+        args: Sequence[str],
+        data: bytes | Feed,
+        *,
+        timeout: float,
+        describe: Sequence[str] = (),
     ) -> CommandResult:
-        """Run one step; afterwards the session is either ready for the next or broken."""
+        """Run one step; afterwards the session is either ready for the next or broken.
+
+        ``data`` is the step's stdin, whole or as a :class:`Feed` produced while it runs."""
         started = time.time()
         t0 = time.monotonic()
         token = secrets.token_hex(16)
         reply = Reply.step(token)
-        how = self._exchange(step_request(token, program, args, data), reply, t0 + timeout)
+        request: Iterator[bytes]
+        if isinstance(data, Feed):
+            request = itertools.chain((step_header(token, program, args, data.length),), data.exact())
+        else:
+            request = iter((step_request(token, program, args, data),))
+        try:
+            how = self._exchange(request, reply, t0 + timeout)
+        except BaseException:
+            # The feed failed mid-step: the loop waits for bytes that will never come.
+            self.kill()
+            raise
         self.steps += 1
         if how != "done" or reply.trailing:
             log.debug("warm session %d: step %s (%s); killed", self.pid, describe[:1], how)
@@ -213,19 +238,20 @@ class Session:
         note = b"hdfmgr: the remote session ended before the step's end record\n"
         return CommandResult(argv, code, out, err + note, started, time.monotonic() - t0)
 
-    def _exchange(self, request: bytes, reply: Reply, deadline: float) -> str:
+    def _exchange(self, request: Iterable[bytes], reply: Reply, deadline: float) -> str:
         """Write ``request`` and read until ``reply`` is complete: "done", "timeout" or "lost"
         (the channel ended first, or the process could not be written to)."""
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         sel = self._sel
-        pending = memoryview(request)
+        source = iter(request)
+        pending = memoryview(b"")
+        feeding = True
         fds = {proc.stdout.fileno(): reply.feed_out, proc.stderr.fileno(): reply.feed_err}
         try:
             for fd in fds:
                 sel.register(fd, selectors.EVENT_READ)
-            if pending:
-                sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
             while not reply.done:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -245,18 +271,24 @@ class Session:
                                 self._reap(deadline)
                                 return "lost"
                     else:
+                        if not pending:
+                            chunk = next(source, None)
+                            if chunk is None:
+                                sel.unregister(fd)
+                                feeding = False
+                                continue
+                            pending = memoryview(chunk)
                         try:
-                            written = os.write(fd, pending[:65536])
+                            written = os.write(fd, pending[:WRITE_CHUNK])
                         except BlockingIOError:
                             continue
                         except (BrokenPipeError, OSError):
                             sel.unregister(fd)
                             pending = memoryview(b"")
+                            feeding = False
                             continue
                         pending = pending[written:]
-                        if not pending:
-                            sel.unregister(fd)
-                if reply.done and pending:
+                if reply.done and (pending or (feeding and next(source, None) is not None)):
                     # It answered before taking all its input: never expected.
                     return "lost"
             return "done"
@@ -351,13 +383,46 @@ class SessionPool:
         self.not_before = 0.0
         self.closed = False
         self.started = 0  # sessions started, for tests and logs
+        self.starting = 0  # sessions being started ahead of need (prewarm)
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+
+    def prewarm(self, count: int | None = None) -> None:
+        """Start ``count`` sessions (``keep`` by default) at once, in the background.
+
+        A daemon starting over a long link would otherwise pay one handshake for its first
+        step and then one more, in turn, for each slot's first batch. A step that finds no
+        idle session while these start waits for one of them rather than starting its own."""
+        count = self.keep if count is None else min(count, self.keep)
+        with self._lock:
+            count -= len(self.idle) + self.starting
+            if count <= 0 or self.closed:
+                return
+            self.starting += count
+        for _ in range(count):
+            threading.Thread(target=self._start_ahead, name="hdfmgr-session-start", daemon=True).start()
+
+    def _start_ahead(self) -> None:
+        session, result = Session.start(self.argv, self.loop, START_TIMEOUT)
+        with self._lock:
+            self.starting -= 1
+            if session is not None and not self.closed:
+                self.started += 1
+                session.last_used = self.clock()
+                self.idle.append(session)
+                log.debug("warm session %d started ahead (%.2f s)", session.pid, result.duration)
+                session = None
+            self._ready.notify_all()
+        if session is not None:
+            session.close()
+        elif result is not None and not result.ok:
+            log.debug("a warm session started ahead failed (%s)", result.describe())
 
     def run(
         self,
         program: str,
         args: Sequence[str],
-        data: bytes,
+        data: bytes | Feed,
         *,
         timeout: float,
         on_start: Callable[[int], None] | None = None,
@@ -392,6 +457,8 @@ class SessionPool:
             with self._lock:
                 if self.closed:
                     return None
+                if not self.idle and self.starting:
+                    self._ready.wait_for(lambda: self.idle or not self.starting, timeout=start_timeout)
                 session = self.idle.pop() if self.idle else None
             if session is None:
                 break

@@ -50,7 +50,7 @@ def test_bench_quick_runs_and_every_delivery_is_correct(tmp_path: Path) -> None:
     # The long link (a smoke at 20 ms): the floor and hdfmgr through the relay, both delivering
     # every file.
     far = [r for r in rows if r["workload"] == "long visit"]
-    assert {r["method"] for r in far} >= {"floor tar→ssh", "hdfmgr rsync+share"}
+    assert {r["method"] for r in far} >= {"floor tar→ssh", "hdfmgr rsync+share", "hdfmgr stream"}
     assert all(r["ok"] and r["rtt_ms"] == 20 and r["files"] > 0 for r in far)
     report = (out / "benchmarks-quick.md").read_text()
     assert "that work alone needs at least" in report

@@ -35,6 +35,7 @@ def test_every_workload_module_is_found_in_run_order() -> None:
         ("scp", "scp", "scp"),
         ("scp+share", "scp", "scp"),
         ("rsync+share", "rsync-ssh", "rsync"),
+        ("stream", "rsync-ssh", "builtin:stream"),
     ],
 )
 def test_every_transport_builds_templates_for_its_link(name: str, family: str, program: str) -> None:
@@ -44,7 +45,9 @@ def test_every_transport_builds_templates_for_its_link(name: str, family: str, p
     transport = transports.build(name, link)
     assert transport.name == name and transport.family == family
     assert transport.transfer.split()[0] == program
-    assert "{batch}" in transport.transfer and "{command}" in transport.remote
+    assert (
+        "{batch}" in transport.transfer or transport.transfer == "builtin:stream"
+    ) and "{command}" in transport.remote
     if name != "local":
         assert transport.params["port"] == 2222 and transport.rtt_ms == 100.0
         assert ("cpath" in transport.params) == name.endswith("+share")

@@ -1,10 +1,10 @@
 # hdfmgr start-up probe: can this endpoint run the commit program the configuration needs?
 #
 # POSIX sh, started like every hdfmgr program by the constant bootstrap (hdfmgr/endpoint.py)
-# as `sh -c PROGRAM hdfmgr-probe STAGING MODE DIGEST`; stdin after the program holds a few
-# bytes whose BLAKE2b is DIGEST. `hdfmgr run`, `rescan` and `doctor` all ask this one command.
+# as `sh -c PROGRAM hdfmgr-probe STAGING MODE DIGEST [stream]`; stdin after the program holds
+# a few bytes whose BLAKE2b is DIGEST. `stream`: the built-in stream transfer is configured. `hdfmgr run`, `rescan` and `doctor` all ask this one command.
 # Reply on stdout, NUL-separated `key=value` records between /hdfmgr-begin/ and /hdfmgr-end/:
-#   version=2         this probe's version (first record)
+#   version=3         this probe's version (first record)
 #   arg_max=N         the endpoint's argument limit (getconf ARG_MAX; empty if unknown)
 #   missing=TOOL      one per tool the commit needs that is not on the remote PATH
 #   b2sum=ok|...      checksum mode: `b2sum -z` exists and computes the expected digest
@@ -13,12 +13,13 @@
 #   sync=ok|...       `sync -- DIR` flushes a named directory, and fails on a missing name
 #                     (GNU coreutils >= 8.24: an older sync ignores its arguments, which the
 #                     commit relies on to flush the copies it renames)
+#   tar=ok|...        with `stream`: GNU tar, which the receive program unpacks batches with
 # It changes nothing but creating STAGING when it is missing (as a start-up would anyway).
 set -u
 export LC_ALL=C
 printf '\000%s\000' /hdfmgr-begin/
-printf 'version=2\000'
-s=$1 m=$2 h=$3
+printf 'version=3\000'
+s=$1 m=$2 h=$3 k=${4-}
 
 a=$(getconf ARG_MAX 2>/dev/null) || a=
 printf 'arg_max=%s\000' "$a"
@@ -65,4 +66,18 @@ else
     y=ok
 fi
 printf 'sync=%s\000' "$y"
+
+if [ "$k" = stream ]; then
+    if ! command -v tar >/dev/null 2>&1; then
+        printf 'missing=tar\000'
+        t=missing
+    else
+        v=$(tar --version 2>/dev/null | head -n 1) || v=
+        case "$v" in
+        *"GNU tar"*) t=ok ;;
+        *) t="not GNU tar (${v:-no version}): the stream transfer needs GNU tar" ;;
+        esac
+    fi
+    printf 'tar=%s\000' "$t"
+fi
 printf '/hdfmgr-end/\000'

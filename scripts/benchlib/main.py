@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None, *, doc: str = "") -> int:
     parser.add_argument(
         "--transports",
         default="",
-        help="long-link transports, comma-separated (default rsync+share,scp; see benchlib/transports/)",
+        help="long-link transports, comma-separated (default stream,rsync+share,scp; benchlib/transports/)",
     )
     parser.add_argument(
         "--code",

@@ -31,9 +31,9 @@ from .trickle import make_writer
 
 #: Slots: hdfmgr's default ``general.num_threads``, which the runs keep.
 SLOTS = 2
-#: Transports measured over the long link unless ``--transports`` says otherwise: rsync with
-#: connection sharing, and the seed's own ``scp -Bpq {batch}`` template.
-DEFAULT_TRANSPORTS = ("rsync+share", "scp")
+#: Transports measured over the long link unless ``--transports`` says otherwise: the built-in
+#: stream, rsync with connection sharing, and the seed's own ``scp -Bpq {batch}`` template.
+DEFAULT_TRANSPORTS = ("stream", "rsync+share", "scp")
 FLOOR = "floor tar→ssh"
 
 
@@ -106,7 +106,7 @@ def run_tar_floor(
 def transports(b: Bench) -> list[str]:
     if b.args.transports:
         return b.args.transports.split(",")
-    return ["rsync+share"] if b.quick else list(DEFAULT_TRANSPORTS)
+    return ["stream", "rsync+share"] if b.quick else list(DEFAULT_TRANSPORTS)
 
 
 def drain(b: Bench, workload: str, tree: tuple[Path, dict[str, str]]) -> None:

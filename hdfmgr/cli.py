@@ -79,7 +79,7 @@ from typing import Any
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, logs
+from . import __version__, logs, sharing
 from . import config as config_mod
 
 EX_OK = 0
@@ -508,6 +508,11 @@ def _validate(config: config_mod.Config) -> int:
         how = "batched" if config.transfer.batched else "one per file"
     print(f"  transfer  {config.transfer.source}  ({how})")
     print(f"  remote    {config.remote.source}")
+    if config.control_dir is not None:
+        added = " ".join(sharing.options(config.control_dir, config.control_tag))
+        print(f"  sharing   ssh connections shared, added by hdfmgr: {added}")
+    elif config.sharing_problem is not None:
+        print(f"  sharing   not added: {config.sharing_problem}")
     print(f"  database  {dbm.database_location(config)}")
     print(
         f"  general   chunk_size={config.chunk_size} num_threads={config.num_threads} "

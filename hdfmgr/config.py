@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from . import sharing
 from .templates import RESERVED, Template, TemplateError
 
 
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "metrics_port": None,
         "metrics_address": "127.0.0.1",
         "warm_sessions": "auto",
+        "share_connections": "auto",
     },
 }
 
@@ -155,6 +157,13 @@ class Config:
     #: ``transfer: builtin:stream``: each batch travels as one tar stream through the
     #: ``remote`` command (hdfmgr/stream.py), no transfer command of its own.
     stream: bool = False
+    #: Where hdfmgr's shared ssh connections keep their sockets (hdfmgr/sharing.py); None:
+    #: it added no sharing to the templates.
+    control_dir: str | None = None
+    #: This configuration's part of the socket names (its masters serve no other's commands).
+    control_tag: str = ""
+    #: Why sharing was wanted but not added (an unsafe socket directory), for logs and doctor.
+    sharing_problem: str | None = None
 
     def excluded(self, relpath: str) -> bool:
         """True when ``relpath`` (relative to the buffer) matches an exclude pattern."""
@@ -259,6 +268,20 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         raise ConfigError("endpoint.commands.transfer: {command} belongs in the remote command")
     if remote.slots != {"command"}:
         raise ConfigError("endpoint.commands.remote: must contain {command} and no other reserved word")
+    control_dir: str | None = None
+    control_tag = ""
+    sharing_problem: str | None = None
+    share = _share_connections(sections["general"]["share_connections"])
+    if share:
+        directory, tag = sharing.control_dir(), sharing.tag(os.fspath(path))
+        shared_transfer = None if stream else sharing.shared(transfer, directory, tag)
+        shared_remote = sharing.shared(remote, directory, tag)
+        if shared_transfer is not None or shared_remote is not None:
+            sharing_problem = sharing.unsafe(directory)
+            if sharing_problem is None:
+                transfer = shared_transfer or transfer
+                remote = shared_remote or remote
+                control_dir, control_tag = directory, tag
 
     database = sections["database"]
     _no_unknown(database, "database", DEFAULTS["database"])
@@ -358,6 +381,9 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
         min_rate=_number(gen, "general", "min_rate", minimum=0.001),
         warm_sessions=_warm_sessions(gen["warm_sessions"], remote),
         stream=stream,
+        control_dir=control_dir,
+        control_tag=control_tag,
+        sharing_problem=sharing_problem,
     )
 
 
@@ -390,6 +416,15 @@ def _warm_sessions(value: object, remote: Template) -> bool:
         raise ConfigError(f"general.warm_sessions: {value!r} is not one of true, false, auto")
     first = remote.tokens[0]
     return len(first) == 1 and isinstance(first[0], str) and os.path.basename(first[0]) == "ssh"
+
+
+def _share_connections(value: object) -> bool:
+    """``auto`` (or true): add ssh connection sharing where hdfmgr can (hdfmgr/sharing.py)."""
+    if value is False:
+        return False
+    if value is True or value == "auto":
+        return True
+    raise ConfigError(f"general.share_connections: {value!r} is not one of auto, true, false")
 
 
 def _default_name(buffer: Path) -> str:

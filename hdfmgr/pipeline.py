@@ -181,6 +181,10 @@ class Pipeline:
                 # would send SIGIO, whose default action ends the process.
                 signal.signal(signal.SIGIO, signal.SIG_IGN)
             self.watcher.warn_without_leases()
+            if self.cfg.sharing_problem is not None:
+                log.warning(
+                    "ssh connections not shared: %s (general.share_connections)", self.cfg.sharing_problem
+                )
             clear_pins(self.pins)
             self._start_from_records()
             if not self.once:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hdfmgr import __version__, cli, config
+from hdfmgr import __version__, cli, config, sharing
 from hdfmgr.config import DEFAULTS, TIMEOUT_CEILING, ConfigError, from_mapping, load, sqlite_path
 
 # --------------------------------------------------------------------------- helpers
@@ -128,13 +128,22 @@ def test_seed_example_loads(site: Path) -> None:
     assert cfg.transfer.slots == {"file", "dest"}
     assert not cfg.transfer.batched
     assert cfg.remote.slots == {"command"}
+    # hdfmgr adds ssh connection sharing to the seed's ssh and scp (general.share_connections).
+    added = sharing.options(cfg.control_dir or "", cfg.control_tag)
+    assert cfg.control_dir is not None and len(added) == 6
     assert cfg.transfer.render(files=["/b/x y"], dest="/data/staging/s") == [
         "scp",
+        *added,
         "-Bpq",
         "/b/x y",
         "jdoe@example.edu:/data/staging/s",
     ]
-    assert cfg.remote.render(command="mkdir -p '/a b'") == ["ssh", "jdoe@example.edu", "mkdir -p '/a b'"]
+    assert cfg.remote.render(command="mkdir -p '/a b'") == [
+        "ssh",
+        *added,
+        "jdoe@example.edu",
+        "mkdir -p '/a b'",
+    ]
     assert cfg.database == "sqlite:///handoff.db"
     assert sqlite_path(cfg.database, cfg.path.parent) == site / "handoff.db"
 
@@ -144,6 +153,7 @@ def test_batched_mapping_loads(site: Path) -> None:
     assert cfg.transfer.batched
     assert cfg.transfer.render(files=["/b/1", "/b/2"], dest="/s") == [
         "scp",
+        *sharing.options(cfg.control_dir or "", cfg.control_tag),
         "-Bpq",
         "-P",
         "22",
@@ -319,7 +329,7 @@ def test_yaml_quoted_port_stays_a_string(site: Path) -> None:
     text = text.replace("scp -Bpq {file}", "scp -Bpq -P {port} {file}")
     cfg = load(write(site / "config.yaml", text))
     assert cfg.params["port"] == "022"
-    assert cfg.transfer.render(files=["/f"], dest="/d")[3] == "022"
+    assert cfg.transfer.render(files=["/f"], dest="/d")[3 + len(sharing.options("d"))] == "022"
 
 
 def test_yaml_bool_parameter_is_rejected(site: Path) -> None:

@@ -346,12 +346,21 @@ def session_loops() -> list[int]:
 # --------------------------------------------------------------------------- through the real sshd
 
 
-def ssh_site(root: Path, sshd: SshServer, *, timeout: float = 30, warm: bool = True, **extra: object) -> Site:
+def ssh_site(
+    root: Path,
+    sshd: SshServer,
+    *,
+    timeout: float = 30,
+    warm: bool = True,
+    share: bool = True,
+    **extra: object,
+) -> Site:
     site = Site(root, timeout=timeout)
     raw = site.config.raw
     commands = {**raw["endpoint"]["commands"], "remote": REMOTE}
     endpoint = {**raw["endpoint"], "commands": commands, **params(sshd, **extra)}
-    site.config = from_mapping({**raw, "endpoint": endpoint}, path=root / "config.yaml")
+    general = {**raw["general"], "share_connections": share}
+    site.config = from_mapping({**raw, "endpoint": endpoint, "general": general}, path=root / "config.yaml")
     assert site.config.warm_sessions  # auto: the remote template runs ssh
     site.endpoint = Endpoint(site.config, generation="g1", warm=warm)
     return site
@@ -513,13 +522,18 @@ def test_config_warm_sessions_switch(tmp_path: Path) -> None:
         load({"warm_sessions": "yes"})
 
 
-@pytest.mark.parametrize("warm", [True, False])
-def test_over_a_long_link_a_warm_endpoint_logs_in_once(tmp_path: Path, sshd: SshServer, warm: bool) -> None:
+@pytest.mark.parametrize(("warm", "share"), [(True, False), (False, False), (False, True)])
+def test_over_a_long_link_a_warm_endpoint_logs_in_once(
+    tmp_path: Path, sshd: SshServer, warm: bool, share: bool
+) -> None:
     """Counted at a relay in front of sshd (20 ms each way): ten commits and listings over one
-    connection with warm sessions, one connection per step without."""
+    connection with warm sessions or with the connection sharing hdfmgr adds, one connection
+    per step with neither."""
     with DelayRelay(sshd.port, 0.02) as relay:
         known = known_hosts_for(sshd.known_hosts, sshd.port, relay.port, tmp_path / "known_hosts")
-        site = ssh_site(tmp_path / "site", sshd, warm=warm, port=relay.port, known_hosts=str(known))
+        site = ssh_site(
+            tmp_path / "site", sshd, warm=warm, share=share, port=relay.port, known_hosts=str(known)
+        )
         ep = site.endpoint
         try:
             slot = site.slot()
@@ -529,7 +543,7 @@ def test_over_a_long_link_a_warm_endpoint_logs_in_once(tmp_path: Path, sshd: Ssh
                 result, report = ep.commit(slot, None, [f], batch=1 + i)
                 assert result.ok and report is not None and report.moved == {f.basename}
             assert ep.list_slots([slot])[1] == {slot: set()}
-            assert relay.connections == (1 if warm else 12)
+            assert relay.connections == (1 if warm or share else 12)
         finally:
             ep.close()
 

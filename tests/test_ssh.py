@@ -127,7 +127,7 @@ def test_scp_per_file_delivers_mixed_set(site: Site, sshd: SshServer, big_data: 
     assert f"{len(files)} delivered" in result.stdout and "0 undelivered" in result.stdout
     assert_delivered(site, files, sshd)
     commands = [r[0] for r in site.query("select command from batches")]
-    assert commands and all("scp -Bpq" in c for c in commands)
+    assert commands and all(c.startswith("scp ") for c in commands)
 
 
 def test_scp_batch_watch_delivers_mixed_set(site: Site, sshd: SshServer, big_data: bytes) -> None:

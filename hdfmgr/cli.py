@@ -79,7 +79,7 @@ from typing import Any
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, logs, sharing
+from . import __version__, logs, longlinks, sharing
 from . import config as config_mod
 
 EX_OK = 0
@@ -521,6 +521,9 @@ def _validate(config: config_mod.Config) -> int:
     )
     for note in config.original_notes:
         print(f"  original  {note}")
+    scp = longlinks.scp_transfer(config.transfer)
+    if scp is not None:
+        print(f"  warning   endpoint.commands.transfer: {longlinks.scp_why(scp)} -> {longlinks.FIX}")
     return EX_OK
 
 

@@ -1,14 +1,16 @@
 """``hdfmgr doctor CONFIG``: pre-flight checks of a configuration against the real endpoint.
 
 Each check prints one line, ``OK   <what>`` or ``FAIL <what>: <why> -> <fix>``; the exit status
-is 0 when every check passed and 1 otherwise. ``WARN <what>: <why> -> <fix>`` is an assumption
-of the guarantees that does not hold here while the daemon still works (no read leases on the
-handoff buffer: writers are then judged by quiet time alone); it does not fail the exit status.
+is 0 when every check passed and 1 otherwise. ``WARN <what>: <why> -> <fix>`` is something the
+daemon works with at a cost: an assumption of the guarantees that does not hold here (no read
+leases on the handoff buffer: writers are then judged by quiet time alone), or an scp transfer
+command, which pays round trips per file (measured: 1 test file, then 8); it does not fail the
+exit status.
 Remote checks run through the configured remote command exactly as the daemon does
 (``Endpoint.remote``): constant ``sh -c`` scripts whose only arguments, the configured
 directories and tool names, are quoted. Nothing is ever put into the endpoint buffer: the test
-transfer goes into a slot directory of its own in staging, which is removed afterwards (and
-which a starting daemon sweeps anyway).
+transfer (and the measurement of an scp command) goes into a slot directory of its own in
+staging, which is removed afterwards (and which a starting daemon sweeps anyway).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
 from . import db as dbm
+from . import longlinks
 from .detect import lease_problem
 from .endpoint import Endpoint, StagedFile
 from .runner import NOT_STARTED, CommandResult, Feed
@@ -72,6 +76,12 @@ DIRS_SCRIPT = (
 #: Size of the test file in its slot directory, then remove the slot directory.
 PROBE_SCRIPT = 's=$(wc -c < "$1/$2") || s=-; rm -rf -- "$1"; echo "$s"'
 
+#: Removes the slot directory of the per-file measurement.
+REMOVE_SCRIPT = 'rm -rf -- "$1"'
+
+#: The per-file measurement of an scp template sends 1 file, then this many.
+COST_FILES = 8
+
 PROBE_NAME = "hdfmgr-doctor.probe"
 PROBE_DATA = b"hdfmgr doctor: this file tests the transfer command and is removed at once\n"
 
@@ -82,7 +92,8 @@ class Check:
     ok: bool
     why: str = ""
     fix: str = ""
-    #: An assumption that does not hold, which the daemon works around (``ok`` stays True).
+    #: An assumption that does not hold, which the daemon works around, or a slow transfer
+    #: command (``ok`` stays True).
     warn: bool = False
 
     def line(self) -> str:
@@ -135,7 +146,11 @@ def run_checks(config: config_mod.Config) -> Iterator[Check]:
     program = _transfer_program(config)
     yield program
     if remote_ok and program.ok:
-        yield _test_transfer(config, endpoint, timeout)
+        transfer = _test_transfer(config, endpoint, timeout)
+        yield transfer
+        scp = longlinks.scp_transfer(config.transfer)
+        if transfer.ok and scp is not None:
+            yield _per_file_cost(scp, endpoint, timeout)
     else:
         yield Check(
             "transfer command copies a test file into staging",
@@ -338,6 +353,59 @@ def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float
             "the transfer must copy {file}/{batch} into the directory {dest} names",
         )
     return Check(what, True)
+
+
+def _per_file_cost(label: str, endpoint: Endpoint, timeout: float) -> Check:
+    """An scp template (``label`` from :func:`longlinks.scp_transfer`): time the transfer
+    command with 1 small file and with :data:`COST_FILES`, into a slot directory of its own
+    (removed afterwards), and show what each further file costs. Always a ``WARN``: the cost
+    per file is round trips, so it grows with the link's round trip time whatever it is here."""
+    what = "transfer command pays per file"
+    slot = endpoint.slot_dir(1)
+
+    def unmeasured(why: str) -> Check:
+        return Check(what, True, f"{longlinks.scp_why(label)}; not measured: {why}", longlinks.FIX, warn=True)
+
+    prepare = endpoint.prepare(slot)
+    if not prepare.ok:
+        return unmeasured(f"cannot create {slot}: {_why(prepare)}")
+    seconds: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="hdfmgr-doctor-") as tmp:
+            files = []
+            for i in range(1 + COST_FILES):
+                name = f"hdfmgr-doctor.{i}.probe"
+                path = os.path.join(tmp, name)
+                Path(path).write_bytes(PROBE_DATA)
+                files.append(StagedFile(name, path, len(PROBE_DATA)))
+            for group in (files[:1], files[1:]):
+                start = time.monotonic()
+                for argv in endpoint.transfer_argvs(group, slot):
+                    result = endpoint.transfer(argv, len(PROBE_DATA) * len(group))
+                    if not result.ok:
+                        return unmeasured(f"{_why(result)}: {_by_hand(argv)}")
+                seconds.append(time.monotonic() - start)
+    finally:
+        endpoint.remote(REMOVE_SCRIPT, slot, timeout=timeout)
+    one, many = seconds
+    extra = max(0.0, (many - one) / (COST_FILES - 1))
+    visit = longlinks.VISIT_FILES
+    spent = (visit - 1) * extra
+    shown = f"{spent:.0f}" if spent >= 10 else _seconds(spent)
+    return Check(
+        what,
+        True,
+        f"{label} took {_seconds(one)} s for 1 file and {_seconds(many)} s for {COST_FILES} "
+        f"({_seconds(extra)} s per extra file; a {visit}-file visit would spend "
+        f"~{shown} s on round trips)",
+        longlinks.FIX,
+        warn=True,
+    )
+
+
+def _seconds(value: float) -> str:
+    """Two decimals from 0.1 s, milliseconds below (a loopback's)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------- local

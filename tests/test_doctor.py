@@ -1,10 +1,12 @@
 """``hdfmgr doctor CONFIG`` against the loopback sshd: a good configuration and the failures an
 operator meets first (a key the endpoint refuses, staging on another filesystem, a missing
-remote tool, a missing holding directory)."""
+remote tool, a missing holding directory), and the WARN line with the measured cost per file of
+an scp transfer command."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.site import Site
-from tests.ssh_templates import REMOTE, SCP_BATCH, params
+from tests.ssh_templates import REMOTE, RSYNC, SCP_BATCH, SCP_EACH, params
 from tests.sshd_fixture import SshServer
 
 TRUE_CHECK = "remote command runs `true`"
@@ -34,7 +36,32 @@ def doctor(site: Site) -> tuple[int, list[str]]:
 
 
 def failures(lines: list[str]) -> list[str]:
-    return [line for line in lines if not line.startswith("OK   ")]
+    return [line for line in lines if line.startswith("FAIL ")]
+
+
+def warnings(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("WARN ")]
+
+
+PER_FILE = re.compile(
+    r"WARN transfer command pays per file: (?P<label>scp \{(?:batch|file)\}) took (?P<one>\d+\.\d+) s "
+    r"for 1 file and (?P<many>\d+\.\d+) s for 8 \((?P<extra>\d+\.\d+) s per extra file; a 189-file "
+    r"visit would spend ~(?P<visit>\d+(?:\.\d+)?) s on round trips\) -> use rsync "
+    r'\(rsync -a -e "ssh \.\.\." \{batch\} \{user\}@\{host\}:\{dest\}\) or transfer: builtin:stream '
+    r"\(README, Long links\)"
+)
+
+
+def per_file_warning(lines: list[str]) -> re.Match[str]:
+    """The one WARN line of an scp template, its figures consistent with each other."""
+    assert len(warnings(lines)) == 1, "\n".join(lines)
+    found = PER_FILE.fullmatch(warnings(lines)[0])
+    assert found is not None, warnings(lines)[0]
+    one, many, extra, visit = (float(found[k]) for k in ("one", "many", "extra", "visit"))
+    assert one > 0 and many > 0
+    assert extra == pytest.approx(max(0.0, (many - one) / 7), abs=0.01)
+    assert visit == pytest.approx(188 * extra, abs=188 * 0.006 + 0.5)
+    return found
 
 
 def test_good_configuration_passes_every_check(site: Site) -> None:
@@ -45,6 +72,9 @@ def test_good_configuration_passes_every_check(site: Site) -> None:
 
     assert rc == 0, "\n".join(lines)
     assert failures(lines) == []
+    # The seed's scp {batch}: every check passes, and the cost per file is measured and shown.
+    assert lines[-1].startswith("WARN transfer command pays per file: ")
+    assert per_file_warning(lines)["label"] == "scp {batch}"
     assert lines[0] == f"OK   {TRUE_CHECK}"
     assert f"OK   {SAME_FS}" in lines
     assert any(line.startswith("OK   remote tools found:") and "b2sum" in line for line in lines)
@@ -52,7 +82,7 @@ def test_good_configuration_passes_every_check(site: Site) -> None:
     assert any(line.startswith("OK   endpoint can run the commit") for line in lines)
     assert "OK   writers can be seen in the handoff buffer (read leases)" in lines
     assert any(line.startswith("OK   database commits are on disk") for line in lines)
-    assert len(lines) == 13
+    assert len(lines) == 14
     assert site.staging.is_dir() and site.ep_buffer.is_dir()
     # The test transfer left nothing behind, and nothing ever reached the endpoint buffer.
     assert list(site.staging.iterdir()) == []
@@ -165,3 +195,42 @@ def test_a_chatty_remote_shell_fails_the_first_check(site: Site, sshd: SshServer
         "account -> make the remote account's shell startup files print nothing for non-interactive "
         "shells"
     )
+
+
+def test_an_rsync_transfer_command_is_not_measured(site: Site, sshd: SshServer) -> None:
+    site.configure(transfer=RSYNC, remote=REMOTE, params=params(sshd))
+
+    rc, lines = doctor(site)
+
+    assert rc == 0, "\n".join(lines)
+    assert all(line.startswith("OK   ") for line in lines), "\n".join(lines)
+    assert "OK   transfer program rsync found" in lines
+    assert lines[-1] == "OK   transfer command copies a test file into staging"
+    assert len(lines) == 13
+
+
+def test_one_scp_per_file_is_measured_the_same_way(site: Site, sshd: SshServer) -> None:
+    site.configure(transfer=SCP_EACH, remote=REMOTE, params=params(sshd))
+
+    rc, lines = doctor(site)
+
+    assert rc == 0, "\n".join(lines)
+    assert failures(lines) == []
+    assert per_file_warning(lines)["label"] == "scp {file}"
+    # The measurement's files went to a slot directory of its own, removed afterwards.
+    assert list(site.staging.iterdir()) == []
+    assert list(site.ep_buffer.iterdir()) == []
+
+
+def test_a_failing_scp_is_reported_once(site: Site, sshd: SshServer) -> None:
+    """The test transfer's FAIL says it; the cost per file is then not measured, nor warned about."""
+    refused = SCP_BATCH.replace("-P {port}", "-P 1")  # nothing listens on port 1
+    site.configure(transfer=refused, remote=REMOTE, params=params(sshd))
+
+    rc, lines = doctor(site)
+
+    assert rc == 1
+    assert failures(lines) == [line for line in lines if "copies a test file" in line]
+    assert len(failures(lines)) == 1
+    assert warnings(lines) == []
+    assert list(site.staging.iterdir()) == []

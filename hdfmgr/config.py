@@ -272,7 +272,8 @@ def from_mapping(data: Any, *, path: Path, check_paths: bool = True) -> Config:
     control_tag = ""
     sharing_problem: str | None = None
     share = _share_connections(sections["general"]["share_connections"])
-    if share:
+    # A template that configures sharing itself: the operator's choice for both.
+    if share and not any(sharing.mentions_sharing(t) for t in (transfer, remote)):
         directory, tag = sharing.control_dir(), sharing.tag(os.fspath(path))
         shared_transfer = None if stream else sharing.shared(transfer, directory, tag)
         shared_remote = sharing.shared(remote, directory, tag)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import db as dbm
-from . import longlinks
+from . import longlinks, sharing
 from .detect import lease_problem
 from .endpoint import Endpoint, StagedFile
 from .runner import NOT_STARTED, CommandResult, Feed
@@ -143,6 +143,9 @@ def run_checks(config: config_mod.Config) -> Iterator[Check]:
     yield database
     if database.ok:
         yield _durable(config)
+    share = _sharing(config)
+    if share is not None:
+        yield share
     program = _transfer_program(config)
     yield program
     if remote_ok and program.ok:
@@ -513,6 +516,27 @@ def _database(config: config_mod.Config) -> Check:
             "fix the directory's permissions",
         )
     return Check(what, True)
+
+
+def _sharing(config: config_mod.Config) -> Check | None:
+    """Whether the ssh-based commands share one connection (README, Connection sharing); no
+    line for commands that do not run ssh."""
+    what = "ssh connections are shared"
+    templates = [config.remote] if config.stream else [config.transfer, config.remote]
+    if config.control_dir is not None:
+        return Check(f"{what} (hdfmgr adds ControlMaster, sockets in {config.control_dir})", True)
+    if any(sharing.mentions_sharing(t) for t in templates):
+        return Check(f"{what} as the templates say (their own Control* options)", True)
+    sharable = any(sharing.shared(t, "/d") is not None for t in templates)
+    if not sharable:
+        return None
+    if config.sharing_problem is not None:
+        why = f"hdfmgr would add sharing, but {config.sharing_problem}"
+        fix = "make it a directory of this user with mode 0700 (or use systemd's RuntimeDirectory=hdfmgr)"
+    else:
+        why = "general.share_connections is false: each command opens a new connection (about 8 round trips)"
+        fix = "set it to auto, or add ControlMaster options yourself (README, Connection sharing)"
+    return Check(what, True, why, fix, warn=True)
 
 
 def _transfer_program(config: config_mod.Config) -> Check:

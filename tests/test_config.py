@@ -679,12 +679,17 @@ def test_cli_validate_warns_about_scp(
     assert lines[0] == f"configuration OK: {path.resolve()}"
     assert f"  transfer  {transfer}  (" in out
     warned = [line for line in lines if line.startswith("  warning ")]
+    # ssh-based templates: hdfmgr says it adds connection sharing (general.share_connections).
+    assert [line for line in lines if line.startswith("  sharing ")] == [
+        "  sharing   ssh connections shared, added by hdfmgr: -o ControlMaster=auto -o ControlPath="
+        f"{sharing.control_dir()}/{sharing.tag(str(path.resolve()))}-%C -o ControlPersist=60"
+    ]
     if cost is None:
         assert warned == []
-        assert len(lines) == 7
+        assert len(lines) == 8
     else:
         assert warned == [SCP_WARNING.format(cost=cost)]
-        assert lines[-1] == warned[0] and len(lines) == 8
+        assert lines[-1] == warned[0] and len(lines) == 9
 
 
 def yaml_quote(text: str) -> str:

@@ -82,7 +82,8 @@ def test_good_configuration_passes_every_check(site: Site) -> None:
     assert any(line.startswith("OK   endpoint can run the commit") for line in lines)
     assert "OK   writers can be seen in the handoff buffer (read leases)" in lines
     assert any(line.startswith("OK   database commits are on disk") for line in lines)
-    assert len(lines) == 14
+    assert any(line.startswith("OK   ssh connections are shared (hdfmgr adds") for line in lines)
+    assert len(lines) == 15
     assert site.staging.is_dir() and site.ep_buffer.is_dir()
     # The test transfer left nothing behind, and nothing ever reached the endpoint buffer.
     assert list(site.staging.iterdir()) == []
@@ -206,7 +207,7 @@ def test_an_rsync_transfer_command_is_not_measured(site: Site, sshd: SshServer) 
     assert all(line.startswith("OK   ") for line in lines), "\n".join(lines)
     assert "OK   transfer program rsync found" in lines
     assert lines[-1] == "OK   transfer command copies a test file into staging"
-    assert len(lines) == 13
+    assert len(lines) == 14
 
 
 def test_one_scp_per_file_is_measured_the_same_way(site: Site, sshd: SshServer) -> None:

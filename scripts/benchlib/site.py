@@ -36,6 +36,7 @@ class Transport:
     cpath: str | None = None  # ControlPath of a shared connection, to close after a run
     server: Any = None  # the sshd as the client reaches it (directly or through a relay)
     rtt_ms: float = 0.0  # the emulated round trip, 0 on loopback
+    general: dict[str, Any] = field(default_factory=dict)  # general.* keys the transport sets
 
     def commands(self) -> dict[str, str]:
         """The ``endpoint.commands`` section: a transport without a transfer command (say, a
@@ -99,6 +100,7 @@ class Site:
             "database": {"engine": f"sqlite:///{self.db}"},
             "logging": {"level": level},
         }
+        general = {**transport.general, **general}
         if general:
             data["general"] = general
         self.config.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -67,6 +67,8 @@ class Link:
             cpath=params.get("cpath"),
             server=self.server,
             rtt_ms=self.rtt_ms,
+            # Without "+share" a transport is measured without any sharing, hdfmgr's included.
+            general={} if share else {"share_connections": False},
         )
 
 

@@ -384,7 +384,7 @@ def _stream(
     """The built-in stream transfer (hdfmgr/stream.py): the batch as one tar stream into the
     slot, hashed as it is read. The files with their checksums, or None when it failed."""
     tar = TarStream(files)
-    result = endpoint.receive(job.staging_dir, Feed(tar.length, tar.chunks()))
+    result = endpoint.receive(job.staging_dir, Feed(tar.length, tar.chunks()), batch=job.id)
     report.transfers.append(result)
     report.hash_seconds = tar.hash_seconds
     report.checksums.update(tar.digests)

@@ -73,8 +73,9 @@ DIRS_SCRIPT = (
     'else echo "$d: not writable" >&2; echo -; fi; else echo -; fi; done; exit 0'
 )
 
-#: Size of the test file in its slot directory, then remove the slot directory.
-PROBE_SCRIPT = 's=$(wc -c < "$1/$2") || s=-; rm -rf -- "$1"; echo "$s"'
+#: Size of the test file in its slot directory, then remove the slot directory (and the
+#: stream receive's record beside it).
+PROBE_SCRIPT = 's=$(wc -c < "$1/$2") || s=-; rm -rf -- "$1" "$1.received"; echo "$s"'
 
 #: Removes the slot directory of the per-file measurement.
 REMOVE_SCRIPT = 'rm -rf -- "$1"'
@@ -331,7 +332,7 @@ def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float
         staged = StagedFile(PROBE_NAME, path, len(PROBE_DATA))
         if config.stream:
             tar = TarStream([staged])
-            result = endpoint.receive(slot, Feed(tar.length, tar.chunks()))
+            result = endpoint.receive(slot, Feed(tar.length, tar.chunks()), batch=1)
             if not result.ok:
                 endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
                 return Check(

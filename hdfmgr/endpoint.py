@@ -201,7 +201,6 @@ class Endpoint:
         run: Callable[..., CommandResult] = runner.run,
         run_fed: Callable[..., CommandResult] = runner.run_fed,
         warm: bool = False,
-        prewarm: bool = False,
     ) -> None:
         self.config = config
         self.prefix = f"hdfmgr.{config.name}."
@@ -219,10 +218,12 @@ class Endpoint:
                 backoff_initial=config.retry_initial,
                 backoff_max=config.retry_max,
             )
-            if prewarm:
-                # Every slot's session starts now, beside the start-up probe, not each in
-                # turn before its first batch.
-                self.sessions.prewarm()
+
+    def prewarm(self) -> None:
+        """Start every slot's warm session now, beside the start-up probe, not each in turn
+        before its first batch (a no-op without warm sessions)."""
+        if self.sessions is not None:
+            self.sessions.prewarm()
 
     def close(self) -> None:
         """End the warm sessions (their remote shells exit on end of file)."""
@@ -338,11 +339,17 @@ class Endpoint:
             ),
         )
 
-    def receive(self, slot_dir: str, feed: Feed) -> CommandResult:
+    def receive(self, slot_dir: str, feed: Feed, *, batch: int) -> CommandResult:
         """The built-in stream transfer: ``feed`` (a tar stream, hdfmgr/stream.py) unpacked
-        into ``slot_dir`` by the receive program; its deadline grows with the bytes."""
+        into ``slot_dir`` by the receive program, unless a later batch than ``batch`` was
+        received there already; its deadline grows with the bytes."""
         return self.feed_program(
-            "receive.sh", slot_dir, self.lock_wait, feed=feed, timeout=self.config.deadline(feed.length)
+            "receive.sh",
+            slot_dir,
+            self.lock_wait,
+            str(batch),
+            feed=feed,
+            timeout=self.config.deadline(feed.length),
         )
 
     def requirements(

@@ -83,7 +83,7 @@ class Pipeline:
         self.holding = os.fspath(config.holding)
         #: The slots' private directories of pinned files (hdfmgr.pin), never detected.
         self.pins = pin_root(self.buffer, self.holding)
-        self.endpoint = Endpoint(config, warm=config.warm_sessions, prewarm=True)
+        self.endpoint = Endpoint(config, warm=config.warm_sessions)
         self.files = FileTable()
         self.sched = Scheduler(
             retry_initial=config.retry_initial,
@@ -170,6 +170,7 @@ class Pipeline:
         """
         self.lock.acquire()
         try:
+            self.endpoint.prewarm()  # only once this instance holds the buffer
             self.gate.ask_now()
             self.db = dbm.connect(self.cfg, daemon=True)
             dbm.create_schema(self.db)

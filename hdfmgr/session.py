@@ -63,6 +63,8 @@ LOST = 255
 START_TIMEOUT = 60.0
 #: How long a closed session's remote shell gets to exit on its own before it is killed.
 CLOSE_GRACE = 2.0
+#: Most sessions started ahead at once (sshd's MaxStartups drops logins beyond 10 by default).
+PREWARM_MAX = 8
 
 
 def step_request(token: str, program: str, args: Sequence[str], data: bytes) -> bytes:
@@ -388,35 +390,67 @@ class SessionPool:
         self._ready = threading.Condition(self._lock)
 
     def prewarm(self, count: int | None = None) -> None:
-        """Start ``count`` sessions (``keep`` by default) at once, in the background.
+        """Start ``count`` sessions (``keep`` by default, at most :data:`PREWARM_MAX`) at
+        once, in the background.
 
         A daemon starting over a long link would otherwise pay one handshake for its first
         step and then one more, in turn, for each slot's first batch. A step that finds no
-        idle session while these start waits for one of them rather than starting its own."""
-        count = self.keep if count is None else min(count, self.keep)
+        idle session while these start waits for one of them (within its own start budget)
+        rather than starting its own."""
+        count = min(self.keep if count is None else count, self.keep, PREWARM_MAX)
         with self._lock:
             count -= len(self.idle) + self.starting
-            if count <= 0 or self.closed:
+            if count <= 0 or self.closed or self.clock() < self.not_before:
                 return
             self.starting += count
-        for _ in range(count):
-            threading.Thread(target=self._start_ahead, name="hdfmgr-session-start", daemon=True).start()
+        for i in range(count):
+            try:
+                threading.Thread(target=self._start_ahead, name="hdfmgr-session-start", daemon=True).start()
+            except RuntimeError:  # no thread to be had: the steps start their own
+                with self._lock:
+                    self.starting -= count - i
+                    self._ready.notify_all()
+                return
 
     def _start_ahead(self) -> None:
-        session, result = Session.start(self.argv, self.loop, START_TIMEOUT)
-        with self._lock:
-            self.starting -= 1
-            if session is not None and not self.closed:
-                self.started += 1
-                session.last_used = self.clock()
-                self.idle.append(session)
-                log.debug("warm session %d started ahead (%.2f s)", session.pid, result.duration)
-                session = None
-            self._ready.notify_all()
+        session: Session | None = None
+        result: CommandResult | None = None
+        try:
+            session, result = Session.start(self.argv, self.loop, START_TIMEOUT)
+        except Exception:  # the steps start their own; this one is only a head start
+            log.exception("starting a warm session ahead failed")
+        finally:
+            with self._lock:
+                self.starting -= 1
+                if session is not None and not self.closed:
+                    self.started += 1
+                    session.last_used = self.clock()
+                    self.idle.append(session)
+                    log.debug(
+                        "warm session %d started ahead (%.2f s)",
+                        session.pid,
+                        result.duration if result else 0,
+                    )
+                    session = None
+                elif session is None and result is not None:
+                    self._failed_start(result)
+                self._ready.notify_all()
         if session is not None:
             session.close()
-        elif result is not None and not result.ok:
-            log.debug("a warm session started ahead failed (%s)", result.describe())
+
+    def _failed_start(self, result: CommandResult) -> float:
+        """Count a failed start (the lock held) and set the backoff; the delay in seconds."""
+        self.failures += 1
+        delay = min(self.backoff_initial * 2 ** (self.failures - 1), self.backoff_max)
+        self.not_before = self.clock() + delay
+        level = logging.WARNING if self.failures == 1 else logging.DEBUG
+        log.log(
+            level,
+            "cannot start a warm session (%s); one command per step for %.0f s",
+            result.describe(),
+            delay,
+        )
+        return delay
 
     def run(
         self,
@@ -453,12 +487,21 @@ class SessionPool:
                 self.not_before = 0.0
 
     def _take(self, start_timeout: float) -> Session | object | None:
+        budget = start_timeout  # for waiting on starts ahead and for a start of its own
         while True:
             with self._lock:
                 if self.closed:
                     return None
                 if not self.idle and self.starting:
-                    self._ready.wait_for(lambda: self.idle or not self.starting, timeout=start_timeout)
+                    t0 = time.monotonic()
+                    self._ready.wait_for(
+                        lambda: self.idle or not self.starting or self.closed, timeout=max(0.0, budget)
+                    )
+                    budget -= time.monotonic() - t0
+                    if not self.idle and self.starting:
+                        return None  # its start budget spent waiting: one command this time
+                if self.closed:
+                    return None
                 session = self.idle.pop() if self.idle else None
             if session is None:
                 break
@@ -475,19 +518,12 @@ class SessionPool:
         with self._lock:
             if self.clock() < self.not_before:
                 return None
-        session, result = Session.start(self.argv, self.loop, start_timeout)
+        if budget <= 0:
+            return None
+        session, result = Session.start(self.argv, self.loop, budget)
         with self._lock:
             if session is None:
-                self.failures += 1
-                delay = min(self.backoff_initial * 2 ** (self.failures - 1), self.backoff_max)
-                self.not_before = self.clock() + delay
-                level = logging.WARNING if self.failures == 1 else logging.DEBUG
-                log.log(
-                    level,
-                    "cannot start a warm session (%s); one command per step for %.0f s",
-                    result.describe(),
-                    delay,
-                )
+                self._failed_start(result)
                 return FAILED
             self.failures = self.specific = 0
             self.started += 1
@@ -502,6 +538,7 @@ class SessionPool:
         with self._lock:
             if session.usable() and not self.closed and len(self.idle) < self.keep:
                 self.idle.append(session)
+                self._ready.notify()  # a step waiting for a session started ahead takes this one
                 return
         if session.usable():
             # Not on the caller's time: the remote shell's exit takes a round trip.
@@ -514,6 +551,7 @@ class SessionPool:
         with self._lock:
             self.closed = True
             idle, self.idle = self.idle, []
+            self._ready.notify_all()
         for session in idle:
             session.end_input()
         deadline = time.monotonic() + grace

@@ -108,11 +108,20 @@ class TarStream:
         except OSError as exc:
             self.unread[f.rel] = exc
             yield _header(f.basename, f.size)
-            yield bytes(f.size + _padding(f.size))
+            yield from _zeros(f.size + _padding(f.size))
             return
         try:
-            st = os.fstat(fd)
-            header = _header(f.basename, f.size, stat.S_IMODE(st.st_mode) & 0o777, int(st.st_mtime))
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                self.unread[f.rel] = exc
+                yield _header(f.basename, f.size)
+                yield from _zeros(f.size + _padding(f.size))
+                return
+            # Owner read and write always: a copy its owner cannot read would fail the whole
+            # batch's verification (b2sum) and the endpoint manager.
+            mode = (stat.S_IMODE(st.st_mode) & 0o777) | 0o600
+            header = _header(f.basename, f.size, mode, int(st.st_mtime))
             if len(header) != header_size:  # never: its size depends on the name only
                 raise AssertionError("a tar header changed size")
             yield header
@@ -128,8 +137,7 @@ class TarStream:
                 if not chunk:
                     if f.rel not in self.unread:
                         self.short.add(f.rel)
-                    yield bytes(left)
-                    left = 0
+                    yield from _zeros(left)
                     digest = None
                     break
                 if digest is not None:
@@ -148,3 +156,16 @@ class TarStream:
                 yield bytes(pad)
         finally:
             os.close(fd)
+
+
+_ZERO_BLOCK = bytes(READ)
+
+
+def _zeros(count: int) -> Iterator[bytes]:
+    """``count`` zero bytes in slices of at most :data:`READ` (a file registered at 100 GiB
+    that vanished must not become one 100 GiB object)."""
+    view = memoryview(_ZERO_BLOCK)
+    while count > 0:
+        step = min(count, READ)
+        yield view[:step].tobytes() if step < READ else _ZERO_BLOCK
+        count -= step

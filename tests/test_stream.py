@@ -169,7 +169,7 @@ def test_hostile_names_are_received_and_committed_byte_identical(tmp_path: Path,
         files = [site.local(f"n/{name}", name.encode("utf-8", "surrogateescape") * 3) for name in HOSTILE]
         tar = TarStream([StagedFile(f.rel, f.path, f.size) for f in files])
         slot = ep.slot_dir(0)  # never prepared: receive creates it
-        result = ep.receive(slot, Feed(tar.length, tar.chunks()))
+        result = ep.receive(slot, Feed(tar.length, tar.chunks()), batch=1)
         assert result.ok, result.stderr
         assert (ep.sessions is not None) == warm and (not warm or ep.sessions.started == 1)
         files = [StagedFile(f.rel, f.path, f.size, tar.digests[f.rel]) for f in files]
@@ -198,12 +198,64 @@ def test_a_receive_waits_for_the_slots_lock_and_gives_up_with_93(tmp_path: Path)
         wait_for(lambda: subprocess.run(["flock", "-n", slot, "true"]).returncode != 0, 10, "the lock held")
         (f,) = [site.local("a.fits", b"data")]
         tar = TarStream([f])
-        result = ep.receive(slot, Feed(tar.length, tar.chunks()))
+        result = ep.receive(slot, Feed(tar.length, tar.chunks()), batch=1)
         assert result.returncode == 93, result
         assert os.listdir(slot) == []
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_receive_that_comes_late_never_writes_over_a_later_batch(tmp_path: Path) -> None:
+    """A receive whose client died while it waited for the lock gets it after the next batch
+    was received: it must not replace that batch's copies (with verify: size, a stale copy of
+    the same size would pass)."""
+    site = stream_site(tmp_path / "site", warm=False, verify="size")
+    ep = site.endpoint
+    slot = ep.slot_dir(0)
+    new = site.local("a.fits", b"new!")
+    assert ep.receive(slot, feed_of([new]), batch=7).ok
+    old = site.local("a.fits", b"old!")
+    late = ep.receive(slot, feed_of([old]), batch=6)
+    assert late.returncode == 95 and b"not above batch 7" in late.stderr, late
+    assert Path(slot, "a.fits").read_bytes() == b"new!"
+    assert ep.receive(slot, feed_of([site.local("a.fits", b"next")]), batch=8).ok
+    assert Path(slot, "a.fits").read_bytes() == b"next"
+
+
+def test_the_endpoints_tar_options_cannot_keep_a_leftover(tmp_path: Path) -> None:
+    """TAR_OPTIONS=--skip-old-files in the endpoint account: a leftover of the same size (say,
+    the zeros a failed read left) is still replaced by what the stream carries."""
+    remote = 'env TAR_OPTIONS=--skip-old-files sh -c "{command}"'
+    site = stream_site(tmp_path / "site", warm=False, verify="size", remote=remote)
+    ep = site.endpoint
+    slot = ep.slot_dir(0)
+    os.makedirs(slot)
+    Path(slot, "a.fits").write_bytes(bytes(4))
+    assert ep.receive(slot, feed_of([site.local("a.fits", b"data")]), batch=1).ok
+    assert Path(slot, "a.fits").read_bytes() == b"data"
+
+
+def test_a_copy_is_readable_by_its_owner_whatever_the_local_mode(tmp_path: Path) -> None:
+    site = stream_site(tmp_path / "site", warm=False)
+    f = site.local("locked.fits", b"secret")
+    os.chmod(f.path, 0o040)
+    slot = site.endpoint.slot_dir(0)
+    assert site.endpoint.receive(slot, feed_of([f]), batch=1).ok
+    assert os.stat(os.path.join(slot, "locked.fits")).st_mode & 0o777 == 0o640
+
+
+def test_a_vanished_file_is_sent_as_zeros_in_bounded_chunks(tmp_path: Path) -> None:
+    huge = StagedFile("gone.fits", str(tmp_path / "gone.fits"), 64 << 30)
+    tar = TarStream([huge])
+    chunks = tar.chunks()
+    first = [len(next(chunks)) for _ in range(5)]
+    assert max(first) <= 1 << 20 and set(tar.unread) == {"gone.fits"}
+
+
+def feed_of(files: list[StagedFile]) -> Feed:
+    tar = TarStream(files)
+    return Feed(tar.length, tar.chunks())
 
 
 def test_the_configuration_names_the_stream_and_validate_says_so(
@@ -241,6 +293,82 @@ def test_prewarmed_sessions_serve_the_first_steps_without_new_starts(tmp_path: P
             t.join()
         assert all(r.ok for r in results) and len(results) == pool.keep
         assert pool.started == pool.keep, "a step started a session of its own while others started"
+    finally:
+        site.endpoint.close()
+
+
+def slow_starts(root: Path, seconds: float) -> str:
+    """A remote template whose first start is quick and every later one takes ``seconds``."""
+    script = root / "slow.sh"
+    count = root / "starts"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n+1)) > {count}\n"
+        f'[ "$n" -ge 1 ] && sleep {seconds}\n'
+        'exec sh -c "$1"\n'
+    )
+    script.chmod(0o755)
+    return f'{script} "{{command}}"'
+
+
+def test_a_session_given_back_serves_a_step_waiting_for_slow_starts(tmp_path: Path) -> None:
+    site = stream_site(tmp_path / "site", warm=True, remote=slow_starts(tmp_path, 6))
+    ep = site.endpoint
+    pool = ep.sessions
+    assert pool is not None
+    try:
+        pool.prewarm(1)
+        wait_for(lambda: pool.idle, 10, "the first session")
+        holder = threading.Thread(target=lambda: ep.remote("sleep 1"))
+        holder.start()
+        wait_for(lambda: not pool.idle, 10, "the step to hold the only session")
+        pool.prewarm()  # the others start, slowly
+        t0 = time.monotonic()
+        result = ep.remote("true")
+        took = time.monotonic() - t0
+        holder.join()
+        assert result.ok and took < 4, f"waited {took:.1f} s for a start while a session came back"
+    finally:
+        ep.close()
+
+
+def test_a_step_waits_for_starts_ahead_within_its_own_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = stream_site(tmp_path / "site", warm=True, remote='sh -c "sleep 30; {command}"')
+    site.config = from_mapping(
+        {**site.config.raw, "general": {**site.config.raw["general"], "timeout": 2}},
+        path=tmp_path / "site" / "config.yaml",
+    )
+    ep = site.endpoint = Endpoint(site.config, generation="g1", warm=True)
+    try:
+        ep.prewarm()
+        t0 = time.monotonic()
+        result = ep.remote("true")
+        took = time.monotonic() - t0
+        assert not result.ok and took < 5, f"a step with a 2 s timeout took {took:.1f} s"
+    finally:
+        ep.close()
+
+
+def test_a_start_ahead_that_raises_leaves_no_step_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hdfmgr import session as session_mod
+
+    site = stream_site(tmp_path / "site", warm=True)
+    pool = site.endpoint.sessions
+    assert pool is not None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    try:
+        monkeypatch.setattr(session_mod.Session, "start", staticmethod(broken))
+        pool.prewarm(1)
+        wait_for(lambda: pool.starting == 0, 10, "the failed start to be counted out")
+        monkeypatch.undo()
+        assert site.endpoint.probe().ok
     finally:
         site.endpoint.close()
 

@@ -90,6 +90,8 @@ REJECTED = ".rejected"
 FENCE = ".fence"
 #: Beside each slot directory, what the slot's latest commit renamed (see commit.sh).
 RECEIPT = ".receipt"
+#: Beside each slot directory, the last batch the stream's receive unpacked there (receive.sh).
+RECEIVED = ".received"
 #: Ends a receipt in a listing's reply (see LIST_SCRIPT).
 RECEIPT_END = "/hdfmgr-receipt-end/"
 
@@ -512,6 +514,7 @@ __all__ = [
     "FENCE",
     "PROBE_VERSION",
     "RECEIPT",
+    "RECEIVED",
     "REJECTED",
     "CommitReport",
     "Endpoint",

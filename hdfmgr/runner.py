@@ -55,6 +55,24 @@ class CommandResult:
         return f"{how}: {lines[-1]}" if lines else how
 
 
+def spawn(argv: Sequence[str], *, stdin: int = subprocess.PIPE) -> subprocess.Popen[bytes] | CommandResult:
+    """Start ``argv`` as the leader of a new process group, its stdout and stderr piped; the
+    failed result (:data:`NOT_STARTED`) when it cannot be started at all."""
+    started = time.time()
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            close_fds=True,
+        )
+    except OSError as exc:
+        message = f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode()
+        return CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.time() - started)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -65,18 +83,9 @@ def run(
     """Run ``argv`` to completion or until ``timeout`` seconds, whichever comes first."""
     started = time.time()
     t0 = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            close_fds=True,
-        )
-    except OSError as exc:
-        message = f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode()
-        return CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.monotonic() - t0)
+    proc = spawn(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+    if isinstance(proc, CommandResult):
+        return proc
     if on_start is not None:
         on_start(proc.pid)
     timed_out = False
@@ -155,18 +164,9 @@ def run_fed(
     started = time.time()
     t0 = time.monotonic()
     deadline = t0 + timeout
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            close_fds=True,
-        )
-    except OSError as exc:
-        message = f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode()
-        return CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.monotonic() - t0)
+    proc = spawn(argv)
+    if isinstance(proc, CommandResult):
+        return proc
     if on_start is not None:
         on_start(proc.pid)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None

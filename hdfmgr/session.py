@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .runner import NOT_STARTED, TIMED_OUT, WRITE_CHUNK, CommandResult, Feed, grow_pipe
+from .runner import NOT_STARTED, TIMED_OUT, WRITE_CHUNK, CommandResult, Feed, grow_pipe, spawn
 from .templates import quote_remote
 
 log = logging.getLogger("hdfmgr")
@@ -173,18 +173,9 @@ class Session:
         wait for its ready records. On failure the session is None and the result says why."""
         started = time.time()
         t0 = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                process_group=0,
-                close_fds=True,
-            )
-        except OSError as exc:
-            message = f"cannot run {argv[0]!r}: {exc.strerror or exc}".encode()
-            return None, CommandResult(tuple(argv), NOT_STARTED, b"", message, started, time.monotonic() - t0)
+        proc = spawn(argv)
+        if isinstance(proc, CommandResult):
+            return None, proc
         session = cls(argv, proc)
         reply = Reply.ready()
         how = session._exchange(iter((loop,)), reply, t0 + timeout)

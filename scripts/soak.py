@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdfmgr.endpoint import FENCE, RECEIPT, REJECTED
+from hdfmgr.endpoint import FENCE, RECEIPT, RECEIVED, REJECTED
 from tests.site import Consumer, Site, content, wait_for
 from tests.ssh_templates import REMOTE_SHARED, RSYNC_SHARED, params
 from tests.sshd_fixture import SshServer, drop_connections, restart_sshd, start_sshd
@@ -152,26 +152,36 @@ class SshEndpoint:
     """The same directories behind a real loopback sshd, reached with rsync over one shared
     connection; faults are done to sshd itself."""
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, *, stream: bool = False) -> None:
         workdir = site.root / "sshd"
         workdir.mkdir()
         self.server: SshServer = start_sshd(workdir)
         self.cpath = f"{workdir}/cm-%C"
-        # The endpoint's rsync (run by sshd, as '<rsync-path> --server ... DEST'): while the
-        # flag exists, the first non-empty file it received arrives with a byte too many.
+        # The endpoint's rsync (run by sshd, as '<rsync-path> --server ... DEST') or, with the
+        # stream transfer, its tar (run in the slot directory): while the flag exists, the
+        # first non-empty file it received arrives with a byte too many.
         self.corrupt = site.root / "corrupt-next-copy"
-        receiver = site.root / "endpoint-rsync"
-        receiver.write_text(
-            "#!/bin/sh\n"
-            'rsync "$@"; rc=$?\n'
+        corrupt = (
             f'if [ "$rc" -eq 0 ] && [ -e {self.corrupt} ]; then rm -f {self.corrupt}; for d; do :; done\n'
             '  find "$d" -maxdepth 1 -type f -size +0 -exec sh -c \'printf x >> "$1"\' sh {} \\; -quit; fi\n'
             "exit $rc\n"
         )
-        receiver.chmod(0o755)
+        if stream:
+            shims = site.root / "endpoint-bin"
+            shims.mkdir()
+            (shims / "tar").write_text(f'#!/bin/sh\n/bin/tar "$@"; rc=$?\nset -- .\n{corrupt}')
+            (shims / "tar").chmod(0o755)
+            transfer = "builtin:stream"
+            remote = REMOTE_SHARED.replace('"{command}"', f'"PATH={shims}:$PATH {{command}}"')
+        else:
+            receiver = site.root / "endpoint-rsync"
+            receiver.write_text(f'#!/bin/sh\nrsync "$@"; rc=$?\n{corrupt}')
+            receiver.chmod(0o755)
+            transfer = RSYNC_SHARED.replace("rsync -a ", f"rsync -a --rsync-path={receiver} ", 1)
+            remote = REMOTE_SHARED
         site.configure(
-            transfer=RSYNC_SHARED.replace("rsync -a ", f"rsync -a --rsync-path={receiver} ", 1),
-            remote=REMOTE_SHARED,
+            transfer=transfer,
+            remote=remote,
             params=params(self.server, cpath=self.cpath),
             logging={"level": "INFO"},
             **GENERAL,
@@ -213,11 +223,15 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory after a pass")
     parser.add_argument("--ssh", action="store_true", help="a real sshd on 127.0.0.1, rsync, one connection")
+    parser.add_argument(
+        "--stream", action="store_true", help="as --ssh, with the built-in stream transfer instead of rsync"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="hdfmgr-soak-"))
     site = Site(root)
-    endpoint = SshEndpoint(site) if args.ssh else LocalEndpoint(site)
+    args.ssh = args.ssh or args.stream
+    endpoint = SshEndpoint(site, stream=args.stream) if args.ssh else LocalEndpoint(site)
     try:
         ok = soak(args, rng, root, site, endpoint)
     finally:
@@ -321,7 +335,8 @@ def soak(
     # listings after a lost reply leave beside a slot (a batch number each).
     left = [p for p in site.staging.rglob("*") if p.is_file()]
     rejected_left = [p for p in left if p.parent.name.endswith(REJECTED)]
-    fences_left = [p for p in left if p.name.endswith((FENCE, RECEIPT)) and p.parent == site.staging]
+    beside = (FENCE, RECEIPT, RECEIVED)
+    fences_left = [p for p in left if p.name.endswith(beside) and p.parent == site.staging]
     staged_left = [p for p in left if p not in rejected_left and p not in fences_left]
     attempts = site.query("select sum(attempts), max(attempts) from files")[0]
     batches = dict(site.query("select status, count(*) from batches group by status"))
@@ -329,7 +344,7 @@ def soak(
         0
     ][0]
     result = {
-        "endpoint": "ssh" if args.ssh else "local",
+        "endpoint": ("ssh, stream" if args.stream else "ssh") if args.ssh else "local",
         "minutes": args.minutes,
         "files_written": len(written),
         "bytes_written": sum(len(EXPECTED[r]) for r in written),

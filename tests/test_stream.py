@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from hdfmgr.endpoint import Endpoint, StagedFile
 from hdfmgr.runner import TIMED_OUT, Feed, FeedMismatch, run_fed
 from hdfmgr.session import SessionPool
 from hdfmgr.stream import TarStream
-from tests.site import Consumer, content, wait_for
+from tests.site import Consumer, Daemon, content, wait_for
 from tests.site import Site as DaemonSite
 from tests.ssh_templates import REMOTE, params
 from tests.sshd_fixture import SshServer
@@ -382,27 +383,56 @@ def daemon_site(root: Path, sshd: SshServer, *, remote: str = REMOTE, **general:
     return site
 
 
+def deliver_all(
+    site: DaemonSite,
+    bodies: dict[str, bytes],
+    *,
+    written: bool = False,
+    interrupt: Callable[[Daemon], Daemon] | None = None,
+    timeout: float = 60,
+) -> tuple[list[str], str]:
+    """Run the daemon until every file of ``bodies`` is held and seen once by a consumer
+    checking its bytes; the consumer's arrivals and the (last) daemon's log."""
+    consumer = Consumer(site.ep_buffer, expect=lambda rel: bodies.get(rel))
+    consumer.start()
+    try:
+        daemon = site.start()
+        if interrupt is not None:
+            daemon = interrupt(daemon)
+        try:
+            if not written:
+                site.write_many(bodies)
+            wait_for(lambda: set(site.held()) == set(bodies), timeout, "everything held")
+            wait_for(lambda: len(consumer.arrivals) >= len(bodies), 10, "the consumer")
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+    finally:
+        consumer.stop_event.set()
+        consumer.join(5)
+    assert not consumer.bad, consumer.bad
+    return consumer.arrivals, daemon.output()
+
+
+def tar_once(root: Path, action: str) -> str:
+    """A remote template whose endpoint tar runs ``action`` (sh) on the first extraction only."""
+    shim, flag = root / "shim", root / "first-extraction"
+    shim.mkdir()
+    (shim / "tar").write_text(
+        f'#!/bin/sh\nif [ "$1" = -x ] && [ -e {flag} ]; then rm -f {flag}; {action}; fi\nexec /bin/tar "$@"\n'
+    )
+    (shim / "tar").chmod(0o755)
+    flag.touch()
+    return REMOTE.replace('"{command}"', f'"PATH={shim}:$PATH {{command}}"')
+
+
 def test_the_daemon_delivers_hostile_names_once_over_ssh_hashing_each_file_once(
     tmp_path: Path, sshd: SshServer
 ) -> None:
     site = daemon_site(tmp_path / "site", sshd)
     names = [f"v/{name}" for name in HOSTILE] + [f"big/{i}.fits" for i in range(3)]
     bodies = {rel: os.fsencode(rel) * (20000 if rel.startswith("big/") else 3) for rel in names}
-    consumer = Consumer(site.ep_buffer, expect=lambda rel: bodies.get(rel))
-    consumer.start()
-    try:
-        daemon = site.start()
-        try:
-            site.write_many(bodies)
-            wait_for(lambda: set(site.held()) == set(names), 60, "everything held")
-            wait_for(lambda: len(consumer.arrivals) == len(names), 10, "the consumer")
-        finally:
-            assert daemon.stop() == 0, daemon.output()
-    finally:
-        consumer.stop_event.set()
-        consumer.join(5)
-    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
-    log = daemon.output()
+    arrivals, log = deliver_all(site, bodies)
+    assert sorted(arrivals) == sorted(names)
     hashed = [line for line in log.splitlines() if "hashed " in line]
     assert len(hashed) == len(names), hashed  # read once: the stream hashed what it sent
     no_pwned(site.root)
@@ -418,35 +448,13 @@ def test_a_stream_cut_off_on_the_endpoint_is_sent_again_and_delivered_once(
     """The endpoint's tar is killed in the middle of a batch: the batch failed (recorded with
     its status), nothing of it reached the endpoint buffer, and the next attempt delivers every
     file exactly once."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    flag, parked = tmp_path / "cut", tmp_path / "parked"
-    (shim / "tar").write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = -x ] && [ -e {flag} ]; then rm -f {flag}; head -c 100000 >/dev/null; '
-        f'echo "$$" > {parked}; kill -9 $$; fi\n'
-        'exec /bin/tar "$@"\n'
-    )
-    (shim / "tar").chmod(0o755)
-    flag.touch()
-    remote = REMOTE.replace('"{command}"', f'"PATH={shim}:$PATH {{command}}"')
+    parked = tmp_path / "parked"
+    remote = tar_once(tmp_path, f'head -c 100000 >/dev/null; echo "$$" > {parked}; kill -9 $$')
     site = daemon_site(tmp_path / "site", sshd, remote=remote, num_threads=1)
     names = [f"d/f{i}.fits" for i in range(6)]
-    consumer = Consumer(site.ep_buffer)
-    consumer.start()
-    try:
-        daemon = site.start()
-        try:
-            site.write_many({rel: content(rel) * 50 for rel in names})
-            wait_for(lambda: set(site.held()) == set(names), 60, "everything held")
-            wait_for(lambda: len(consumer.arrivals) == len(names), 10, "the consumer")
-        finally:
-            assert daemon.stop() == 0, daemon.output()
-    finally:
-        consumer.stop_event.set()
-        consumer.join(5)
+    arrivals, _ = deliver_all(site, {rel: content(rel) * 50 for rel in names})
     assert parked.exists(), "the cut never happened"
-    assert sorted(consumer.arrivals) == sorted(names)
+    assert sorted(arrivals) == sorted(names)
     rows = site.query("select status, returncode, stderr from batches order by id")
     assert rows[0][:2] != ("committed", 0) and rows[-1][:2] == ("committed", 0), rows
 
@@ -492,34 +500,17 @@ def test_doctor_checks_the_stream_end_to_end(
 def test_a_killed_daemon_mid_stream_loses_nothing_and_delivers_once(tmp_path: Path, sshd: SshServer) -> None:
     """kill -9 of the daemon and everything it started while a batch streams: the restart
     sends it again, and each file arrives once."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    flag, parked = tmp_path / "hold", tmp_path / "parked"
-    (shim / "tar").write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = -x ] && [ -e {flag} ]; then rm -f {flag}; touch {parked}; sleep 20; fi\n'
-        'exec /bin/tar "$@"\n'
-    )
-    (shim / "tar").chmod(0o755)
-    flag.touch()
-    remote = REMOTE.replace('"{command}"', f'"PATH={shim}:$PATH {{command}}"')
+    parked = tmp_path / "parked"
+    remote = tar_once(tmp_path, f"touch {parked}; sleep 20")
     site = daemon_site(tmp_path / "site", sshd, remote=remote, num_threads=1)
     names = [f"k/f{i}.fits" for i in range(4)]
     bodies = {rel: os.urandom(4 << 20) for rel in names}
     site.write_many(bodies)
-    consumer = Consumer(site.ep_buffer, expect=lambda rel: bodies.get(rel))
-    consumer.start()
-    try:
-        daemon = site.start()
+
+    def kill_mid_stream(daemon: Daemon) -> Daemon:
         wait_for(parked.exists, 60, "the stream to start")
         daemon.kill()
-        daemon = site.start()
-        try:
-            wait_for(lambda: set(site.held()) == set(names), 90, "everything held")
-            wait_for(lambda: len(consumer.arrivals) == len(names), 10, "the consumer")
-        finally:
-            assert daemon.stop() == 0, daemon.output()
-    finally:
-        consumer.stop_event.set()
-        consumer.join(5)
-    assert sorted(consumer.arrivals) == sorted(names) and not consumer.bad
+        return site.start()
+
+    arrivals, _ = deliver_all(site, bodies, written=True, interrupt=kill_mid_stream, timeout=90)
+    assert sorted(arrivals) == sorted(names)

@@ -432,8 +432,10 @@ class Bench:
         missing_held = [rel for rel in expected if not (site.holding / rel).exists()]
         if missing_held:
             problems.append(f"{len(missing_held)} file(s) not in holding")
-        # A slot's receipt (what its latest commit renamed) stays beside it: not a staged copy.
-        staged = [n for _, _, names in os.walk(site.staging) for n in names if not n.endswith(".receipt")]
+        # A slot's receipt (what its latest commit renamed) and the stream's record of the last
+        # batch received stay beside it: not staged copies.
+        beside = (".receipt", ".received")
+        staged = [n for _, _, names in os.walk(site.staging) for n in names if not n.endswith(beside)]
         if staged:
             problems.append(f"{len(staged)} file(s) left in staging")
         states = dict(site.query("select state, count(*) from files group by state"))

@@ -14,7 +14,7 @@ from .hashing import hashing
 
 def drain(b: Bench, workload: str, tree: tuple[Path, dict[str, str]], *, big: bool) -> None:
     local = b.transport("local")
-    ssh_names = ["scp+share", "rsync+share", "scp", "rsync"]
+    ssh_names = ["scp+share", "rsync+share", "scp", "rsync", "stream"]
     if b.quick:
         ssh_names = ["scp+share", "rsync"]
     for rep in range(b.reps):

@@ -206,23 +206,28 @@ def _pin(job: BatchJob, report: BatchReport) -> list[StagedFile]:
     if job.pin_dir is None:
         return list(job.files)
     files = []
-    for f in job.files:
-        try:
-            path = pin.pin(f.path, job.pin_dir, job.snapshots[f.rel])
-        except pin.NotRegistered:
-            report.outcomes[f.rel] = (CHANGED, "changed or replaced in the buffer before the transfer")
-            continue
-        except pin.Unreadable as exc:
-            report.outcomes[f.rel] = (_read_outcome(exc), f"cannot read: {exc.strerror}")
-            continue
-        except OSError as exc:
-            report.outcomes[f.rel] = (
-                FAILED,
-                f"cannot pin it for the transfer in {job.pin_dir}: {exc.strerror}",
-            )
-            continue
-        files.append(StagedFile(f.rel, path, f.size, f.checksum))
+    with _Turns() as turn:  # short system calls only, whatever the size
+        for f in job.files:
+            turn.before(0)
+            files.extend(_pin_one(job, f, report))
     return files
+
+
+def _pin_one(job: BatchJob, f: StagedFile, report: BatchReport) -> list[StagedFile]:
+    """The pinned file, or nothing (its outcome in the report)."""
+    assert job.pin_dir is not None
+    try:
+        path = pin.pin(f.path, job.pin_dir, job.snapshots[f.rel])
+    except pin.NotRegistered:
+        report.outcomes[f.rel] = (CHANGED, "changed or replaced in the buffer before the transfer")
+        return []
+    except pin.Unreadable as exc:
+        report.outcomes[f.rel] = (_read_outcome(exc), f"cannot read: {exc.strerror}")
+        return []
+    except OSError as exc:
+        report.outcomes[f.rel] = (FAILED, f"cannot pin it for the transfer in {job.pin_dir}: {exc.strerror}")
+        return []
+    return [StagedFile(f.rel, path, f.size, f.checksum)]
 
 
 def _steps(
@@ -263,13 +268,15 @@ def _steps(
     # The transfer read the files while they could still change: commit only those that are
     # still the version that was registered.
     to_commit = []
-    for f in files:
-        sent = job.snapshots[f.rel]
-        if not (pin.intact(f.path, sent) if job.pin_dir is not None else snapshot(f.path) == sent):
-            report.outcomes[f.rel] = (CHANGED, "changed or vanished during the transfer")
-            report.slot_clean = False
-        else:
-            to_commit.append(f)
+    with _Turns() as turn:
+        for f in files:
+            turn.before(0)
+            sent = job.snapshots[f.rel]
+            if not (pin.intact(f.path, sent) if job.pin_dir is not None else snapshot(f.path) == sent):
+                report.outcomes[f.rel] = (CHANGED, "changed or vanished during the transfer")
+                report.slot_clean = False
+            else:
+                to_commit.append(f)
     if not to_commit or not checkpoint(job, to_commit, report.checksums):
         return
     result, listing = endpoint.commit(job.staging_dir, None, to_commit, batch=job.id)

@@ -82,18 +82,14 @@ def pin(src: str, directory: str, expected: Snapshot) -> str:
     the pin cannot be made.
     """
     dst = os.path.join(directory, os.path.basename(src))
-    _make(directory)
     try:
-        os.unlink(dst)
-    except FileNotFoundError:
-        pass
-    try:
-        os.link(src, dst, follow_symlinks=False)
+        _link(src, dst, directory)
     except FileNotFoundError:
         raise NotRegistered(src) from None
     except PermissionError as exc:
         if exc.errno != errno.EPERM:
             raise
+        _make(directory)
         _copy(src, dst, expected, os.stat(directory).st_dev)
         return dst
     st = os.lstat(dst)
@@ -115,6 +111,21 @@ def intact(path: str, expected: Snapshot) -> bool:
         # A private copy (protected hard links): same content, its own inode.
         return st.st_size == expected.size and st.st_mtime_ns == expected.mtime_ns
     return Snapshot(st.st_size, st.st_mtime_ns, st.st_ino) == expected
+
+
+def _link(src: str, dst: str, directory: str) -> None:
+    """``link(src, dst)``, making the private directory or replacing a leftover pin only when
+    the link says so: a batch of small files pays one system call per pin, not three."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return
+    except FileExistsError:
+        os.unlink(dst)
+    except FileNotFoundError:
+        if os.path.isdir(directory) or not os.path.lexists(src):
+            raise
+        _make(directory)
+    os.link(src, dst, follow_symlinks=False)
 
 
 def _make(directory: str) -> None:

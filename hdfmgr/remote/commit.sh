@@ -53,9 +53,9 @@
 # has recorded. Before the first rename the verified copies' data is flushed (`sync --
 # NAMES`, fsync per file: delayed allocation would otherwise leave a renamed file empty or
 # short after a cut); a directory this program creates is flushed with the one it was created
-# in before anything is renamed into it; after each group's mv its final directory and the
-# slot directory are flushed (`sync -- DIR .`), before any outcome record is written. A flush
-# that fails after its mv turns the group's M into U: the file may well be in the endpoint
+# in before anything is renamed into it; after the last group's mv every final directory and
+# the slot directory are flushed (`sync -- DIRS .`), before any outcome record is written. A
+# flush that fails after its mv turns the group's M into U: the file may well be in the endpoint
 # buffer, so sending it again risks a duplicate, never a loss. The receipt needs no flush of
 # its own: a record of it lost in a cut is lost evidence, which a listing reads as "send
 # again", and no M in it can outlast the rename it reports.
@@ -194,12 +194,13 @@ xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 # complaint is such a stat of a final path (absolute: quoted, it starts with '/ or "/;
 # names are relative and every complaint about a source names it) has renamed all the names
 # that left staging. Otherwise a name that left staging is M only if its final name exists
-# now (it did not before), and U (unknown, sent again) if not. After the group's mv its final
-# directory and the slot are flushed; if that fails, the group's M become U (see Durable above)
-# and T.unflushed tells the main program, which then exits 88.
+# now (it did not before), and U (unknown, sent again) if not. After the last group's mv every
+# final directory and the slot are flushed, in one sync (one per group only when that fails,
+# to tell the groups apart); a group whose flush fails has its M turned into U (see Durable
+# above) and T.unflushed tells the main program, which then exits 88.
 MOVER='
 set -u
-j=0 g=0 d= l=
+j=0 g=0 d= l= moved=
 made() {
     # made DIR: mkdir -p DIR, then flush the directories it created and the one it created
     # them in, so that DIR is on disk before anything is renamed into it.
@@ -233,14 +234,29 @@ group() {
                 eval "ok$g=0"
             fi
             cat "$T.err" >&2 || :
-            # Whatever mv did, nothing of it is reported before it is on disk.
-            if ! sync -- "$d" .; then
-                eval "fl$g=0"
-                echo "hdfmgr commit: cannot flush $d after renaming into it: its files are U" >&2
-                : >"$T.unflushed" || :
-            fi
+            # Whatever mv did, nothing of it is reported before it is on disk: the directory of every group
+            # directory is flushed after the last mv (flushed below), before any outcome.
+            eval "dd$g=\$d"
+            moved="$moved \"\$dd$g\""
         fi
     fi
+}
+flushed() {
+    # One sync for every directory renamed into, and the slot. Only if it fails, one per
+    # group, so that a group whose flush fails is told apart: its M become U.
+    [ -n "$moved" ] || return 0
+    eval "sync -- $moved ." && return 0
+    i=0
+    while [ "$i" -lt "$g" ]; do
+        i=$((i + 1))
+        eval "z=\${dd$i-}"
+        [ -n "$z" ] || continue
+        if ! sync -- "$z" .; then
+            eval "fl$i=0"
+            echo "hdfmgr commit: cannot flush $z after renaming into it: its files are U" >&2
+            : >"$T.unflushed" || :
+        fi
+    done
 }
 for r do
     j=$((j + 1)) n=${r%%/*} x=${r#*/}
@@ -256,6 +272,7 @@ for r do
     fi
 done
 group
+flushed
 j=0
 for r do
     j=$((j + 1)) n=${r%%/*} x=${r#*/}

@@ -342,11 +342,12 @@ def _test_transfer(config: config_mod.Config, endpoint: Endpoint, timeout: float
                     "the stream transfer needs GNU tar and flock on the endpoint, and a remote "
                     "command that passes stdin through (as ssh does)",
                 )
-        for argv in [] if config.stream else endpoint.transfer_argvs([staged], slot):
-            result = endpoint.transfer(argv)
-            if not result.ok:
-                endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
-                return Check(what, False, _why(result), f"this must succeed: {_by_hand(argv)}")
+        else:
+            for argv in endpoint.transfer_argvs([staged], slot):
+                result = endpoint.transfer(argv)
+                if not result.ok:
+                    endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
+                    return Check(what, False, _why(result), f"this must succeed: {_by_hand(argv)}")
     check = endpoint.remote(PROBE_SCRIPT, slot, PROBE_NAME, timeout=timeout)
     size = check.stdout.decode("ascii", "replace").strip()
     if not check.ok or size != str(len(PROBE_DATA)):

@@ -293,64 +293,37 @@ class Endpoint:
         self,
         name: str,
         *args: str,
-        data: bytes = b"",
+        data: bytes | Feed = b"",
         timeout: float | None = None,
         on_start: Callable[[int], None] | None = None,
     ) -> CommandResult:
         """Run a program of :data:`PROGRAM_DIR` through the constant bootstrap command line:
-        the program, then ``data``, on stdin."""
+        the program, then ``data``, on stdin (``data`` whole, or as a :class:`Feed` produced
+        while it runs: a batch's stream)."""
         text = program(name)
         step = f"hdfmgr-{name.removesuffix('.sh')}"
-        return self._warm_or(
-            text,
-            [step, *args],
-            data,
-            timeout or self.config.timeout,
-            on_start,
-            lambda: self._run(
-                self.remote_argv(BOOTSTRAP, str(len(text)), step, *args),
-                timeout=timeout or self.config.timeout,
-                stdin=text.encode("ascii") + data,
-                on_start=on_start,
-            ),
-        )
-
-    def feed_program(
-        self,
-        name: str,
-        *args: str,
-        feed: Feed,
-        timeout: float,
-        on_start: Callable[[int], None] | None = None,
-    ) -> CommandResult:
-        """:meth:`run_program` with data produced while it runs (a batch's stream)."""
-        text = program(name)
-        step = f"hdfmgr-{name.removesuffix('.sh')}"
+        timeout = timeout or self.config.timeout
+        argv = self.remote_argv(BOOTSTRAP, str(len(text)), step, *args)
         head = text.encode("ascii")
-        return self._warm_or(
-            text,
-            [step, *args],
-            feed,
-            timeout,
-            on_start,
-            lambda: self._run_fed(
-                self.remote_argv(BOOTSTRAP, str(len(text)), step, *args),
-                timeout=timeout,
-                feed=Feed(len(head) + feed.length, _prefixed(head, feed)),
-                on_start=on_start,
-            ),
-        )
+
+        def command() -> CommandResult:
+            if isinstance(data, Feed):
+                feed = Feed(len(head) + data.length, _prefixed(head, data))
+                return self._run_fed(argv, timeout=timeout, feed=feed, on_start=on_start)
+            return self._run(argv, timeout=timeout, stdin=head + data, on_start=on_start)
+
+        return self._warm_or(text, [step, *args], data, timeout, on_start, command)
 
     def receive(self, slot_dir: str, feed: Feed, *, batch: int) -> CommandResult:
         """The built-in stream transfer: ``feed`` (a tar stream, hdfmgr/stream.py) unpacked
         into ``slot_dir`` by the receive program, unless a later batch than ``batch`` was
         received there already; its deadline grows with the bytes."""
-        return self.feed_program(
+        return self.run_program(
             "receive.sh",
             slot_dir,
             self.lock_wait,
             str(batch),
-            feed=feed,
+            data=feed,
             timeout=self.config.deadline(feed.length),
         )
 

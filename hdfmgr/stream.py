@@ -103,21 +103,18 @@ class TarStream:
         yield b"".join(gathered)
 
     def _member(self, f: StagedFile, header_size: int) -> Iterator[bytes]:
+        fd = None
         try:
             fd = os.open(f.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            st = os.fstat(fd)
         except OSError as exc:
+            if fd is not None:
+                os.close(fd)
             self.unread[f.rel] = exc
             yield _header(f.basename, f.size)
             yield from _zeros(f.size + _padding(f.size))
             return
         try:
-            try:
-                st = os.fstat(fd)
-            except OSError as exc:
-                self.unread[f.rel] = exc
-                yield _header(f.basename, f.size)
-                yield from _zeros(f.size + _padding(f.size))
-                return
             # Owner read and write always: a copy its owner cannot read would fail the whole
             # batch's verification (b2sum) and the endpoint manager.
             mode = (stat.S_IMODE(st.st_mode) & 0o777) | 0o600

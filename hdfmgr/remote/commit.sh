@@ -234,8 +234,8 @@ group() {
                 eval "ok$g=0"
             fi
             cat "$T.err" >&2 || :
-            # Whatever mv did, nothing of it is reported before it is on disk: the directory of every group
-            # directory is flushed after the last mv (flushed below), before any outcome.
+            # Whatever mv did, nothing of it is reported before it is on disk: the directory of
+            # each group is flushed after the last mv (flushed, below), before any outcome.
             eval "dd$g=\$d"
             moved="$moved \"\$dd$g\""
         fi

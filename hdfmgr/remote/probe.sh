@@ -2,7 +2,8 @@
 #
 # POSIX sh, started like every hdfmgr program by the constant bootstrap (hdfmgr/endpoint.py)
 # as `sh -c PROGRAM hdfmgr-probe STAGING MODE DIGEST [stream]`; stdin after the program holds
-# a few bytes whose BLAKE2b is DIGEST. `stream`: the built-in stream transfer is configured. `hdfmgr run`, `rescan` and `doctor` all ask this one command.
+# a few bytes whose BLAKE2b is DIGEST. `stream`: the built-in stream transfer is configured.
+# `hdfmgr run`, `rescan` and `doctor` all ask this one command.
 # Reply on stdout, NUL-separated `key=value` records between /hdfmgr-begin/ and /hdfmgr-end/:
 #   version=3         this probe's version (first record)
 #   arg_max=N         the endpoint's argument limit (getconf ARG_MAX; empty if unknown)

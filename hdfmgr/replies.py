@@ -40,7 +40,10 @@ class StagedFile:
 #: Commit exit statuses (hdfmgr/remote/commit.sh) and what each means, for the error line.
 COMMIT_STATUS = {
     88: "a final directory could not be flushed to disk after its rename (those files are sent again)",
-    89: "the staged copies cannot be flushed to disk (sync missing, without file arguments, or failing)",
+    89: (
+        "the staged copies cannot be flushed to disk (sync missing, without file arguments, or failing),"
+        " or a new final directory cannot be flushed"
+    ),
     90: "the commit program arrived cut short",
     91: "the commit program was started wrongly",
     92: "the slot's lock cannot be taken on staging (flock missing or failing)",

@@ -507,6 +507,96 @@ def test_hole9_a_new_directory_that_cannot_be_flushed_gets_nothing_renamed_into_
     assert os.listdir(slot) == ["a.fits"]
 
 
+def test_hole9_a_new_directory_that_can_be_neither_flushed_nor_removed_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new directory cannot be flushed, and removing it again fails too: it stays, and
+    stays unflushed, so the commit stops before any rename (exit status 89, nothing moved)."""
+    monkeypatch.chdir(tmp_path)
+    fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
+    fail = f'for a; do [ "$a" != {fresh} ] || exit 1; done'
+    bin_dir = fake_tools(
+        tmp_path,
+        {"sync": f'{fail}; exec {shutil.which("sync")} "$@"', "rmdir": "exit 1"},
+    )
+    site = faked_site(tmp_path / "site", bin_dir)
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in ("fresh/a.fits", "b.fits")]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    report = run_batch(site, slot, files)
+    assert endpoint_files(site) == {}
+    assert report.committed() == [] and report.unknown == []
+    assert "exit status 89" in (report.error or "") and "nothing moved" in (report.error or ""), report.error
+    assert sorted(os.listdir(slot)) == ["a.fits", "b.fits"]
+
+
+def test_hole9_a_final_directory_that_cannot_be_made_gets_nothing_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file stands where a final directory must be: its names stay staged (F, sent again),
+    the other directories, new and old, get theirs."""
+    monkeypatch.chdir(tmp_path)
+    site = Site(tmp_path)
+    (site.ep_buffer / "blocked").write_bytes(b"not a directory")
+    (site.ep_buffer / "old").mkdir()
+    slot = site.slot()
+    rels = ["blocked/night/a.fits", "new/b.fits", "old/c.fits", "blocked/night/d.fits"]
+    files = [site.local(rel, rel.encode()) for rel in rels]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    report = run_batch(site, slot, files)
+    got = endpoint_files(site)
+    assert got.pop("blocked") == b"not a directory"
+    assert got == {"new/b.fits": b"new/b.fits", "old/c.fits": b"old/c.fits"}
+    assert report.committed() == ["new/b.fits", "old/c.fits"] and report.unknown == []
+    assert report.outcomes["blocked/night/a.fits"][0] == "failed"
+    assert report.outcomes["blocked/night/d.fits"][0] == "failed"
+    assert sorted(os.listdir(slot)) == ["a.fits", "d.fits"]
+
+
+def test_every_staged_name_gets_exactly_its_outcome_in_a_large_mixed_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit of many groups, one far larger than the steps the move step builds its
+    argument lists in, hostile names among them: renamed (M), final name taken (E), gone from
+    staging before the move (G), and the receipt holds I and the outcome of every name given
+    to mv, and nothing for the others."""
+    from hdfmgr.deliver import GONE_REASON
+
+    monkeypatch.chdir(tmp_path)
+    # A cleaner takes one copy after it was verified, before the move step (uniq runs there).
+    bin_dir = fake_tools(tmp_path, {"uniq": f'rm -f ./vanish.fits; exec {shutil.which("uniq")} "$@"'})
+    site = faked_site(tmp_path / "site", bin_dir)
+    (site.ep_buffer / "big").mkdir()
+    (site.ep_buffer / "big" / "taken.fits").write_bytes(b"earlier version")
+    slot = site.slot()
+    rels = [f"big/{i:04d}.fits" for i in range(300)] + ["big/taken.fits"]
+    rels += [f"d{k}/{name}" for k, name in enumerate(HOSTILE_FEW) if name != "."]
+    rels += ["deep/er/x.fits", "deep/er/vanish.fits"]
+    files = [site.local(rel, rel.encode()) for rel in rels]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    report = run_batch(site, slot, files)
+    delivered = set(rels) - {"big/taken.fits", "deep/er/vanish.fits"}
+    assert sorted(report.committed()) == sorted(delivered)
+    assert report.unknown == []
+    assert report.outcomes["big/taken.fits"][0] == "waiting"
+    assert report.outcomes["deep/er/vanish.fits"] == ("failed", GONE_REASON)
+    got = endpoint_files(site)
+    assert got.pop("big/taken.fits") == b"earlier version"
+    assert got == {rel: rel.encode() for rel in delivered}
+    assert os.listdir(slot) == ["taken.fits"]
+    receipt = Path(slot + ".receipt").read_bytes().split(b"\0")[:-1]
+    assert receipt[0] == b"1"
+    kinds: dict[str, list[str]] = {}
+    for r in receipt[1:]:
+        kinds.setdefault(os.fsdecode(r[1:]), []).append(chr(r[0]))
+    names = {os.path.basename(rel) for rel in delivered}
+    assert kinds == {n: ["I", "M"] for n in names}, "receipt records wrong"
+    assert not [p for p in tmp_path.rglob("pwned")]
+
+
 def test_digest_helper_matches_b2sum() -> None:
     # The fake-tool tests rely on the real b2sum elsewhere; make sure it is the same digest.
     out = subprocess.run(["b2sum"], input=b"abc", capture_output=True, check=True).stdout

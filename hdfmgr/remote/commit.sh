@@ -36,7 +36,8 @@
 #   88 ran to its end, but a final directory could not be flushed after its rename: its
 #      names are U, not M (the reply's records still say what happened to each file)
 #   89 the verified staged copies cannot be flushed to disk (sync missing, without file
-#      arguments, or an I/O error): nothing was moved
+#      arguments, or an I/O error), or a new final directory can be neither flushed nor
+#      removed again: nothing was moved
 #   91 wrong arguments          92 the slot's lock cannot be taken here (flock missing/failing)
 #   93 lock busy past WAIT      94 staging cannot be written (full, read-only, I/O error;
 #                                  also when the receipt cannot be written)
@@ -48,12 +49,18 @@
 # intermediate list is a file whose write is checked, and every step before the first rename
 # is guarded by `|| stop`: a failure there ends the commit with nothing moved.
 #
+# Cheap per file: the checks before and after the renames are made for the whole batch at
+# once (listings of staging and of the final directories, compared by sort, join and comm),
+# so that the shell does no more per name than build the argument lists of one `mv` per
+# final directory: a commit starts a fixed number of processes and one `mv` per directory,
+# whatever its number of names.
+#
 # Durable: an M record (in the reply or the receipt) is written only once the rename it
 # reports is on disk, so that a power cut on the endpoint cannot undo a delivery the daemon
 # has recorded. Before the first rename the verified copies' data is flushed (`sync --
 # NAMES`, fsync per file: delayed allocation would otherwise leave a renamed file empty or
-# short after a cut); a directory this program creates is flushed with the one it was created
-# in before anything is renamed into it; after the last group's mv every final directory and
+# short after a cut); the directories this program creates are flushed with the ones they were
+# created in (one `sync` for all) before anything is renamed into them; after the last group's mv every final directory and
 # the slot directory are flushed (`sync -- DIRS .`), before any outcome record is written. A
 # flush that fails after its mv turns the group's M into U: the file may well be in the endpoint
 # buffer, so sending it again risks a duplicate, never a loss. The receipt needs no flush of
@@ -178,132 +185,222 @@ sort -z -t/ -k2 -o "$t.mv" "$t.mv.raw" || stop 98 "sort failed"
 cut -z -d/ -f 1 "$t.mv" >"$t.sync" || stop 98 "cut failed"
 xargs -0 -r sync -- <"$t.sync" ||
     stop 89 "sync failed: the staged copies cannot be flushed to disk (missing, no file arguments, or an I/O error)"
-xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
 
-# From here on files move, and every report is per file. MOVER gets `<name>/<final dir>`
-# records as arguments (xargs may split them over several runs: each run is complete in
-# itself). Per group of names with the same final directory it checks each name with
-# builtins (still staged, final name free), runs one `mv -n` (never overwrite) on the names
-# that passed, and reports each name. The receipt gets the group's I records before its mv
-# and every outcome record after it, all before the run writes a byte to stdout, so that the
-# evidence outlives a lost reply (a reply cut short ends the run at its first write: SIGPIPE).
-# M needs that mv to have succeeded and the name to have left staging (`mv -n` leaves a name
-# whose final name appeared meanwhile where it was).
-# GNU mv (9.1) given several names stats each final name right after renaming it, and fails
-# when the endpoint manager has already taken the file away: so a failed mv whose every
-# complaint is such a stat of a final path (absolute: quoted, it starts with '/ or "/;
-# names are relative and every complaint about a source names it) has renamed all the names
-# that left staging. Otherwise a name that left staging is M only if its final name exists
-# now (it did not before), and U (unknown, sent again) if not. After the last group's mv every
-# final directory and the slot are flushed, in one sync (one per group only when that fails,
-# to tell the groups apart); a group whose flush fails has its M turned into U (see Durable
-# above) and T.unflushed tells the main program, which then exits 88.
-MOVER='
+# The final directories, each once. DIRS gets them as arguments (xargs may split them over
+# several runs: each run is complete in itself). It makes the missing ones with one `mkdir
+# -p` and flushes each new one with every directory it was created in (the nearest one that
+# existed included) with one `sync`, so that a directory is on disk before anything is renamed
+# into it. A directory that cannot be made gets nothing renamed into it: the move step finds
+# it missing, and its names are F. When that one flush fails, each new directory is flushed on
+# its own; one that still cannot be is removed again (it is empty), and if even that fails the
+# run exits 89 and the commit stops with nothing moved.
+DIRS='
 set -u
-j=0 g=0 d= l= moved=
-made() {
-    # made DIR: mkdir -p DIR, then flush the directories it created and the one it created
-    # them in, so that DIR is on disk before anything is renamed into it.
-    p=$1 u=0
+k=0 m=0 all=
+for d do
+    [ ! -d "$d" ] || continue
+    p=$d u=0
     while [ ! -d "$p" ]; do
         u=$((u + 1))
-        eval "up$u=\$p"
+        eval "c$u=\$p"
         case $p in */*) p=${p%/*} && p=${p:-/} ;; *) p=. ;; esac
     done
-    mkdir -p -- "$1" || return 1
-    set -- "$p"
+    m=$((m + 1)) k=$((k + 1))
+    eval "v$k=\$p"
+    l="\"\$v$k\"" r=
     while [ "$u" -gt 0 ]; do
-        eval "set -- \"\$@\" \"\$up$u\""
+        k=$((k + 1))
+        eval "v$k=\$c$u"
+        l="$l \"\$v$k\"" r="\"\$v$k\" $r"
         u=$((u - 1))
     done
-    sync -- "$@"
+    eval "new$m=\$d chain$m=\$l undo$m=\$r"
+    all="$all $l"
+done
+[ "$m" -gt 0 ] || exit 0
+i=0 made=
+while [ "$i" -lt "$m" ]; do
+    i=$((i + 1))
+    made="$made \"\$new$i\""
+done
+eval "mkdir -p -- $made" || :
+present() {
+    # present WORDS: those of the quoted variable references WORDS that name a directory now.
+    o=
+    for w in $1; do
+        if eval "[ -d $w ]"; then o="$o $w"; fi
+    done
 }
-group() {
-    if [ -n "$l" ]; then
-        # The intent first: a name gone from staging after it, with no outcome, was renamed
-        # by a commit killed in its mv. Without it, nothing of the group moves.
-        if ! (eval "set -- $l" && printf "I%s\000" "$@" >>"$R"); then
-            echo "hdfmgr commit: cannot write the receipt $R: not renamed" >&2
-            eval "ok$g=0"
-        else
-            if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
-                eval "ok$g=1"
-            elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
-                eval "ok$g=1"
-            else
-                eval "ok$g=0"
-            fi
-            cat "$T.err" >&2 || :
-            # Whatever mv did, nothing of it is reported before it is on disk: the directory of
-            # each group is flushed after the last mv (flushed, below), before any outcome.
-            eval "dd$g=\$d"
-            moved="$moved \"\$dd$g\""
-        fi
+present "$all"
+[ -z "$o" ] || eval "sync -- $o" && exit 0
+i=0
+while [ "$i" -lt "$m" ]; do
+    i=$((i + 1))
+    eval "d=\$new$i l=\$chain$i r=\$undo$i"
+    [ -d "$d" ] || continue
+    present "$l"
+    eval "sync -- $o" && continue
+    eval "rmdir -- $r" 2>/dev/null || :
+    if [ -d "$d" ]; then
+        echo "hdfmgr commit: cannot flush the new directory $d, nor remove it" >&2
+        exit 89
     fi
+    echo "hdfmgr commit: cannot flush the new directory $d: nothing is renamed into it" >&2
+done
+exit 0
+'
+cut -z -d/ -f 2- "$t.mv" >"$t.d.raw" || stop 98 "cut failed"
+uniq -z "$t.d.raw" "$t.dirs" || stop 98 "uniq failed"
+xargs -0 -r sh -c "$DIRS" hdfmgr-dirs <"$t.dirs" ||
+    stop 89 "a new final directory can be neither flushed to disk nor removed again"
+xargs -0 -r printf 'K%s\000' <"$t.okn" || stop 98 "printf failed"
+
+# What the move step may rename: the verified copies still staged as regular files (the
+# others are G: gone before the rename), whose final names are free (the others are E: an
+# earlier version the endpoint manager has not ingested yet; never overwritten). Each list is
+# taken once for the whole commit. `mv -n` closes the race with a final name that appears
+# after the listing; the listing of staging after the renames tells which names left.
+find . -mindepth 1 -maxdepth 1 -type f -printf '%f\000' >"$t.st.raw" || stop 98 "find failed"
+sort -z -o "$t.st" "$t.st.raw" || stop 98 "sort failed"
+sort -z -t/ -k1,1 -o "$t.mvn" "$t.mv" || stop 98 "sort failed"
+join -z -t/ "$t.st" "$t.mvn" >"$t.cand.raw" || stop 98 "join failed"
+join -z -t/ -v 2 "$t.st" "$t.mvn" >"$t.gone" || stop 98 "join failed"
+# Every entry of the final directories, as `<name>/<final dir>` like the plan. A directory
+# that cannot be listed lists nothing: `mv -n` still never overwrites.
+: >"$t.tk.raw" || stop 94 "cannot write $t.tk.raw"
+xargs -0 -r sh -c 'exec find -H "$@" -mindepth 1 -maxdepth 1 -printf "%f/%H\000"' hdfmgr-find \
+    <"$t.dirs" >"$t.tk.raw" 2>/dev/null || :
+sort -z -o "$t.tk" "$t.tk.raw" || stop 98 "sort failed"
+sort -z -o "$t.cand" "$t.cand.raw" || stop 98 "sort failed"
+comm -z -12 "$t.cand" "$t.tk" >"$t.taken" || stop 98 "comm failed"
+comm -z -23 "$t.cand" "$t.tk" >"$t.go.raw" || stop 98 "comm failed"
+sort -z -t/ -k2 -o "$t.go" "$t.go.raw" || stop 98 "sort failed"
+# The outcomes known before anything moves.
+{ cut -z -d/ -f 1 "$t.gone" >"$t.g.n" && cut -z -d/ -f 1 "$t.taken" >"$t.e.n" &&
+    sed -z 's/^/G/' "$t.g.n" && sed -z 's/^/E/' "$t.e.n"; } >"$t.before" || stop 98 "cannot list outcomes"
+: >"$t.okn2" && : >"$t.unfl" && : >"$t.fout" || stop 94 "cannot write in staging"
+
+# From here on files move. MOVER gets `<name>/<final dir>` records as arguments, grouped by
+# final directory (xargs may split them over several runs: each run is complete in itself).
+# Per group it writes the group's I records to the receipt, then runs one `mv -n` (never
+# overwrite) on its names; after the last group's mv every final directory and the slot are
+# flushed, in one sync (one per group only when that fails, to tell the groups apart; a group
+# whose flush fails turns its M into U, see Durable above, and T.unflushed tells the main
+# program, which then exits 88). Only then does it settle each group: the names of a group
+# whose mv succeeded go to T.okn2 (flushed) or T.unfl (not flushed), and the main program
+# decides them in bulk from one listing of staging (gone: M; still there: E, as `mv -n` left
+# it for a final name that appeared meanwhile). A group whose mv failed is decided name by
+# name here: still staged F; gone with its final name present M; gone without it U. A group
+# without its directory is F. GNU mv (9.1) given several names stats each final name right
+# after renaming it, and fails when the endpoint manager has already taken the file away: so
+# a failed mv whose every complaint is such a stat of a final path (absolute: quoted, it
+# starts with '/ or "/; names are relative and every complaint about a source names it) has
+# renamed all the names that left staging. Nothing goes to stdout here: the main program
+# writes the reply once the receipt holds every outcome (a reply cut short ends a run at its
+# first write).
+MOVER='
+set -u
+i=0 g=0 c=0 d= l= p= moved=
+group() {
+    # group RECORDS: rename the names that l refers to (of RECORDS) into d.
+    [ -n "$l" ] || return 0
+    g=$((g + 1))
+    eval "l$g=\$l dd$g=\$d ok$g=0 fl$g=1"
+    if [ ! -d "$d" ]; then
+        eval "ok$g=n"
+        return 0
+    fi
+    # The intent first: a name gone from staging after it, with no outcome, was renamed by a
+    # commit killed in its mv. Without it, nothing of the group moves.
+    if ! eval "printf \"I%s\\000\" $l" >>"$R"; then
+        echo "hdfmgr commit: cannot write the receipt $R: not renamed" >&2
+        return 0
+    fi
+    if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
+        eval "ok$g=1"
+    elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
+        eval "ok$g=1"
+    fi
+    [ ! -s "$T.err" ] || cat "$T.err" >&2 || :
+    moved="$moved \"\$dd$g\""
 }
-flushed() {
-    # One sync for every directory renamed into, and the slot. Only if it fails, one per
-    # group, so that a group whose flush fails is told apart: its M become U.
-    [ -n "$moved" ] || return 0
-    eval "sync -- $moved ." && return 0
-    i=0
-    while [ "$i" -lt "$g" ]; do
-        i=$((i + 1))
-        eval "z=\${dd$i-}"
-        [ -n "$z" ] || continue
+# (l grows by 64 names at a time: appending to a long string copies it, which name by name
+# would cost the square of a large group.)
+for r do
+    i=$((i + 1))
+    x=${r#*/}
+    if [ "$x" != "$d" ]; then
+        l=$l$p
+        group "$@"
+        d=$x l= p= c=0
+    fi
+    p="$p \"\${$i%%/*}\"" c=$((c + 1))
+    [ "$c" -lt 64 ] || l=$l$p p= c=0
+done
+l=$l$p
+group "$@"
+if [ -n "$moved" ] && ! eval "sync -- $moved ."; then
+    k=0
+    while [ "$k" -lt "$g" ]; do
+        k=$((k + 1))
+        eval "z=\$dd$k o=\$ok$k"
+        [ "$o" != n ] || continue
         if ! sync -- "$z" .; then
-            eval "fl$i=0"
+            eval "fl$k=0"
             echo "hdfmgr commit: cannot flush $z after renaming into it: its files are U" >&2
             : >"$T.unflushed" || :
         fi
     done
+fi
+settle() {
+    # settle: the outcome of the name n of a group whose mv failed (x its directory).
+    if [ -e "./$n" ] || [ -L "./$n" ]; then c=F
+    elif [ -e "$x/$n" ] && [ "$f" = 1 ]; then c=M
+    else c=U; fi
+    printf "%s%s\000" "$c" "$n" >>"$R" || echo "hdfmgr commit: cannot add to $R" >&2
+    printf "%s%s\000" "$c" "$n" >>"$T.fout" || exit 1
 }
-for r do
-    j=$((j + 1)) n=${r%%/*} x=${r#*/}
-    if [ "$g" -eq 0 ] || [ "$x" != "$d" ]; then
-        group
-        g=$((g + 1)) d=$x l=
-        eval "ok$g=0 fl$g=1"
-        if [ -d "$d" ] || made "$d"; then eval "dir$g=1"; else eval "dir$g=0"; fi
-    fi
-    eval "n$j=\$n grp$j=0"
-    if [ -f "./$n" ] && [ ! -L "./$n" ] && [ ! -e "$d/$n" ] && [ ! -L "$d/$n" ]; then
-        if eval "[ \"\$dir$g\" = 1 ]"; then l="$l \"\$n$j\""; eval "grp$j=$g"; fi
-    fi
-done
-group
-flushed
-j=0
-for r do
-    j=$((j + 1)) n=${r%%/*} x=${r#*/}
-    eval "k=\$grp$j"
-    if [ "$k" -eq 0 ]; then
-        if [ ! -f "./$n" ]; then c=G
-        elif [ -e "$x/$n" ] || [ -L "$x/$n" ]; then c=E
-        else c=F; fi
-    else
-        eval "o=\$ok$k"
-        if [ -e "./$n" ] || [ -L "./$n" ]; then
-            if [ "$o" = 1 ]; then c=E; else c=F; fi
-        elif [ "$o" = 1 ] || [ -e "$x/$n" ]; then c=M
-        else c=U; fi
-        eval "[ \"\$fl$k\" = 1 ]" || [ "$c" != M ] || c=U
-    fi
-    if [ "$k" -ne 0 ]; then
-        printf "%s%s\000" "$c" "$n" >>"$R" || echo "hdfmgr commit: cannot add to $R" >&2
-    fi
-    eval "c$j=\$c"
-done
-j=0
-for r do
-    j=$((j + 1))
-    eval "c=\$c$j n=\$n$j"
-    printf "%s%s\000" "$c" "$n"
+k=0
+while [ "$k" -lt "$g" ]; do
+    k=$((k + 1))
+    eval "o=\$ok$k f=\$fl$k l=\$l$k x=\$dd$k"
+    case $o in
+    1)
+        if [ "$f" = 1 ]; then
+            eval "printf \"%s\\000\" $l" >>"$T.okn2" || exit 1
+        else
+            eval "printf \"%s\\000\" $l" >>"$T.unfl" || exit 1
+        fi
+        ;;
+    n) eval "printf \"F%s\\000\" $l" >>"$T.fout" || exit 1 ;;
+    *) eval "for n in $l; do settle; done" ;;
+    esac
 done
 '
 r=0
-T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.mv" || r=99
+T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.go" || r=99
 [ ! -e "$t.unflushed" ] || [ "$r" -ne 0 ] || r=88
+
+# The renamed groups, decided by one listing of staging, their outcome records added to the
+# receipt before any of them reaches the reply. If the move step broke off, its names get
+# no outcome here: unknown, sent again (a duplicate at worst, never a loss).
+: >"$t.after" || r=99
+if [ "$r" -ne 99 ]; then
+    if find . -mindepth 1 -maxdepth 1 -printf '%f\000' >"$t.still.raw" &&
+        sort -z -o "$t.still" "$t.still.raw" &&
+        sort -z -o "$t.m1" "$t.okn2" && sort -z -o "$t.u1" "$t.unfl" &&
+        comm -z -23 "$t.m1" "$t.still" >"$t.m" && comm -z -12 "$t.m1" "$t.still" >"$t.e1" &&
+        comm -z -23 "$t.u1" "$t.still" >"$t.u" && comm -z -12 "$t.u1" "$t.still" >"$t.e2" &&
+        { sed -z 's/^/M/' "$t.m" && sed -z 's/^/E/' "$t.e1" "$t.e2" && sed -z 's/^/U/' "$t.u"; } >"$t.after"
+    then
+        cat "$t.after" >>"$s.receipt" || echo "hdfmgr commit: cannot add to $s.receipt" >&2
+    else
+        echo "hdfmgr commit: cannot list staging after the renames" >&2
+        : >"$t.after" || :
+        r=99
+    fi
+fi
+cat "$t.before" "$t.fout" "$t.after" || :
 rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

@@ -137,7 +137,9 @@ def hold(buffer: str, holding: str, rel: str, expected: Snapshot | None = None) 
                 raise NotTheVersion(rel)
             if n:
                 log.warning("holding already has %r; kept both, the new one is %r", rel, candidate)
-            _finish(src, st, tmp)
+            # Linked from the buffer itself: one filesystem, so no copy was ever made of it
+            # (clean_copies removes one an earlier layout of the directories left).
+            _finish(src, st, tmp if source != src else None)
             return candidate
         raise HoldError(errno.EEXIST, f"no free name in holding for {rel!r}")
     except (HoldError, NotTheVersion):
@@ -167,13 +169,15 @@ def _link(source: str, dst: str, directory: str) -> None:
         os.link(source, dst, follow_symlinks=False)
 
 
-def _finish(src: str, st: os.stat_result, tmp: str) -> None:
+def _finish(src: str, st: os.stat_result, tmp: str | None) -> None:
     """The file has its name in holding: take it out of the buffer, drop the copy's name."""
     if _is(src, st):  # else a new version took the name meanwhile: it stays
         try:
             os.unlink(src)
         except FileNotFoundError:
             pass
+    if tmp is None:
+        return
     try:
         os.unlink(tmp)
     except FileNotFoundError:

@@ -140,9 +140,11 @@ names() {
 
 # What is staged, listed the way the expected records are written.
 if [ "$m" = checksum ]; then
-    find . -mindepth 1 -maxdepth 1 -type f -printf '%f\000' >"$t.found" || stop 98 "find failed"
-    xargs -0 -r b2sum -z -- <"$t.found" >"$t.raw" ||
+    # As ./NAME: b2sum reads its standard input for a file named "-".
+    find . -mindepth 1 -maxdepth 1 -type f -printf './%f\000' >"$t.found" || stop 98 "find failed"
+    xargs -0 -r b2sum -z -- <"$t.found" >"$t.b2" ||
         stop 98 "b2sum failed (missing, an I/O error, or no -z)"
+    sed -z 's|^\([0-9a-f]\{128\}  \)\./|\1|' "$t.b2" >"$t.raw" || stop 98 "sed failed"
     # One digest per staged file, or the tool is not the b2sum this program knows.
     tr -cd '\000' <"$t.found" >"$t.n1" || stop 94 "cannot write $t.n1"
     tr -cd '\000' <"$t.raw" >"$t.n2" || stop 94 "cannot write $t.n2"
@@ -192,8 +194,8 @@ xargs -0 -r sync -- <"$t.sync" ||
 # existed included) with one `sync`, so that a directory is on disk before anything is renamed
 # into it. A directory that cannot be made gets nothing renamed into it: the move step finds
 # it missing, and its names are F. When that one flush fails, each new directory is flushed on
-# its own; one that still cannot be is removed again (it is empty), and if even that fails the
-# run exits 89 and the commit stops with nothing moved.
+# its own, the deepest first; one that still cannot be is removed again (it is empty: nothing
+# was renamed yet; a directory it was made in stays, unused), and if even that fails the run exits 89 and the commit stops with nothing moved.
 DIRS='
 set -u
 k=0 m=0 all=
@@ -207,14 +209,14 @@ for d do
     done
     m=$((m + 1)) k=$((k + 1))
     eval "v$k=\$p"
-    l="\"\$v$k\"" r=
+    l="\"\$v$k\""
     while [ "$u" -gt 0 ]; do
         k=$((k + 1))
         eval "v$k=\$c$u"
-        l="$l \"\$v$k\"" r="\"\$v$k\" $r"
+        l="$l \"\$v$k\""
         u=$((u - 1))
     done
-    eval "new$m=\$d chain$m=\$l undo$m=\$r"
+    eval "new$m=\$d chain$m=\$l"
     all="$all $l"
 done
 [ "$m" -gt 0 ] || exit 0
@@ -233,14 +235,14 @@ present() {
 }
 present "$all"
 [ -z "$o" ] || eval "sync -- $o" && exit 0
-i=0
-while [ "$i" -lt "$m" ]; do
-    i=$((i + 1))
-    eval "d=\$new$i l=\$chain$i r=\$undo$i"
+i=$m
+while [ "$i" -gt 0 ]; do
+    eval "d=\$new$i l=\$chain$i"
+    i=$((i - 1))
     [ -d "$d" ] || continue
     present "$l"
     eval "sync -- $o" && continue
-    eval "rmdir -- $r" 2>/dev/null || :
+    rmdir -- "$d" 2>/dev/null || :
     if [ -d "$d" ]; then
         echo "hdfmgr commit: cannot flush the new directory $d, nor remove it" >&2
         exit 89
@@ -267,7 +269,7 @@ join -z -t/ "$t.st" "$t.mvn" >"$t.cand.raw" || stop 98 "join failed"
 join -z -t/ -v 2 "$t.st" "$t.mvn" >"$t.gone" || stop 98 "join failed"
 # Every entry of the final directories, as `<name>/<final dir>` like the plan. A directory
 # that cannot be listed lists nothing: `mv -n` still never overwrites.
-: >"$t.tk.raw" || stop 94 "cannot write $t.tk.raw"
+true >"$t.tk.raw" || stop 94 "cannot write $t.tk.raw"
 xargs -0 -r sh -c 'exec find -H "$@" -mindepth 1 -maxdepth 1 -printf "%f/%H\000"' hdfmgr-find \
     <"$t.dirs" >"$t.tk.raw" 2>/dev/null || :
 sort -z -o "$t.tk" "$t.tk.raw" || stop 98 "sort failed"
@@ -275,10 +277,9 @@ sort -z -o "$t.cand" "$t.cand.raw" || stop 98 "sort failed"
 comm -z -12 "$t.cand" "$t.tk" >"$t.taken" || stop 98 "comm failed"
 comm -z -23 "$t.cand" "$t.tk" >"$t.go.raw" || stop 98 "comm failed"
 sort -z -t/ -k2 -o "$t.go" "$t.go.raw" || stop 98 "sort failed"
-# The outcomes known before anything moves.
+# The outcomes known before anything moves (written out last, with the others).
 { cut -z -d/ -f 1 "$t.gone" >"$t.g.n" && cut -z -d/ -f 1 "$t.taken" >"$t.e.n" &&
     sed -z 's/^/G/' "$t.g.n" && sed -z 's/^/E/' "$t.e.n"; } >"$t.before" || stop 98 "cannot list outcomes"
-: >"$t.okn2" && : >"$t.unfl" && : >"$t.fout" || stop 94 "cannot write in staging"
 
 # From here on files move. MOVER gets `<name>/<final dir>` records as arguments, grouped by
 # final directory (xargs may split them over several runs: each run is complete in itself).
@@ -286,37 +287,38 @@ sort -z -t/ -k2 -o "$t.go" "$t.go.raw" || stop 98 "sort failed"
 # overwrite) on its names; after the last group's mv every final directory and the slot are
 # flushed, in one sync (one per group only when that fails, to tell the groups apart; a group
 # whose flush fails turns its M into U, see Durable above, and T.unflushed tells the main
-# program, which then exits 88). Only then does it settle each group: the names of a group
-# whose mv succeeded go to T.okn2 (flushed) or T.unfl (not flushed), and the main program
-# decides them in bulk from one listing of staging (gone: M; still there: E, as `mv -n` left
-# it for a final name that appeared meanwhile). A group whose mv failed is decided name by
-# name here: still staged F; gone with its final name present M; gone without it U. A group
-# without its directory is F. GNU mv (9.1) given several names stats each final name right
-# after renaming it, and fails when the endpoint manager has already taken the file away: so
-# a failed mv whose every complaint is such a stat of a final path (absolute: quoted, it
-# starts with '/ or "/; names are relative and every complaint about a source names it) has
-# renamed all the names that left staging. Nothing goes to stdout here: the main program
-# writes the reply once the receipt holds every outcome (a reply cut short ends a run at its
-# first write).
+# program, which then exits 88). Only then does it settle each name, in memory (nothing after
+# the renames needs space in staging, which another slot may be filling): of a group whose mv
+# succeeded, gone from staging M, still there E (`mv -n` left it for a final name that
+# appeared meanwhile); of a group whose mv failed, still staged F, gone with its final name
+# present M, gone without it U; of a group without its directory F. It adds every outcome of
+# the run to the receipt, then writes them to the reply (a reply cut short ends the run at its
+# first write: SIGPIPE). GNU mv (9.1) given several names stats each final name right after
+# renaming it, and fails when the endpoint manager has already taken the file away: so a
+# failed mv whose every complaint is such a stat of a final path (absolute: quoted, it starts
+# with '/ or "/; names are relative and every complaint about a source names it) has renamed
+# all the names that left staging.
+# (Lists grow by 64 names at a time: appending to a long string copies it, which name by name
+# would cost the square of a large group.)
 MOVER='
 set -u
-i=0 g=0 c=0 d= l= p= moved=
+i=0 g=0 c=0 d= l= p= a=1 moved=
 group() {
-    # group RECORDS: rename the names that l refers to (of RECORDS) into d.
+    # group RECORDS: rename the names that l refers to (of RECORDS, from the a-th on) into d.
     [ -n "$l" ] || return 0
     g=$((g + 1))
-    eval "l$g=\$l dd$g=\$d ok$g=0 fl$g=1"
+    eval "l$g=\$l a$g=\$a dd$g=\$d ok$g=0 fl$g=1"
     if [ ! -d "$d" ]; then
         eval "ok$g=n"
         return 0
     fi
     # The intent first: a name gone from staging after it, with no outcome, was renamed by a
     # commit killed in its mv. Without it, nothing of the group moves.
-    if ! eval "printf \"I%s\\000\" $l" >>"$R"; then
+    if ! { eval "printf \"I%s\\000\" $l"; } >>"$R"; then
         echo "hdfmgr commit: cannot write the receipt $R: not renamed" >&2
         return 0
     fi
-    if eval "mv -n -t \"\$d\" -- $l" 2>"$T.err"; then
+    if { eval "mv -n -t \"\$d\" -- $l"; } 2>"$T.err"; then
         eval "ok$g=1"
     elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
         eval "ok$g=1"
@@ -324,15 +326,13 @@ group() {
     [ ! -s "$T.err" ] || cat "$T.err" >&2 || :
     moved="$moved \"\$dd$g\""
 }
-# (l grows by 64 names at a time: appending to a long string copies it, which name by name
-# would cost the square of a large group.)
 for r do
     i=$((i + 1))
     x=${r#*/}
     if [ "$x" != "$d" ]; then
         l=$l$p
         group "$@"
-        d=$x l= p= c=0
+        d=$x l= p= c=0 a=$i
     fi
     p="$p \"\${$i%%/*}\"" c=$((c + 1))
     [ "$c" -lt 64 ] || l=$l$p p= c=0
@@ -348,59 +348,54 @@ if [ -n "$moved" ] && ! eval "sync -- $moved ."; then
         if ! sync -- "$z" .; then
             eval "fl$k=0"
             echo "hdfmgr commit: cannot flush $z after renaming into it: its files are U" >&2
-            : >"$T.unflushed" || :
+            { true >"$T.unflushed"; } 2>/dev/null || :
         fi
     done
 fi
 settle() {
-    # settle: the outcome of the name n of a group whose mv failed (x its directory).
-    if [ -e "./$n" ] || [ -L "./$n" ]; then c=F
-    elif [ -e "$x/$n" ] && [ "$f" = 1 ]; then c=M
+    # settle: the outcome c of the name n, the j-th argument, of a group (o its mv, f its
+    # flush, x its directory), added to w as a letter and a reference to the argument.
+    if [ "$o" = n ]; then c=F
+    elif [ -e "./$n" ] || [ -L "./$n" ]; then
+        if [ "$o" = 1 ]; then c=E; else c=F; fi
+    elif [ "$o" = 1 ] || [ -e "$x/$n" ]; then c=M
     else c=U; fi
-    printf "%s%s\000" "$c" "$n" >>"$R" || echo "hdfmgr commit: cannot add to $R" >&2
-    printf "%s%s\000" "$c" "$n" >>"$T.fout" || exit 1
+    [ "$f" = 1 ] || [ "$c" != M ] || c=U
+    q="$q $c \"\${$j%%/*}\"" h=$((h + 1)) j=$((j + 1))
+    [ "$h" -lt 64 ] || w=$w$q q= h=0
+}
+renamed() {
+    # renamed: settle for a group whose mv succeeded and was flushed (the common case).
+    if [ -e "./$n" ] || [ -L "./$n" ]; then c=E; else c=M; fi
+    q="$q $c \"\${$j%%/*}\"" h=$((h + 1)) j=$((j + 1))
+    [ "$h" -lt 64 ] || w=$w$q q= h=0
 }
 k=0
 while [ "$k" -lt "$g" ]; do
     k=$((k + 1))
-    eval "o=\$ok$k f=\$fl$k l=\$l$k x=\$dd$k"
-    case $o in
-    1)
-        if [ "$f" = 1 ]; then
-            eval "printf \"%s\\000\" $l" >>"$T.okn2" || exit 1
-        else
-            eval "printf \"%s\\000\" $l" >>"$T.unfl" || exit 1
-        fi
-        ;;
-    n) eval "printf \"F%s\\000\" $l" >>"$T.fout" || exit 1 ;;
-    *) eval "for n in $l; do settle; done" ;;
-    esac
+    eval "o=\$ok$k f=\$fl$k l=\$l$k x=\$dd$k j=\$a$k"
+    w= q= h=0
+    if [ "$o$f" = 11 ]; then
+        eval "for n in $l; do renamed; done"
+    else
+        eval "for n in $l; do settle; done"
+    fi
+    w=$w$q
+    eval "w$k=\$w"
+    [ "$o" = n ] || { eval "printf \"%s%s\\000\" $w"; } >>"$R" 2>/dev/null ||
+        echo "hdfmgr commit: cannot add to $R" >&2
+done
+k=0
+while [ "$k" -lt "$g" ]; do
+    k=$((k + 1))
+    eval "w=\$w$k"
+    eval "printf \"%s%s\\000\" $w"
 done
 '
 r=0
 T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.go" || r=99
 [ ! -e "$t.unflushed" ] || [ "$r" -ne 0 ] || r=88
-
-# The renamed groups, decided by one listing of staging, their outcome records added to the
-# receipt before any of them reaches the reply. If the move step broke off, its names get
-# no outcome here: unknown, sent again (a duplicate at worst, never a loss).
-: >"$t.after" || r=99
-if [ "$r" -ne 99 ]; then
-    if find . -mindepth 1 -maxdepth 1 -printf '%f\000' >"$t.still.raw" &&
-        sort -z -o "$t.still" "$t.still.raw" &&
-        sort -z -o "$t.m1" "$t.okn2" && sort -z -o "$t.u1" "$t.unfl" &&
-        comm -z -23 "$t.m1" "$t.still" >"$t.m" && comm -z -12 "$t.m1" "$t.still" >"$t.e1" &&
-        comm -z -23 "$t.u1" "$t.still" >"$t.u" && comm -z -12 "$t.u1" "$t.still" >"$t.e2" &&
-        { sed -z 's/^/M/' "$t.m" && sed -z 's/^/E/' "$t.e1" "$t.e2" && sed -z 's/^/U/' "$t.u"; } >"$t.after"
-    then
-        cat "$t.after" >>"$s.receipt" || echo "hdfmgr commit: cannot add to $s.receipt" >&2
-    else
-        echo "hdfmgr commit: cannot list staging after the renames" >&2
-        : >"$t.after" || :
-        r=99
-    fi
-fi
-cat "$t.before" "$t.fout" "$t.after" || :
+cat "$t.before" || :
 rm -f -- "$t".* || :
 printf '%s\000' "$E"
 exit "$r"

@@ -283,3 +283,68 @@ def test_stress_hostile_names_and_directories_under_a_low_argument_limit(
         assert got[f.rel] == b"earlier"
     assert sorted(os.listdir(slot)) == sorted(f.basename for f in waiting)
     assert not list(tmp_path.rglob("pwned"))
+
+
+def _flush_log_sync(tmp_path: Path, sick: Path) -> tuple[Path, Path]:
+    """A sync that fails whenever `sick` is among its arguments, and logs (one NUL-separated
+    line per call) the arguments of each call that succeeded."""
+    log = tmp_path / "flushed"
+    real = shutil.which("sync")
+    body = (
+        f'for a; do [ "$a" != {sick} ] || exit 1; done\n'
+        f'{real} "$@" || exit $?\n'
+        f'printf "%s\\000" "$@" >>{log}; printf "\\n" >>{log}'
+    )
+    return fake_tools(tmp_path, {"sync": body}), log
+
+
+def test_an_intermediate_new_directory_left_unflushed_is_later_taken_as_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commit 1 makes x (an intermediate) and x/y (the final directory); x/y cannot be
+    flushed, so the fallback removes x/y alone and keeps x, whose entry in the buffer was
+    never flushed (no successful sync ever named the buffer). Commit 2 renames x/b.fits into
+    the existing x and reports M after flushing x and the slot only: a power cut can take x
+    (and the delivered file) away."""
+    monkeypatch.chdir(tmp_path)
+    sick = tmp_path / "site" / "endpoint" / "buffer" / "x" / "y"
+    bin_dir, log = _flush_log_sync(tmp_path, sick)
+    site = faked_site(tmp_path / "site", bin_dir)
+    a = site.local("x/y/a.fits", b"a")
+    slot = site.slot(0)
+    stage(slot, a.basename, b"a")
+    report = run_batch(site, slot, [a])
+    assert report.committed() == []
+    b = site.local("x/b.fits", b"b")
+    slot = site.slot(1)
+    stage(slot, b.basename, b"b")
+    report = run_batch(site, slot, [b])
+    flushed = [set(line.split(b"\0")) for line in log.read_bytes().split(b"\n") if line]
+    buffer_flushed = any(os.fsencode(site.ep_buffer) in args for args in flushed)
+    assert not (report.committed() == ["x/b.fits"] and not buffer_flushed), (
+        "M for a file in a directory whose own entry was never flushed",
+        endpoint_files(site),
+    )
+
+
+def test_the_slot_lock_descriptor_that_cannot_be_opened_is_an_x_record_not_a_lost_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`exec 9<.` is a redirection on a special built-in: when it fails (here: descriptor 9
+    over the open-files limit) bash as sh ends at once, with no X record and no end record,
+    and the daemon takes a commit that never started for a lost reply."""
+    monkeypatch.chdir(tmp_path)
+    bin_dir = tmp_path / "shbin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(shutil.which("bash"))
+    from tests.test_endpoint_script import Site
+
+    remote = f'env PATH={bin_dir}:/usr/local/bin:/usr/bin:/bin prlimit --nofile=9 sh -c "{{command}}"'
+    site = Site(tmp_path / "site", remote=remote)
+    slot = site.slot()
+    f = site.local("d/a.fits", b"a")
+    stage(slot, f.basename, b"a")
+    report = run_batch(site, slot, [f])
+    assert report.committed() == []
+    assert report.unknown == [], report.error
+    assert "exit status 92" in (report.error or ""), report.error

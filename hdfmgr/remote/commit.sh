@@ -102,7 +102,7 @@ command -v flock >/dev/null 2>&1 || stop 92 "flock not found: the slot cannot be
 # (The lock belongs to the open file description, which the command substitution's
 # process shares: it stays held after that process ends.)
 [ -r . ] && [ -x . ] || stop 92 "cannot open the slot directory $s"
-exec 9<.
+command exec 9<. || stop 92 "cannot open the slot directory $s"
 if err=$(flock -w "$w" -E 93 9 2>&1); then
     locked=1
 else
@@ -195,7 +195,8 @@ xargs -0 -r sync -- <"$t.sync" ||
 # into it. A directory that cannot be made gets nothing renamed into it: the move step finds
 # it missing, and its names are F. When that one flush fails, each new directory is flushed on
 # its own, the deepest first; one that still cannot be is removed again (it is empty: nothing
-# was renamed yet; a directory it was made in stays, unused), and if even that fails the run exits 89 and the commit stops with nothing moved.
+# was renamed yet; the directories it was made in are then flushed, or removed too when
+# empty), and if even that fails the run exits 89 and the commit stops with nothing moved.
 DIRS='
 set -u
 k=0 m=0 all=
@@ -243,6 +244,17 @@ while [ "$i" -gt 0 ]; do
     present "$l"
     eval "sync -- $o" && continue
     rmdir -- "$d" 2>/dev/null || :
+    # What it was made in stays, and may be used later: flushed, or removed too (deepest
+    # first; one that holds anything stays).
+    present "$l"
+    [ -z "$o" ] || eval "sync -- $o" 2>/dev/null || {
+        w= top=1
+        for v in $l; do
+            # (not the first: it existed before this commit)
+            if [ -n "$top" ]; then top=; else w="$v $w"; fi
+        done
+        [ -z "$w" ] || eval "rmdir -- $w" 2>/dev/null || :
+    }
     if [ -d "$d" ]; then
         echo "hdfmgr commit: cannot flush the new directory $d, nor remove it" >&2
         exit 89

@@ -346,6 +346,16 @@ def logging_tools(root: Path, *names: str, before: str = "") -> tuple[Path, Path
     return fake_tools(root, tools), log
 
 
+def refusing(path: Path) -> str:
+    """A shim's first line: fail (status 1) when ``path`` is among the tool's arguments."""
+    return f'for a; do [ "$a" != {path} ] || exit 1; done'
+
+
+def sync_refusing(path: Path) -> str:
+    """A ``sync`` that fails when ``path`` is among its arguments, else the real one."""
+    return f'{refusing(path)}; exec {shutil.which("sync")} "$@"'
+
+
 def calls(log: Path) -> list[tuple[list[str], set[str]]]:
     """The recorded calls in order: ``[tool, cwd, *args]`` and the names the receipt held M
     records for at that moment."""
@@ -493,8 +503,7 @@ def test_hole9_a_new_directory_that_cannot_be_flushed_gets_nothing_renamed_into_
     directory a power cut may take away (F: not moved, sent again); the others go on."""
     monkeypatch.chdir(tmp_path)
     fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
-    fail = f'for a; do [ "$a" != {fresh} ] || exit 1; done'
-    bin_dir, _ = logging_tools(tmp_path, "sync", before=fail)
+    bin_dir, _ = logging_tools(tmp_path, "sync", before=refusing(fresh))
     site = faked_site(tmp_path / "site", bin_dir)
     slot = site.slot()
     files = [site.local(rel, rel.encode()) for rel in ("fresh/sub/a.fits", "b.fits")]
@@ -514,11 +523,7 @@ def test_hole9_a_new_directory_that_can_be_neither_flushed_nor_removed_moves_not
     stays unflushed, so the commit stops before any rename (exit status 89, nothing moved)."""
     monkeypatch.chdir(tmp_path)
     fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
-    fail = f'for a; do [ "$a" != {fresh} ] || exit 1; done'
-    bin_dir = fake_tools(
-        tmp_path,
-        {"sync": f'{fail}; exec {shutil.which("sync")} "$@"', "rmdir": "exit 1"},
-    )
+    bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(fresh), "rmdir": "exit 1"})
     site = faked_site(tmp_path / "site", bin_dir)
     slot = site.slot()
     files = [site.local(rel, rel.encode()) for rel in ("fresh/a.fits", "b.fits")]

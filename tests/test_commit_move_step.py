@@ -22,8 +22,10 @@ from tests.test_commit_holes import (
     endpoint_files,
     fake_tools,
     faked_site,
+    refusing,
     run_batch,
     stage,
+    sync_refusing,
 )
 
 
@@ -66,38 +68,22 @@ FILL_INODES = (
 # ------------------------------------------------------------------ staging full after the renames
 
 
+@pytest.mark.parametrize(
+    ("space", "fill"), [("full_fs", FILL_DATA), ("few_inodes", FILL_INODES)], ids=["data", "inodes"]
+)
 def test_staging_full_right_after_the_renames_still_reports_them(
-    tmp_path: Path, full_fs: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, space: str, fill: str
 ) -> None:
-    """Staging fills up (another slot's transfer, say) while mv runs. The files are renamed
-    and flushed: M, decided in memory, never unknown for want of space to write a list."""
+    """Staging fills up (another slot's transfer, say), its data or its inodes, while mv runs.
+    The files are renamed and flushed: M, decided in memory, never unknown for want of space
+    to write a list (nor ended by a failed redirection of a special built-in such as `:`,
+    which would end the shell at once, the whole reply lost)."""
     monkeypatch.chdir(tmp_path)
+    mnt = request.getfixturevalue(space)
     real_mv = shutil.which("mv")
-    mv = f'{real_mv} "$@"; rc=$?; [ "$1" != -n ] || {FILL_DATA.format(mnt=full_fs)}; exit $rc'
+    mv = f'{real_mv} "$@"; rc=$?; [ "$1" != -n ] || {fill.format(mnt=mnt)}; exit $rc'
     bin_dir = fake_tools(tmp_path, {"mv": mv})
-    site = faked_site(full_fs, bin_dir)
-    slot = site.slot()
-    files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits")]
-    (site.ep_buffer / "d").mkdir()
-    for f in files:
-        stage(slot, f.basename, f.basename.encode())
-    report = run_batch(site, slot, files)
-    assert set(endpoint_files(site)) == {"d/a.fits", "d/b.fits"}
-    assert report.unknown == [], report.error
-    assert report.committed() == ["d/a.fits", "d/b.fits"], report.outcomes
-
-
-def test_staging_out_of_inodes_right_after_the_renames_still_reports_them(
-    tmp_path: Path, few_inodes: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Staging runs out of inodes while mv runs: nothing after the renames needs a new file
-    (a failed redirection of a special built-in such as `:` would end the shell at once, the
-    whole reply lost): both files M."""
-    monkeypatch.chdir(tmp_path)
-    real_mv = shutil.which("mv")
-    mv = f'{real_mv} "$@"; rc=$?; [ "$1" != -n ] || {FILL_INODES.format(mnt=few_inodes)}; exit $rc'
-    bin_dir = fake_tools(tmp_path, {"mv": mv})
-    site = faked_site(few_inodes, bin_dir)
+    site = faked_site(mnt, bin_dir)
     slot = site.slot()
     files = [site.local(f"d/{n}", n.encode()) for n in ("a.fits", "b.fits")]
     (site.ep_buffer / "d").mkdir()
@@ -140,8 +126,7 @@ def test_a_new_directory_that_cannot_be_flushed_takes_its_new_parent_final_direc
     is removed again (x/y/b.fits F); x, flushed, keeps its group (x/a.fits M)."""
     monkeypatch.chdir(tmp_path)
     sick = tmp_path / "site" / "endpoint" / "buffer" / "x" / "y"
-    fail = f'for a; do [ "$a" != {sick} ] || exit 1; done'
-    bin_dir = fake_tools(tmp_path, {"sync": f'{fail}; exec {shutil.which("sync")} "$@"'})
+    bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(sick)})
     site = faked_site(tmp_path / "site", bin_dir)
     slot = site.slot()
     files = [site.local(rel, rel.encode()) for rel in ("x/a.fits", "x/y/b.fits")]
@@ -160,8 +145,7 @@ def test_an_unflushable_new_directory_holding_another_new_one_does_not_stop_the_
     fallback removes the deepest first, then x, and the commit goes on for z/c.fits."""
     monkeypatch.chdir(tmp_path)
     sick = tmp_path / "site" / "endpoint" / "buffer" / "x"
-    fail = f'for a; do [ "$a" != {sick} ] || exit 1; done'
-    bin_dir = fake_tools(tmp_path, {"sync": f'{fail}; exec {shutil.which("sync")} "$@"'})
+    bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(sick)})
     site = faked_site(tmp_path / "site", bin_dir)
     (site.ep_buffer / "z").mkdir()
     slot = site.slot()
@@ -179,8 +163,7 @@ def test_a_directory_an_earlier_commit_made_but_could_not_flush_is_not_taken_as_
     """x cannot be flushed, by any commit: no rename into x or x/y is ever reported M."""
     monkeypatch.chdir(tmp_path)
     sick = tmp_path / "site" / "endpoint" / "buffer" / "x"
-    fail = f'for a; do [ "$a" != {sick} ] || exit 1; done'
-    bin_dir = fake_tools(tmp_path, {"sync": f'{fail}; exec {shutil.which("sync")} "$@"'})
+    bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(sick)})
     site = faked_site(tmp_path / "site", bin_dir)
     for attempt, rels in enumerate([("x/a.fits", "x/y/b.fits"), ("x/y/b.fits",)]):
         slot = site.slot(attempt)
@@ -290,11 +273,7 @@ def _flush_log_sync(tmp_path: Path, sick: Path) -> tuple[Path, Path]:
     line per call) the arguments of each call that succeeded."""
     log = tmp_path / "flushed"
     real = shutil.which("sync")
-    body = (
-        f'for a; do [ "$a" != {sick} ] || exit 1; done\n'
-        f'{real} "$@" || exit $?\n'
-        f'printf "%s\\000" "$@" >>{log}; printf "\\n" >>{log}'
-    )
+    body = f'{refusing(sick)}\n{real} "$@" || exit $?\nprintf "%s\\000" "$@" >>{log}; printf "\\n" >>{log}'
     return fake_tools(tmp_path, {"sync": body}), log
 
 

@@ -210,14 +210,17 @@ for d do
     done
     m=$((m + 1)) k=$((k + 1))
     eval "v$k=\$p"
-    l="\"\$v$k\""
+    l="\"\$v$k\"" r=
     while [ "$u" -gt 0 ]; do
         k=$((k + 1))
         eval "v$k=\$c$u"
         l="$l \"\$v$k\""
+        [ "$u" -eq 1 ] || r="\"\$v$k\" $r"
         u=$((u - 1))
     done
-    eval "new$m=\$d chain$m=\$l"
+    # chain: the directory it is made in, then each one made, down to it; above: those
+    # made above it, the deepest first.
+    eval "new$m=\$d chain$m=\$l above$m=\$r"
     all="$all $l"
 done
 [ "$m" -gt 0 ] || exit 0
@@ -238,7 +241,7 @@ present "$all"
 [ -z "$o" ] || eval "sync -- $o" && exit 0
 i=$m
 while [ "$i" -gt 0 ]; do
-    eval "d=\$new$i l=\$chain$i"
+    eval "d=\$new$i l=\$chain$i r=\$above$i"
     i=$((i - 1))
     [ -d "$d" ] || continue
     present "$l"
@@ -247,14 +250,7 @@ while [ "$i" -gt 0 ]; do
     # What it was made in stays, and may be used later: flushed, or removed too (deepest
     # first; one that holds anything stays).
     present "$l"
-    [ -z "$o" ] || eval "sync -- $o" 2>/dev/null || {
-        w= top=1
-        for v in $l; do
-            # (not the first: it existed before this commit)
-            if [ -n "$top" ]; then top=; else w="$v $w"; fi
-        done
-        [ -z "$w" ] || eval "rmdir -- $w" 2>/dev/null || :
-    }
+    [ -z "$o" ] || eval "sync -- $o" 2>/dev/null || [ -z "$r" ] || eval "rmdir -- $r" 2>/dev/null || :
     if [ -d "$d" ]; then
         echo "hdfmgr commit: cannot flush the new directory $d, nor remove it" >&2
         exit 89
@@ -373,12 +369,15 @@ settle() {
     elif [ "$o" = 1 ] || [ -e "$x/$n" ]; then c=M
     else c=U; fi
     [ "$f" = 1 ] || [ "$c" != M ] || c=U
-    q="$q $c \"\${$j%%/*}\"" h=$((h + 1)) j=$((j + 1))
-    [ "$h" -lt 64 ] || w=$w$q q= h=0
+    keep
 }
 renamed() {
     # renamed: settle for a group whose mv succeeded and was flushed (the common case).
     if [ -e "./$n" ] || [ -L "./$n" ]; then c=E; else c=M; fi
+    keep
+}
+keep() {
+    # keep: add c and a reference to the j-th argument to w.
     q="$q $c \"\${$j%%/*}\"" h=$((h + 1)) j=$((j + 1))
     [ "$h" -lt 64 ] || w=$w$q q= h=0
 }

@@ -346,6 +346,15 @@ def logging_tools(root: Path, *names: str, before: str = "") -> tuple[Path, Path
     return fake_tools(root, tools), log
 
 
+def staged(site: Site, rels: list[str] | tuple[str, ...]) -> tuple[str, list[StagedFile]]:
+    """A slot holding a good copy of each of ``rels`` (their content is their name)."""
+    slot = site.slot()
+    files = [site.local(rel, rel.encode()) for rel in rels]
+    for f in files:
+        stage(slot, f.basename, f.rel.encode())
+    return slot, files
+
+
 def refusing(path: Path) -> str:
     """A shim's first line: fail (status 1) when ``path`` is among the tool's arguments."""
     return f'for a; do [ "$a" != {path} ] || exit 1; done'
@@ -477,10 +486,7 @@ def test_hole9_a_directory_flush_that_fails_after_the_rename_is_unknown_and_sent
     site = faked_site(tmp_path / "site", bin_dir)
     site_dir.mkdir()
     (site.ep_buffer / "well").mkdir()
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("sick/a.fits", "sick/b.fits", "well/c.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged(site, ("sick/a.fits", "sick/b.fits", "well/c.fits"))
     report = run_batch(site, slot, files)
     # Renamed all three; only the flushed one counts as delivered.
     assert set(endpoint_files(site)) == {"sick/a.fits", "sick/b.fits", "well/c.fits"}
@@ -505,10 +511,7 @@ def test_hole9_a_new_directory_that_cannot_be_flushed_gets_nothing_renamed_into_
     fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
     bin_dir, _ = logging_tools(tmp_path, "sync", before=refusing(fresh))
     site = faked_site(tmp_path / "site", bin_dir)
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("fresh/sub/a.fits", "b.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged(site, ("fresh/sub/a.fits", "b.fits"))
     report = run_batch(site, slot, files)
     assert set(endpoint_files(site)) == {"b.fits"}
     assert report.committed() == ["b.fits"] and report.unknown == []
@@ -525,10 +528,7 @@ def test_hole9_a_new_directory_that_can_be_neither_flushed_nor_removed_moves_not
     fresh = tmp_path / "site" / "endpoint" / "buffer" / "fresh"
     bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(fresh), "rmdir": "exit 1"})
     site = faked_site(tmp_path / "site", bin_dir)
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("fresh/a.fits", "b.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged(site, ("fresh/a.fits", "b.fits"))
     report = run_batch(site, slot, files)
     assert endpoint_files(site) == {}
     assert report.committed() == [] and report.unknown == []

@@ -9,6 +9,7 @@ mode, and hostile names and directories under a low argument limit with dash and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -25,38 +26,36 @@ from tests.test_commit_holes import (
     refusing,
     run_batch,
     stage,
+    staged,
     sync_refusing,
 )
 
 
-def _mount(mnt: Path, options: str) -> None:
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``mnt`` (made here) for the test's duration."""
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture
 def full_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs holding the endpoint's staging and buffer."""
-    mnt = tmp_path / "ep"
-    _mount(mnt, "size=1m")
-    try:
+    with tmpfs(tmp_path / "ep", "size=1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture
 def few_inodes(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs with room for data but few inodes (a staging filesystem out of inodes)."""
-    mnt = tmp_path / "ep"
-    _mount(mnt, "size=8m,nr_inodes=400")
-    try:
+    with tmpfs(tmp_path / "ep", "size=8m,nr_inodes=400") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-#: Fills the filesystem at {mnt} (data), once.
 FILL_DATA = "[ -e {mnt}/filler ] || head -c 8000000 /dev/zero >{mnt}/filler 2>/dev/null"
 #: Uses up the inodes of the filesystem at {mnt}, once.
 FILL_INODES = (
@@ -128,10 +127,7 @@ def test_a_new_directory_that_cannot_be_flushed_takes_its_new_parent_final_direc
     sick = tmp_path / "site" / "endpoint" / "buffer" / "x" / "y"
     bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(sick)})
     site = faked_site(tmp_path / "site", bin_dir)
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("x/a.fits", "x/y/b.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged(site, ("x/a.fits", "x/y/b.fits"))
     report = run_batch(site, slot, files)
     assert report.outcomes["x/y/b.fits"][0] == "failed"
     assert endpoint_files(site) == {"x/a.fits": b"x/a.fits"}, report.outcomes
@@ -148,10 +144,7 @@ def test_an_unflushable_new_directory_holding_another_new_one_does_not_stop_the_
     bin_dir = fake_tools(tmp_path, {"sync": sync_refusing(sick)})
     site = faked_site(tmp_path / "site", bin_dir)
     (site.ep_buffer / "z").mkdir()
-    slot = site.slot()
-    files = [site.local(rel, rel.encode()) for rel in ("x/a.fits", "x/y/b.fits", "z/c.fits")]
-    for f in files:
-        stage(slot, f.basename, f.rel.encode())
+    slot, files = staged(site, ("x/a.fits", "x/y/b.fits", "z/c.fits"))
     report = run_batch(site, slot, files)
     assert report.committed() == ["z/c.fits"], report.error
     assert endpoint_files(site) == {"z/c.fits": b"z/c.fits"}

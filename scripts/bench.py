@@ -26,7 +26,9 @@ The references run in the same invocation on the same files:
 * bound (small-file backlog): the per-file work the local target includes and nothing else
   (``BOUND_SCRIPT``), in one process. Its CPU time divided by the cores is the least time any
   tool doing that work could take here; hdfmgr runs also record their own CPU time and the
-  consumer's, which shares the cores with them.
+  consumer's, which shares the cores with them. "bound with the guarantees' own work" adds
+  what the delivery guarantees require per file of any tool (writer checks, pins, the flush,
+  the file's states in the database), done the same cheapest way.
 * ideal rsync+share (small-file backlog): the ssh target's work as a bare pipeline
   (``IDEAL_SSH_METHOD``), timed end to end: what the 1.5x target leaves for a daemon.
 

@@ -22,6 +22,7 @@ def drain(b: Bench, workload: str, tree: tuple[Path, dict[str, str]], *, big: bo
         run_floor(b, workload, "cp", rep, tree)
         if not big:
             run_bound(b, workload, rep, tree)
+            run_bound(b, workload, rep, tree, guarded=True)
         if not b.quick:
             b.run_hdfmgr(workload, local, rep, tree=tree)
         run_naive(b, workload, "local", rep, tree)

@@ -25,7 +25,8 @@
 #   E<name>     verified, not renamed: the final name exists (an earlier version the
 #               endpoint manager has not ingested yet); never overwritten
 #   G<name>     verified, but gone from staging before the rename: not delivered
-#   F<name>     verified, not renamed: its directory could not be made, or mv failed on it
+#   F<name>     verified, not renamed: its directory could not be made or is on another
+#               filesystem than staging (mv would copy, not rename), or mv failed on it
 #   U<name>     mv failed for its group and the name left staging anyway, or it was renamed
 #               but its final directory could not be flushed to disk: unknown (sent again)
 #   X<status> <reason>  the commit stopped before renaming anything: nothing was moved
@@ -60,8 +61,10 @@
 # has recorded. Before the first rename the verified copies' data is flushed (`sync --
 # NAMES`, fsync per file: delayed allocation would otherwise leave a renamed file empty or
 # short after a cut); the directories this program creates are flushed with the ones they were
-# created in (one `sync` for all) before anything is renamed into them; after the last group's mv every final directory and
-# the slot directory are flushed (`sync -- DIRS .`), before any outcome record is written. A
+# created in (one `sync` for all) before anything is renamed into them, and so are the
+# directories every final directory is in (one made by a commit killed before its flush is not
+# taken as on disk); after the last group's mv every final directory and the slot directory
+# are flushed (`sync -- DIRS .`), before any outcome record is written. A
 # flush that fails after its mv turns the group's M into U: the file may well be in the endpoint
 # buffer, so sending it again risks a duplicate, never a loss. The receipt needs no flush of
 # its own: a record of it lost in a cut is lost evidence, which a listing reads as "send
@@ -200,7 +203,22 @@ xargs -0 -r sync -- <"$t.sync" ||
 DIRS='
 set -u
 k=0 m=0 all=
+n=0 anc= prev=
 for d do
+    # The directories it is in, up to the root, each that exists, once (the arguments are
+    # sorted: a directory in the one before it was listed with that one).
+    p=$d
+    while [ "$p" != / ] && [ "$p" != . ]; do
+        case $p in */*) p=${p%/*} && p=${p:-/} ;; *) p=. ;; esac
+        if [ "$p" != "$prev" ]; then
+            case $prev/ in "$p"/*) break ;; esac
+        fi
+        [ -d "$p" ] || continue
+        n=$((n + 1))
+        eval "y$n=\$p"
+        anc="$anc \"\$y$n\""
+    done
+    prev=$d
     [ ! -d "$d" ] || continue
     p=$d u=0
     while [ ! -d "$p" ]; do
@@ -223,6 +241,10 @@ for d do
     eval "new$m=\$d chain$m=\$l above$m=\$r"
     all="$all $l"
 done
+# An existing final directory may have been made by a commit killed before its flush: the
+# directories it is in are flushed too, before anything is renamed into it (as far as they
+# can be: one that cannot be opened is left to the file system).
+[ -z "$anc" ] || eval "sync -- $anc" 2>/dev/null || :
 [ "$m" -gt 0 ] || exit 0
 i=0 made=
 while [ "$i" -lt "$m" ]; do
@@ -281,6 +303,17 @@ true >"$t.tk.raw" || stop 94 "cannot write $t.tk.raw"
 xargs -0 -r sh -c 'exec find -H "$@" -mindepth 1 -maxdepth 1 -printf "%f/%H\000"' hdfmgr-find \
     <"$t.dirs" >"$t.tk.raw" 2>/dev/null || :
 sort -z -o "$t.tk" "$t.tk.raw" || stop 98 "sort failed"
+# The final directories on the slot's filesystem (`-H`: a symbolic link's target), each as
+# given; those not among them (elsewhere, or missing) go to T.far, which the move step checks
+# again one by one, only when there is any.
+sdev=$(find . -maxdepth 0 -printf %D) || stop 98 "find failed"
+true >"$t.dev" || stop 94 "cannot write $t.dev"
+xargs -0 -r sh -c 'exec find -H "$@" -maxdepth 0 -printf "%D/%p\000"' hdfmgr-dev \
+    <"$t.dirs" >"$t.dev" 2>/dev/null || :
+sed -z -n "s|^$sdev/||p" "$t.dev" >"$t.near.raw" || stop 98 "sed failed"
+sort -z -o "$t.near" "$t.near.raw" || stop 98 "sort failed"
+sort -z -o "$t.dsorted" "$t.dirs" || stop 98 "sort failed"
+comm -z -23 "$t.dsorted" "$t.near" >"$t.far" || stop 98 "comm failed"
 sort -z -o "$t.cand" "$t.cand.raw" || stop 98 "sort failed"
 comm -z -12 "$t.cand" "$t.tk" >"$t.taken" || stop 98 "comm failed"
 comm -z -23 "$t.cand" "$t.tk" >"$t.go.raw" || stop 98 "comm failed"
@@ -312,11 +345,17 @@ MOVER='
 set -u
 i=0 g=0 c=0 d= l= p= a=1 moved=
 group() {
-    # group RECORDS: rename the names that l refers to (of RECORDS, from the a-th on) into d.
+    # group RECORDS: rename the names that l refers to (of RECORDS, the a-th to the e-th)
+    # into d.
     [ -n "$l" ] || return 0
     g=$((g + 1))
     eval "l$g=\$l a$g=\$a dd$g=\$d ok$g=0 fl$g=1"
-    if [ ! -d "$d" ]; then
+    # Nothing is renamed into a missing directory, nor into one on another filesystem than
+    # staging (a symbolic link or a mount point in the endpoint buffer: mv would copy, and
+    # the final name would appear before its data is whole). T.far lists the directories not
+    # found on the slot filesystem; it is empty unless one is missing or elsewhere.
+    if [ ! -d "$d" ] ||
+        { [ -s "$T.far" ] && [ "$(find -H "$d" -maxdepth 0 -printf %D 2>/dev/null)" != "$S" ]; }; then
         eval "ok$g=n"
         return 0
     fi
@@ -330,6 +369,18 @@ group() {
         eval "ok$g=1"
     elif [ -s "$T.err" ] && ! grep -q -v "^mv: cannot stat [\"'"'"']/" "$T.err"; then
         eval "ok$g=1"
+    else
+        # A failed mv: a name gone from staging without its final name may have been deleted
+        # there before the mv (a tmp cleaner). Its U goes to the receipt now, before the flush:
+        # a commit killed in that flush must not leave its I record alone (a listing takes
+        # an I with no outcome and no staged copy for a rename).
+        j=$a u=
+        while [ "$j" -le "$e" ]; do
+            eval "n=\${$j%%/*}"
+            [ -e "./$n" ] || [ -L "./$n" ] || [ -e "$d/$n" ] || [ -L "$d/$n" ] || u="$u \"\${$j%%/*}\""
+            j=$((j + 1))
+        done
+        [ -z "$u" ] || { eval "printf \"U%s\\000\" $u"; } >>"$R" 2>/dev/null || :
     fi
     [ ! -s "$T.err" ] || cat "$T.err" >&2 || :
     moved="$moved \"\$dd$g\""
@@ -338,14 +389,14 @@ for r do
     i=$((i + 1))
     x=${r#*/}
     if [ "$x" != "$d" ]; then
-        l=$l$p
+        l=$l$p e=$((i - 1))
         group "$@"
         d=$x l= p= c=0 a=$i
     fi
     p="$p \"\${$i%%/*}\"" c=$((c + 1))
     [ "$c" -lt 64 ] || l=$l$p p= c=0
 done
-l=$l$p
+l=$l$p e=$i
 group "$@"
 if [ -n "$moved" ] && ! eval "sync -- $moved ."; then
     k=0
@@ -404,7 +455,7 @@ while [ "$k" -lt "$g" ]; do
 done
 '
 r=0
-T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.go" || r=99
+S=$sdev T=$t R=$s.receipt xargs -0 -r sh -c "$MOVER" hdfmgr-move <"$t.go" || r=99
 [ ! -e "$t.unflushed" ] || [ "$r" -ne 0 ] || r=88
 cat "$t.before" || :
 rm -f -- "$t".* || :

@@ -25,7 +25,7 @@ s=$1 m=$2 h=$3 k=${4-}
 a=$(getconf ARG_MAX 2>/dev/null) || a=
 printf 'arg_max=%s\000' "$a"
 
-for tool in sh mv find sort comm cut xargs head tail join cmp cat tr grep mkdir rm flock sync getconf; do
+for tool in sh mv find sort comm cut xargs head tail join cmp cat tr grep sed uniq mkdir rmdir rm flock sync getconf; do
     command -v "$tool" >/dev/null 2>&1 || printf 'missing=%s\000' "$tool"
 done
 

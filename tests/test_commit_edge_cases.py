@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from hdfmgr.replies import recovered
 from tests.test_commit_holes import (
     endpoint_files,
     fake_tools,
     faked_site,
+    listed_outcome,
     run_batch,
     staged,
     sync_refusing,
@@ -29,14 +29,6 @@ from tests.test_endpoint_script import Site, stage
 #: A sync that ends the move step (its shell, killed) when asked to flush after the renames
 #: (the slot directory "." is among its arguments only then): a commit killed in that flush.
 KILLED_IN_FLUSH = 'for a; do [ "$a" != . ] || {{ kill -9 $PPID; exit 1; }}; done; exec {real} "$@"'
-
-
-def listed_outcome(site: Site, slot: str, files: list) -> tuple[list[str], list[str]]:
-    """What a listing after a lost reply decides: (moved, resend)."""
-    _, listed = site.endpoint.list_slots([slot])
-    assert listed is not None
-    decided = recovered([(f.rel, 1) for f in files], listed.get(slot), listed.receipts.get(slot))
-    return sorted(decided.moved), sorted(decided.resend)
 
 
 def test_a_copy_deleted_before_its_mv_in_a_commit_killed_in_the_flush_is_not_moved(

@@ -22,6 +22,7 @@ import pytest
 from hdfmgr.deliver import COMMITTED, BatchJob, BatchReport, deliver
 from hdfmgr.detect import snapshot
 from hdfmgr.endpoint import StagedFile
+from hdfmgr.replies import recovered
 from tests.test_endpoint_script import Site, stage
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -355,6 +356,14 @@ def staged(site: Site, rels: list[str] | tuple[str, ...]) -> tuple[str, list[Sta
     return slot, files
 
 
+def listed_outcome(site: Site, slot: str, files: list[StagedFile]) -> tuple[list[str], list[str]]:
+    """What a listing after a lost reply decides for ``files`` (batch 1): (moved, resend)."""
+    _, listed = site.endpoint.list_slots([slot])
+    assert listed is not None
+    decided = recovered([(f.rel, 1) for f in files], listed.get(slot), listed.receipts.get(slot))
+    return sorted(decided.moved), sorted(decided.resend)
+
+
 def refusing(path: Path) -> str:
     """A shim's first line: fail (status 1) when ``path`` is among the tool's arguments."""
     return f'for a; do [ "$a" != {path} ] || exit 1; done'
@@ -474,7 +483,6 @@ def test_hole9_a_directory_flush_that_fails_after_the_rename_is_unknown_and_sent
     (recorded delivered, and lost if the cut undoes them). The receipt says so too, so a
     listing after a lost reply sends them again as well; the other group is delivered."""
     from hdfmgr.deliver import UNSURE_REASON
-    from hdfmgr.replies import recovered
 
     monkeypatch.chdir(tmp_path)
     sick = site_dir = tmp_path / "site" / "endpoint" / "buffer" / "sick"
@@ -495,11 +503,7 @@ def test_hole9_a_directory_flush_that_fails_after_the_rename_is_unknown_and_sent
     assert report.outcomes["sick/b.fits"] == ("failed", UNSURE_REASON)
     assert report.unknown == []
     assert "exit status 88" in (report.error or "") and "cannot flush" in (report.error or ""), report.error
-    _, listed = site.endpoint.list_slots([slot])
-    assert listed is not None
-    entries = [(f.rel, 1) for f in files]
-    decided = recovered(entries, listed.get(slot), listed.receipts.get(slot))
-    assert decided.moved == ["well/c.fits"] and sorted(decided.resend) == ["sick/a.fits", "sick/b.fits"]
+    assert listed_outcome(site, slot, files) == (["well/c.fits"], ["sick/a.fits", "sick/b.fits"])
 
 
 def test_hole9_a_new_directory_that_cannot_be_flushed_gets_nothing_renamed_into_it(

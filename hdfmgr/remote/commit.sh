@@ -304,7 +304,7 @@ xargs -0 -r sh -c 'exec find -H "$@" -mindepth 1 -maxdepth 1 -printf "%f/%H\000"
     <"$t.dirs" >"$t.tk.raw" 2>/dev/null || :
 sort -z -o "$t.tk" "$t.tk.raw" || stop 98 "sort failed"
 # The final directories on the slot's filesystem (`-H`: a symbolic link's target), each as
-# given; those not among them (elsewhere, or missing) go to T.far, which the move step checks
+# given; those not among them (T.dirs is sorted: by the plan's directory key) (elsewhere, or missing) go to T.far, which the move step checks
 # again one by one, only when there is any.
 sdev=$(find . -maxdepth 0 -printf %D) || stop 98 "find failed"
 true >"$t.dev" || stop 94 "cannot write $t.dev"
@@ -312,8 +312,7 @@ xargs -0 -r sh -c 'exec find -H "$@" -maxdepth 0 -printf "%D/%p\000"' hdfmgr-dev
     <"$t.dirs" >"$t.dev" 2>/dev/null || :
 sed -z -n "s|^$sdev/||p" "$t.dev" >"$t.near.raw" || stop 98 "sed failed"
 sort -z -o "$t.near" "$t.near.raw" || stop 98 "sort failed"
-sort -z -o "$t.dsorted" "$t.dirs" || stop 98 "sort failed"
-comm -z -23 "$t.dsorted" "$t.near" >"$t.far" || stop 98 "comm failed"
+comm -z -23 "$t.dirs" "$t.near" >"$t.far" || stop 98 "comm failed"
 sort -z -o "$t.cand" "$t.cand.raw" || stop 98 "sort failed"
 comm -z -12 "$t.cand" "$t.tk" >"$t.taken" || stop 98 "comm failed"
 comm -z -23 "$t.cand" "$t.tk" >"$t.go.raw" || stop 98 "comm failed"
@@ -345,8 +344,7 @@ MOVER='
 set -u
 i=0 g=0 c=0 d= l= p= a=1 moved=
 group() {
-    # group RECORDS: rename the names that l refers to (of RECORDS, the a-th to the e-th)
-    # into d.
+    # group RECORDS: rename the names that l refers to (of RECORDS, from the a-th on) into d.
     [ -n "$l" ] || return 0
     g=$((g + 1))
     eval "l$g=\$l a$g=\$a dd$g=\$d ok$g=0 fl$g=1"
@@ -375,28 +373,30 @@ group() {
         # a commit killed in that flush must not leave its I record alone (a listing takes
         # an I with no outcome and no staged copy for a rename).
         j=$a u=
-        while [ "$j" -le "$e" ]; do
-            eval "n=\${$j%%/*}"
-            [ -e "./$n" ] || [ -L "./$n" ] || [ -e "$d/$n" ] || [ -L "$d/$n" ] || u="$u \"\${$j%%/*}\""
-            j=$((j + 1))
-        done
+        eval "for n in $l; do unsure; done"
         [ -z "$u" ] || { eval "printf \"U%s\\000\" $u"; } >>"$R" 2>/dev/null || :
     fi
     [ ! -s "$T.err" ] || cat "$T.err" >&2 || :
     moved="$moved \"\$dd$g\""
 }
+unsure() {
+    # unsure: add a reference to the j-th argument (the name n) to u when n has left staging
+    # without reaching d.
+    [ -e "./$n" ] || [ -L "./$n" ] || [ -e "$d/$n" ] || [ -L "$d/$n" ] || u="$u \"\${$j%%/*}\""
+    j=$((j + 1))
+}
 for r do
     i=$((i + 1))
     x=${r#*/}
     if [ "$x" != "$d" ]; then
-        l=$l$p e=$((i - 1))
+        l=$l$p
         group "$@"
         d=$x l= p= c=0 a=$i
     fi
     p="$p \"\${$i%%/*}\"" c=$((c + 1))
     [ "$c" -lt 64 ] || l=$l$p p= c=0
 done
-l=$l$p e=$i
+l=$l$p
 group "$@"
 if [ -n "$moved" ] && ! eval "sync -- $moved ."; then
     k=0
